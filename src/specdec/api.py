@@ -1,0 +1,94 @@
+"""The Python API: load a model once, generate many times, stream.
+
+    >>> import specdec
+    >>> gen = specdec.load("qwen2.5-coder-0.5b")
+    >>> for piece in gen.stream("Write a haiku about caches"):
+    ...     print(piece, end="")
+    >>> result = gen.generate("Reverse a string in Python", max_new_tokens=64)
+    >>> result.text, result.token_ids, result.stats.tau
+
+The CLI and the HTTP server are thin layers over this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from specdec.engine import Engine, Generation
+from specdec.errors import InvalidRequestError
+from specdec.models.loading import LoadedModel, load_model
+from specdec.models.registry import DEFAULT_MODEL
+from specdec.models.target import NativeTarget
+from specdec.spec.sampling import SamplingParams
+
+Prompt = str | list[dict[str, Any]]
+
+
+class Generator:
+    """A loaded target model and the engine that decodes with it."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.target = NativeTarget(loaded.model)
+        self.engine = Engine(self.target, self.tokenizer)
+        self.last: Generation | None = None
+
+    @classmethod
+    def load(
+        cls,
+        model: str = DEFAULT_MODEL,
+        *,
+        dtype: str = "bfloat16",
+        device: str = "cpu",
+        progress: bool = True,
+    ) -> Generator:
+        return cls(load_model(model, dtype=dtype, device=device, progress=progress))
+
+    def prompt_ids(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
+        """Token ids for a prompt: a string (chat-templated unless raw) or a list of chat messages."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InvalidRequestError("empty prompt")
+            if raw:
+                return self.tokenizer.encode(prompt)
+            prompt = [{"role": "user", "content": prompt}]
+        elif raw:
+            raise InvalidRequestError("raw prompts must be strings, not chat messages")
+        if not prompt:
+            raise InvalidRequestError("empty prompt")
+        return self.tokenizer.encode_chat(prompt)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: tuple[str, ...] | list[str] = (),
+        raw: bool = False,
+    ) -> Iterator[str]:
+        """Yield text pieces as they are generated; `self.last` holds the full result."""
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        ids = self.prompt_ids(prompt, raw=raw)
+        self.last = Generation()
+        yield from self.engine.stream(
+            ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=tuple(stop),
+            result=self.last,
+        )
+
+    def generate(self, prompt: Prompt, **kwargs: Any) -> Generation:
+        """Generate to completion; returns text, token ids and statistics."""
+        for _ in self.stream(prompt, **kwargs):
+            pass
+        assert self.last is not None
+        return self.last
+
+
+def load(model: str = DEFAULT_MODEL, **kwargs: Any) -> Generator:
+    """Load a model by known name, GGUF path, safetensors folder or hub id."""
+    return Generator.load(model, **kwargs)

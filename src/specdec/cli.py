@@ -1,0 +1,175 @@
+"""Command line: `specdec generate | models | pull`.
+
+Errors a user can cause print one line (no traceback) and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from specdec import __version__
+from specdec.errors import SpecdecError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="specdec: %(message)s")
+    try:
+        return args.func(args) or 0
+    except SpecdecError as e:
+        print(f"specdec: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nspecdec: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `specdec generate ... | head`
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from specdec.models.registry import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="specdec",
+        description="Faster LLM generation with unchanged output: speculative decoding.",
+    )
+    parser.add_argument("--version", action="version", version=f"specdec {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser(
+        "generate",
+        help="generate text from a prompt (streams to stdout)",
+        description="Generate a reply to PROMPT and stream it to stdout. The prompt is wrapped in "
+        "the model's chat template unless --raw. The model is pulled on first use.",
+    )
+    g.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads standard input")
+    _add_model_args(g, DEFAULT_MODEL)
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                   help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 (default) decodes greedily; > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (repeatable)")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token_ids, stats) instead of streaming")
+    g.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list the known models and where they are",
+                       description="List the models specdec can pull by name, and their local paths.")
+    m.add_argument("--json", action="store_true", help="print a JSON list")
+    m.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "pull", help="download a known model into the cache",
+        description="Fetch a known model into the cache folder ($SPECDEC_CACHE, default "
+        "~/.cache/specdec), check its sha256 and print its path as the last line.",
+    )
+    p.add_argument("name", metavar="NAME", help="a name from `specdec models`")
+    p.add_argument("--force", action="store_true", help="download again even if present")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pull)
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
+    p.add_argument("--model", default=default_model, metavar="M",
+                   help=f"known name, GGUF file, safetensors folder or hub id (default {default_model})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="compute dtype (default bfloat16: faster on CPUs with bf16 support)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def _read_prompt(arg: str) -> str:
+    if arg == "-":
+        return sys.stdin.read()
+    return arg
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from specdec.api import Generator
+
+    prompt = _read_prompt(args.prompt)
+    progress = not args.quiet and sys.stderr.isatty()
+    if not args.quiet:
+        _enable_info_logging()
+    gen = Generator.load(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    opts: dict[str, Any] = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
+    )
+    if args.json:
+        result = gen.generate(prompt, **opts)
+        print(json.dumps(_result_json(result)))
+    else:
+        for piece in gen.stream(prompt, **opts):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        result = gen.last
+    if not args.quiet:
+        s = result.stats
+        print(
+            f"[specdec] {s.new_tokens} tokens in {s.wall_s:.2f} s: {s.tokens_per_s:.1f} tok/s "
+            f"(decode {s.decode_tokens_per_s:.1f} tok/s, prefill {s.prefill_s:.2f} s for "
+            f"{s.prompt_tokens} tokens), tau {s.tau:.2f}, method ar",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _result_json(result: Any) -> dict[str, Any]:
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "stats": result.stats.to_dict(),
+    }
+
+
+def _enable_info_logging() -> None:
+    logging.getLogger("specdec").setLevel(logging.INFO)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from specdec.models.registry import DEFAULT_MODEL, KNOWN_MODELS, local_path
+
+    rows = []
+    for m in KNOWN_MODELS.values():
+        path = local_path(m.name)
+        rows.append({
+            "name": m.name, "path": str(path) if path else None, "architecture": m.architecture,
+            "size_bytes": m.size, "description": m.description, "default": m.name == DEFAULT_MODEL,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(r["name"]) for r in rows) + 2
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        where = r["path"] or "(not pulled)"
+        print(f"{mark} {r['name']:<{width}}{r['size_bytes'] / 1e6:>7.0f} MB  {r['description']}")
+        print(f"  {'':<{width}}{where}")
+    print("\n* default model. `specdec pull NAME` fetches one; any command pulls what it needs.")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from specdec.models.registry import pull
+
+    path = pull(args.name, progress=not args.quiet, force=args.force)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

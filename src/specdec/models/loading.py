@@ -1,0 +1,361 @@
+"""Load a model (weights, config, tokenizer) from GGUF, a safetensors folder or a hub.
+
+GGUF files are converted once into a folder of the runtime's own layout
+(safetensors in the chosen dtype, config, tokenizer files) under the cache
+directory; later loads memory-map that folder instead of dequantising again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from specdec.errors import (
+    ModelFormatError,
+    ModelNotFoundError,
+    RegistryUnreachableError,
+    UnsupportedModelError,
+)
+from specdec.models.config import ModelConfig
+from specdec.models.tokenizer import Tokenizer
+from specdec.models.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+FORMAT_VERSION = 1  # bump when the converted layout changes
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    source: Path
+    config: ModelConfig
+    model: Transformer
+    tokenizer: Tokenizer
+
+    @property
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.nbytes
+        return total
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UnsupportedModelError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str = "cpu",
+    progress: bool = True,
+    auto_pull: bool = True,
+) -> LoadedModel:
+    """Load what a user named: a known model name, a GGUF file, a safetensors folder or a hub id."""
+    from specdec.models.registry import resolve_model_file
+
+    torch_dtype = parse_dtype(dtype)
+    dev = _check_device(device)
+    where = resolve_model_file(str(spec), auto_pull=auto_pull, progress=progress)
+    if isinstance(where, str):
+        where = _download_from_hub(where)
+    if where.is_dir():
+        if (where / "specdec.json").exists():
+            folder = where
+        elif (where / "config.json").exists():
+            return _load_hf_folder(where, str(spec), torch_dtype, dev)
+        else:
+            raise ModelNotFoundError(f"{where}: no config.json or specdec.json in this folder")
+    else:
+        folder = converted_folder(where, progress=progress)
+    return _load_converted(folder, str(spec), torch_dtype, dev, progress)
+
+
+def _check_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnsupportedModelError("--device cuda was asked for but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UnsupportedModelError(f"unknown device {device!r} (cpu or cuda)")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- weights layout
+def _fuse(cfg: ModelConfig, raw: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Raw per-layer tensors (transformers' layout) → the runtime's state dict."""
+    out = {
+        "embed.weight": raw["embed"].to(dtype),
+        "norm.weight": raw["norm"].to(dtype),
+    }
+    if raw.get("lm_head") is not None:
+        out["lm_head.weight"] = raw["lm_head"].to(dtype)
+    for i, layer in enumerate(raw["layers"]):
+        p = f"layers.{i}."
+        out[p + "attn_norm.weight"] = layer["attn_norm"].to(dtype)
+        out[p + "ffn_norm.weight"] = layer["ffn_norm"].to(dtype)
+        out[p + "attn.wqkv.weight"] = torch.cat([layer["q"], layer["k"], layer["v"]]).to(dtype)
+        if cfg.attention_bias:
+            out[p + "attn.wqkv.bias"] = torch.cat([layer["q_b"], layer["k_b"], layer["v_b"]]).to(dtype)
+        out[p + "attn.wo.weight"] = layer["o"].to(dtype)
+        out[p + "ffn.w13.weight"] = torch.cat([layer["gate"], layer["up"]]).to(dtype)
+        out[p + "ffn.w2.weight"] = layer["down"].to(dtype)
+    return out
+
+
+def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
+    tied = "lm_head.weight" not in state
+    if tied != cfg.tie_word_embeddings:
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_word_embeddings": tied})
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if tied:
+        state = {**state, "lm_head.weight": state["embed.weight"]}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ModelFormatError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        model.lm_head.weight = model.embed.weight
+    model.to(device)
+    model.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------- GGUF
+GGUF_MAGIC = b"GGUF"
+
+
+def _file_key(path: Path) -> str:
+    """A content key that is cheap for GGUFs of a GB: size and first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def converted_folder(gguf_path: Path, *, progress: bool = True) -> Path:
+    """The runtime-layout folder of a GGUF file, converting it on first use."""
+    from specdec.models.registry import cache_dir
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.exists():
+        raise ModelNotFoundError(f"no such file: {gguf_path}")
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelFormatError(f"{gguf_path}: not a GGUF file (bad magic)")
+    folder = cache_dir() / "converted" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
+    if (folder / "specdec.json").exists():
+        return folder
+    log.info("converting %s once into %s", gguf_path, folder)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(folder.parent)))
+    try:
+        _convert_gguf(gguf_path, tmp, progress)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _gguf_metadata(reader: Any) -> dict[str, Any]:
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "token_type", "merges", "scores")):
+            continue  # large arrays, not needed for the config
+        try:
+            meta[key] = field.contents()
+        except Exception:  # a field type the reader cannot decode is not one we need
+            continue
+    return meta
+
+
+def _open_gguf(path: Path) -> Any:
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ModelFormatError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _dequantize(tensor: Any) -> torch.Tensor:
+    import gguf
+
+    try:
+        arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise UnsupportedModelError(
+            f"tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot be dequantised"
+        ) from None
+    return torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of the rotary halves of q/k rows."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _gguf_raw(reader: Any, cfg: ModelConfig, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str, required: bool = True) -> torch.Tensor | None:
+        if name not in tensors:
+            if required:
+                raise ModelFormatError(f"GGUF file lacks tensor {name}")
+            return None
+        bar.update(1)
+        return _dequantize(tensors[name])
+
+    bar = tqdm(total=len(tensors), desc="converting weights (once)", unit="tensor",
+               disable=not progress, file=sys.stderr, leave=False)
+    raw: dict[str, Any] = {"embed": get("token_embd.weight"), "norm": get("output_norm.weight"),
+                           "lm_head": get("output.weight", required=False), "layers": []}
+    for i in range(cfg.num_layers):
+        b = f"blk.{i}."
+        layer = {
+            "attn_norm": get(b + "attn_norm.weight"), "ffn_norm": get(b + "ffn_norm.weight"),
+            "q": get(b + "attn_q.weight"), "k": get(b + "attn_k.weight"), "v": get(b + "attn_v.weight"),
+            "o": get(b + "attn_output.weight"), "gate": get(b + "ffn_gate.weight"),
+            "up": get(b + "ffn_up.weight"), "down": get(b + "ffn_down.weight"),
+        }
+        if cfg.attention_bias:
+            layer.update(q_b=get(b + "attn_q.bias"), k_b=get(b + "attn_k.bias"), v_b=get(b + "attn_v.bias"))
+        if cfg.permuted_qk_in_gguf:
+            layer["q"] = _unpermute(layer["q"], cfg.num_heads)
+            layer["k"] = _unpermute(layer["k"], cfg.num_kv_heads)
+        raw["layers"].append(layer)
+    bar.close()
+    return raw
+
+
+def _convert_gguf(path: Path, out: Path, progress: bool) -> None:
+    from safetensors.torch import save_file
+
+    reader = _open_gguf(path)
+    meta = _gguf_metadata(reader)
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise ModelFormatError(f"{path}: GGUF file has no token_embd.weight")
+    cfg = ModelConfig.from_gguf_metadata(meta, vocab_size=int(embed.shape[-1]))
+    has_head = any(t.name == "output.weight" for t in reader.tensors)
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_word_embeddings": not has_head})
+    state = _fuse(cfg, _gguf_raw(reader, cfg, progress), torch.float32)
+    # Stored in float32 once; each load casts to the dtype asked for.
+    save_file(state, str(out / "weights.safetensors"))
+    _save_gguf_tokenizer(path, out)
+    (out / "specdec.json").write_text(json.dumps(
+        {"format_version": FORMAT_VERSION, "source": str(path), "config": cfg.to_dict()}, indent=1))
+
+
+def _save_gguf_tokenizer(path: Path, out: Path) -> None:
+    """Convert the GGUF's tokenizer exactly as transformers does, and keep its files."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ModelFormatError(f"{path}: cannot read the tokenizer ({type(e).__name__}: {e})") from None
+    tok.save_pretrained(str(out))
+
+
+def _load_converted(folder: Path, name: str, dtype: torch.dtype, device: torch.device,
+                    progress: bool) -> LoadedModel:
+    info = json.loads((folder / "specdec.json").read_text())
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ModelFormatError(f"{folder}: converted with another specdec version; delete the folder")
+    cfg = ModelConfig.from_dict(info["config"])
+    from safetensors import safe_open
+
+    # One tensor at a time, so the float32 file never sits in memory beside its cast.
+    with safe_open(str(folder / "weights.safetensors"), framework="pt") as st:
+        state = {k: st.get_tensor(k).to(dtype) for k in st.keys()}
+    return LoadedModel(name, Path(info["source"]), cfg, _build(cfg, state, device), Tokenizer(folder))
+
+
+# --------------------------------------------------------------------------- safetensors folders
+def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"{folder}: no .safetensors files (other formats are not loaded: unsafe)")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                yield key, st.get_tensor(key)
+
+
+def _load_hf_folder(folder: Path, name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    cfg = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
+    w = {k.removeprefix("model."): v for k, v in _iter_safetensors(folder)}
+
+    def take(key: str) -> torch.Tensor:
+        if key not in w:
+            raise ModelFormatError(f"{folder}: missing weight {key}")
+        return w[key].float()
+
+    raw: dict[str, Any] = {"embed": take("embed_tokens.weight"), "norm": take("norm.weight"),
+                           "lm_head": None, "layers": []}
+    if not cfg.tie_word_embeddings:
+        raw["lm_head"] = take("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        layer = {
+            "attn_norm": take(p + "input_layernorm.weight"),
+            "ffn_norm": take(p + "post_attention_layernorm.weight"),
+            **{x: take(f"{p}self_attn.{x}_proj.weight") for x in "qkvo"},
+            **{x: take(f"{p}mlp.{x}_proj.weight") for x in ("gate", "up", "down")},
+        }
+        if cfg.attention_bias:
+            layer.update({f"{x}_b": take(f"{p}self_attn.{x}_proj.bias") for x in "qkv"})
+        raw["layers"].append(layer)
+    state = _fuse(cfg, raw, dtype)
+    return LoadedModel(name, folder, cfg, _build(cfg, state, device), Tokenizer(folder))
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise RegistryUnreachableError("huggingface_hub is not installed; cannot load hub ids") from None
+    try:
+        path = snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+        )
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RegistryUnreachableError(f"cannot fetch {repo_id!r} from the model hub: {msg}") from None
+    return Path(path)

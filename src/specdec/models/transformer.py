@@ -1,0 +1,230 @@
+"""The native transformer for the Llama family (llama, mistral, qwen2).
+
+Written for speculation: any number of new tokens per pass, explicit
+positions, an optional tree mask over the new tokens, an optional subset of
+layers, hidden states out. Linears are plain ``nn.Linear`` modules so that
+quantised implementations can be swapped in without this file knowing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specdec.models.config import ModelConfig
+from specdec.models.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the model dtype, as transformers does.
+        h = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryTable:
+    """cos/sin of every position up to a growing limit (NeoX half-rotation layout)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+        d = config.head_dim
+        inv_freq = 1.0 / (
+            config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+        )
+        if config.rope_scaling and config.rope_scaling.get("rope_type") == "llama3":
+            inv_freq = _llama3_scaled(inv_freq, config.rope_scaling)
+        self.inv_freq = inv_freq.to(device)
+        self.cos = self.sin = torch.empty(0, d, device=device)
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        need = int(positions.max()) + 1
+        if need > self.cos.shape[0]:
+            size = max(need, 2 * self.cos.shape[0], 512)
+            t = torch.arange(size, device=self.inv_freq.device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        qkv_out = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, qkv_out, bias=config.attention_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (n, d)
+        cos: torch.Tensor,  # (n, head_dim)
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        start: int,
+        mask: torch.Tensor | None,  # (n, start + n) bool, None: attend to everything
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = self.wqkv(x)
+        q, k, v = qkv.split(
+            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim],
+            dim=-1,
+        )
+        q = q.view(n, self.n_heads, self.head_dim).transpose(0, 1)  # (H, n, D)
+        k = k.view(n, self.n_kv, self.head_dim).transpose(0, 1)  # (Hkv, n, D)
+        v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        end = start + n
+        cache.k[layer, :, start:end] = k
+        cache.v[layer, :, start:end] = v
+        keys = cache.k[layer, :, :end]  # (Hkv, end, D)
+        values = cache.v[layer, :, :end]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=True
+        )  # (1, H, n, D)
+        return self.wo(out[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.hidden = config.intermediate_size
+        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn = FeedForward(config)
+
+
+class Transformer(nn.Module):
+    """Batch size one; the cache holds one sequence (or one tree of them)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.requires_grad_(False)
+        self._rope: RotaryTable | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_cache(self, capacity: int = 256, max_capacity: int | None = None) -> KVCache:
+        c = self.config
+        return KVCache(
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            capacity=capacity,
+            max_capacity=max_capacity or c.max_position_embeddings,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def rope(self) -> RotaryTable:
+        if self._rope is None or self._rope.inv_freq.device != self.device:
+            self._rope = RotaryTable(self.config, self.device)
+        return self._rope
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (n,) token ids
+        positions: torch.Tensor,  # (n,) RoPE positions
+        cache: KVCache,
+        attn_mask: torch.Tensor | None = None,  # (n, n) bool over the new tokens; None: causal
+        layers: Sequence[int] | None = None,
+        return_hidden: bool = False,
+        logits_rows: torch.Tensor | slice | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run ``tokens`` through the model, appending them to ``cache``.
+
+        Every new token attends to all tokens already in the cache and to the new
+        tokens that ``attn_mask`` allows (row i, column j: token i sees token j;
+        default causal). ``layers`` runs only those layers (a prefix for early
+        exit, a subset for layer skipping); the skipped layers' cache slots for
+        these tokens are left stale, to be overwritten by a later full pass.
+        ``logits_rows`` selects which rows get logits (the LM head is costly).
+        Returns logits (rows, vocab), and with ``return_hidden`` also the last
+        run layer's output before the final norm (n, hidden).
+        """
+        n = tokens.shape[0]
+        start = cache.begin_write(n)
+        mask = _attention_mask(attn_mask, start, n, self.device)
+        cos, sin = self.rope().lookup(positions, self.dtype)
+        h = self.embed(tokens)  # (n, d)
+        for i in range(len(self.layers)) if layers is None else layers:
+            block = self.layers[i]
+            h = h + block.attn(block.attn_norm(h), cos, sin, cache, i, start, mask)
+            h = h + block.ffn(block.ffn_norm(h))
+        rows = h if logits_rows is None else h[logits_rows]
+        logits = self.lm_head(self.norm(rows))
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
+        return (logits, h) if return_hidden else logits
+
+
+def _attention_mask(
+    tree: torch.Tensor | None, start: int, n: int, device: torch.device
+) -> torch.Tensor | None:
+    if n == 1 and tree is None:
+        return None
+    if tree is None:
+        tree = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+    elif tree.shape != (n, n):
+        raise ValueError(f"attn_mask must be ({n}, {n}), got {tuple(tree.shape)}")
+    if start == 0:
+        return tree.to(device=device, dtype=torch.bool)
+    past = torch.ones(n, start, dtype=torch.bool, device=device)
+    return torch.cat([past, tree.to(device=device, dtype=torch.bool)], dim=1)

@@ -1,0 +1,1 @@
+"""Drafting and verification: draft trees, drafters, verifiers, sampling."""
