@@ -1,0 +1,1 @@
+"""Measurements: parity with transformers, decode speed, (later) the Spec-Bench harness."""
