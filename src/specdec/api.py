@@ -17,21 +17,25 @@ from typing import Any
 
 from specdec.engine import Engine, Generation
 from specdec.errors import InvalidRequestError
-from specdec.models.loading import LoadedModel, load_model
+from specdec.models.loading import load_model
 from specdec.models.registry import DEFAULT_MODEL
-from specdec.models.target import NativeTarget
+from specdec.models.target import NativeTarget, Target
+from specdec.models.tokenizer import Tokenizer
 from specdec.spec.sampling import SamplingParams
 
 Prompt = str | list[dict[str, Any]]
 
 
-class Generator:
-    """A loaded target model and the engine that decodes with it."""
+BACKENDS = ("native", "hf")
 
-    def __init__(self, loaded: LoadedModel) -> None:
-        self.loaded = loaded
-        self.tokenizer = loaded.tokenizer
-        self.target = NativeTarget(loaded.model)
+
+class Generator:
+    """A loaded target model, its tokenizer and the engine that decodes with it."""
+
+    def __init__(self, target: Target, tokenizer: Tokenizer, name: str = "") -> None:
+        self.target = target
+        self.tokenizer = tokenizer
+        self.name = name
         self.engine = Engine(self.target, self.tokenizer)
         self.last: Generation | None = None
 
@@ -42,9 +46,26 @@ class Generator:
         *,
         dtype: str = "bfloat16",
         device: str = "cpu",
+        backend: str = "native",
         progress: bool = True,
     ) -> Generator:
-        return cls(load_model(model, dtype=dtype, device=device, progress=progress))
+        """`backend` "native" is specdec's runtime; "hf" runs the model through transformers
+        (any architecture transformers knows, slower)."""
+        if backend == "native":
+            loaded = load_model(model, dtype=dtype, device=device, progress=progress)
+            gen = cls(NativeTarget(loaded.model), loaded.tokenizer, model)
+            gen.loaded = loaded
+            return gen
+        if backend == "hf":
+            from specdec.models.hf_adapter import load_hf_target
+
+            target, info = load_hf_target(model, dtype=dtype, device=device, progress=progress)
+            if info.tokenizer is None:
+                raise InvalidRequestError(f"{model}: no tokenizer.json beside the model")
+            return cls(target, info.tokenizer, model)
+        raise InvalidRequestError(
+            f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})"
+        )
 
     def prompt_ids(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
         """Token ids for a prompt: a string (chat-templated unless raw) or a list of chat messages."""
@@ -71,13 +92,18 @@ class Generator:
         seed: int | None = None,
         stop: tuple[str, ...] | list[str] = (),
         raw: bool = False,
+        ignore_eos: bool = False,
     ) -> Iterator[str]:
         """Yield text pieces as they are generated; `self.last` holds the full result."""
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         ids = self.prompt_ids(prompt, raw=raw)
         self.last = Generation()
         yield from self.engine.stream(
-            ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=tuple(stop),
+            ids,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop=tuple(stop),
+            ignore_eos=ignore_eos,
             result=self.last,
         )
 

@@ -49,28 +49,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads standard input")
     _add_model_args(g, DEFAULT_MODEL)
-    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
-                   help="most tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="0 (default) decodes greedily; > 0 samples")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="most tokens to generate (default 256)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="0 (default) decodes greedily; > 0 samples",
+    )
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass")
     g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when TEXT is generated (repeatable)")
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when TEXT is generated (repeatable)",
+    )
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.add_argument("--json", action="store_true",
-                   help="print one JSON object (text, token_ids, stats) instead of streaming")
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, token_ids, stats) instead of streaming",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     g.set_defaults(func=cmd_generate)
 
-    m = sub.add_parser("models", help="list the known models and where they are",
-                       description="List the models specdec can pull by name, and their local paths.")
+    m = sub.add_parser(
+        "models",
+        help="list the known models and where they are",
+        description="List the models specdec can pull by name, and their local paths.",
+    )
     m.add_argument("--json", action="store_true", help="print a JSON list")
     m.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
-        "pull", help="download a known model into the cache",
+        "pull",
+        help="download a known model into the cache",
         description="Fetch a known model into the cache folder ($SPECDEC_CACHE, default "
         "~/.cache/specdec), check its sha256 and print its path as the last line.",
     )
@@ -82,11 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
-    p.add_argument("--model", default=default_model, metavar="M",
-                   help=f"known name, GGUF file, safetensors folder or hub id (default {default_model})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                   help="compute dtype (default bfloat16: faster on CPUs with bf16 support)")
+    p.add_argument(
+        "--model",
+        default=default_model,
+        metavar="M",
+        help=f"known name, GGUF file, safetensors folder or hub id (default {default_model})",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="bfloat16",
+        help="compute dtype (default bfloat16: faster on CPUs with bf16 support)",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument(
+        "--backend",
+        choices=["native", "hf"],
+        default="native",
+        help="native (default): specdec's runtime; hf: transformers, for "
+        "architectures the native runtime lacks",
+    )
 
 
 def _read_prompt(arg: str) -> str:
@@ -102,10 +139,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     if not args.quiet:
         _enable_info_logging()
-    gen = Generator.load(args.model, dtype=args.dtype, device=args.device, progress=progress)
+    gen = Generator.load(
+        args.model, dtype=args.dtype, device=args.device, backend=args.backend, progress=progress
+    )
     opts: dict[str, Any] = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        raw=args.raw,
     )
     if args.json:
         result = gen.generate(prompt, **opts)
@@ -146,10 +190,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for m in KNOWN_MODELS.values():
         path = local_path(m.name)
-        rows.append({
-            "name": m.name, "path": str(path) if path else None, "architecture": m.architecture,
-            "size_bytes": m.size, "description": m.description, "default": m.name == DEFAULT_MODEL,
-        })
+        rows.append(
+            {
+                "name": m.name,
+                "path": str(path) if path else None,
+                "architecture": m.architecture,
+                "size_bytes": m.size,
+                "description": m.description,
+                "default": m.name == DEFAULT_MODEL,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -45,8 +45,11 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(tokens_per_s=self.tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
-                 tau=self.tau)
+        d.update(
+            tokens_per_s=self.tokens_per_s,
+            decode_tokens_per_s=self.decode_tokens_per_s,
+            tau=self.tau,
+        )
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()}
 
 
@@ -72,9 +75,13 @@ class Engine:
         max_new_tokens: int = 256,
         sampling: SamplingParams = SamplingParams(),
         stop: tuple[str, ...] = (),
+        ignore_eos: bool = False,
         result: Generation | None = None,
     ) -> Iterator[str]:
-        """Yield text pieces as tokens are committed; ``result`` receives ids, text and stats."""
+        """Yield text pieces as tokens are committed; ``result`` receives ids, text and stats.
+
+        ``ignore_eos`` keeps going past end-of-sequence tokens (for benchmarks of fixed length).
+        """
         out = result if result is not None else Generation()
         if not prompt_ids:
             raise InvalidRequestError("empty prompt")
@@ -87,7 +94,7 @@ class Engine:
             )
         max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
         gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        eos = self.tokenizer.eos_token_ids
+        eos = frozenset() if ignore_eos else self.tokenizer.eos_token_ids
         decoder = self.tokenizer.stream_decoder()
         stats = out.stats
         stats.prompt_tokens = len(prompt_ids)
@@ -109,7 +116,7 @@ class Engine:
             elif stop and piece:
                 cut = _find_stop(out.text + piece, stop, len(out.text))
                 if cut is not None:
-                    piece, done = (out.text + piece)[len(out.text):cut], "stop"
+                    piece, done = (out.text + piece)[len(out.text) : cut], "stop"
             if done is None and stats.new_tokens >= max_new_tokens:
                 done, piece = "length", piece + decoder.flush()
             if piece:

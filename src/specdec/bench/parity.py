@@ -59,8 +59,9 @@ def check_parity(model: str, *, n_tokens: int = 256, greedy_tokens: int = 64) ->
 
     native = load_model(model, dtype="float32", progress=False)
     path = Path(native.source)
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                              dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     hf.eval()
     ids = native.tokenizer.encode(PARITY_TEXT)[:n_tokens]
     if len(ids) < n_tokens:
@@ -72,19 +73,30 @@ def check_parity(model: str, *, n_tokens: int = 256, greedy_tokens: int = 64) ->
     diff = (ours - theirs).abs()
     argmax_equal = bool((ours.argmax(-1) == theirs.argmax(-1)).all())
 
-    prompt = native.tokenizer.encode_chat([{"role": "user", "content": "Write a Python function "
-                                            "that checks whether a number is prime."}])
+    prompt = native.tokenizer.encode_chat(
+        [
+            {
+                "role": "user",
+                "content": "Write a Python function that checks whether a number is prime.",
+            }
+        ]
+    )
     from specdec.engine import Engine, Generation
     from specdec.models.target import NativeTarget
 
     res = Generation()
     for _ in Engine(NativeTarget(native.model), native.tokenizer).stream(
-            prompt, max_new_tokens=greedy_tokens, result=res):
+        prompt, max_new_tokens=greedy_tokens, result=res
+    ):
         pass
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=len(res.token_ids),
-                          do_sample=False, eos_token_id=sorted(native.tokenizer.eos_token_ids),
-                          pad_token_id=0)[0, len(prompt):].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=len(res.token_ids),
+            do_sample=False,
+            eos_token_id=sorted(native.tokenizer.eos_token_ids),
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     return {
         "model": model,
         "tokens": len(ids),

@@ -37,7 +37,7 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unsupported architecture {self.architecture!r} for the native runtime "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); "
-                "use the transformers adapter (--backend hf) for other architectures"
+                "load it with --backend hf (the transformers adapter)"
             )
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
@@ -107,10 +107,13 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unsupported architecture {model_type!r} for the native runtime "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); "
-                "use the transformers adapter (--backend hf) for other architectures"
+                "load it with --backend hf (the transformers adapter)"
             )
         heads = cfg["num_attention_heads"]
-        scaling = cfg.get("rope_scaling")
+        # transformers >= 5 writes rope_parameters = {rope_theta, rope_type, ...}; older, two keys.
+        rope = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type") else None)
         if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
             scaling = None
         return cls(
@@ -122,7 +125,7 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=float(theta),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),

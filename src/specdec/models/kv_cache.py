@@ -93,7 +93,9 @@ class KVCache:
             or int(idx.max()) >= self.fresh_count
             or (m > 1 and bool((idx[1:] <= idx[:-1]).any()))
         ):
-            raise ValueError(f"keep indices must be increasing and within the last {self.fresh_count}")
+            raise ValueError(
+                f"keep indices must be increasing and within the last {self.fresh_count}"
+            )
         start = self.fresh_start
         if m and not torch.equal(idx, torch.arange(m, device=idx.device)):
             src = idx + start

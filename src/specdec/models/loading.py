@@ -115,7 +115,9 @@ def _fuse(cfg: ModelConfig, raw: dict[str, Any], dtype: torch.dtype) -> dict[str
         out[p + "ffn_norm.weight"] = layer["ffn_norm"].to(dtype)
         out[p + "attn.wqkv.weight"] = torch.cat([layer["q"], layer["k"], layer["v"]]).to(dtype)
         if cfg.attention_bias:
-            out[p + "attn.wqkv.bias"] = torch.cat([layer["q_b"], layer["k_b"], layer["v_b"]]).to(dtype)
+            out[p + "attn.wqkv.bias"] = torch.cat([layer["q_b"], layer["k_b"], layer["v_b"]]).to(
+                dtype
+            )
         out[p + "attn.wo.weight"] = layer["o"].to(dtype)
         out[p + "ffn.w13.weight"] = torch.cat([layer["gate"], layer["up"]]).to(dtype)
         out[p + "ffn.w2.weight"] = layer["down"].to(dtype)
@@ -132,7 +134,9 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.devic
         state = {**state, "lm_head.weight": state["embed.weight"]}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise ModelFormatError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ModelFormatError(
+            f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     if tied:
         model.lm_head.weight = model.embed.weight
     model.to(device)
@@ -189,7 +193,9 @@ def _mkdir(p: Path) -> Path:
 def _gguf_metadata(reader: Any) -> dict[str, Any]:
     meta = {}
     for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "token_type", "merges", "scores")):
+        if key.startswith("tokenizer.ggml.") and key.endswith(
+            ("tokens", "token_type", "merges", "scores")
+        ):
             continue  # large arrays, not needed for the config
         try:
             meta[key] = field.contents()
@@ -204,7 +210,9 @@ def _open_gguf(path: Path) -> Any:
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:
-        raise ModelFormatError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+        raise ModelFormatError(
+            f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _dequantize(tensor: Any) -> torch.Tensor:
@@ -238,20 +246,37 @@ def _gguf_raw(reader: Any, cfg: ModelConfig, progress: bool) -> dict[str, Any]:
         bar.update(1)
         return _dequantize(tensors[name])
 
-    bar = tqdm(total=len(tensors), desc="converting weights (once)", unit="tensor",
-               disable=not progress, file=sys.stderr, leave=False)
-    raw: dict[str, Any] = {"embed": get("token_embd.weight"), "norm": get("output_norm.weight"),
-                           "lm_head": get("output.weight", required=False), "layers": []}
+    bar = tqdm(
+        total=len(tensors),
+        desc="converting weights (once)",
+        unit="tensor",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    )
+    raw: dict[str, Any] = {
+        "embed": get("token_embd.weight"),
+        "norm": get("output_norm.weight"),
+        "lm_head": get("output.weight", required=False),
+        "layers": [],
+    }
     for i in range(cfg.num_layers):
         b = f"blk.{i}."
         layer = {
-            "attn_norm": get(b + "attn_norm.weight"), "ffn_norm": get(b + "ffn_norm.weight"),
-            "q": get(b + "attn_q.weight"), "k": get(b + "attn_k.weight"), "v": get(b + "attn_v.weight"),
-            "o": get(b + "attn_output.weight"), "gate": get(b + "ffn_gate.weight"),
-            "up": get(b + "ffn_up.weight"), "down": get(b + "ffn_down.weight"),
+            "attn_norm": get(b + "attn_norm.weight"),
+            "ffn_norm": get(b + "ffn_norm.weight"),
+            "q": get(b + "attn_q.weight"),
+            "k": get(b + "attn_k.weight"),
+            "v": get(b + "attn_v.weight"),
+            "o": get(b + "attn_output.weight"),
+            "gate": get(b + "ffn_gate.weight"),
+            "up": get(b + "ffn_up.weight"),
+            "down": get(b + "ffn_down.weight"),
         }
         if cfg.attention_bias:
-            layer.update(q_b=get(b + "attn_q.bias"), k_b=get(b + "attn_k.bias"), v_b=get(b + "attn_v.bias"))
+            layer.update(
+                q_b=get(b + "attn_q.bias"), k_b=get(b + "attn_k.bias"), v_b=get(b + "attn_v.bias")
+            )
         if cfg.permuted_qk_in_gguf:
             layer["q"] = _unpermute(layer["q"], cfg.num_heads)
             layer["k"] = _unpermute(layer["k"], cfg.num_kv_heads)
@@ -269,14 +294,23 @@ def _convert_gguf(path: Path, out: Path, progress: bool) -> None:
     if embed is None:
         raise ModelFormatError(f"{path}: GGUF file has no token_embd.weight")
     cfg = ModelConfig.from_gguf_metadata(meta, vocab_size=int(embed.shape[-1]))
-    has_head = any(t.name == "output.weight" for t in reader.tensors)
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:  # Llama 3.x frequency factors: not implemented natively
+        raise UnsupportedModelError(
+            f"{path}: rope frequency factors (rope_freqs.weight) are not supported"
+        )
+    has_head = "output.weight" in names
     cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_word_embeddings": not has_head})
     state = _fuse(cfg, _gguf_raw(reader, cfg, progress), torch.float32)
     # Stored in float32 once; each load casts to the dtype asked for.
     save_file(state, str(out / "weights.safetensors"))
     _save_gguf_tokenizer(path, out)
-    (out / "specdec.json").write_text(json.dumps(
-        {"format_version": FORMAT_VERSION, "source": str(path), "config": cfg.to_dict()}, indent=1))
+    (out / "specdec.json").write_text(
+        json.dumps(
+            {"format_version": FORMAT_VERSION, "source": str(path), "config": cfg.to_dict()},
+            indent=1,
+        )
+    )
 
 
 def _save_gguf_tokenizer(path: Path, out: Path) -> None:
@@ -287,22 +321,29 @@ def _save_gguf_tokenizer(path: Path, out: Path) -> None:
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
-        raise ModelFormatError(f"{path}: cannot read the tokenizer ({type(e).__name__}: {e})") from None
+        raise ModelFormatError(
+            f"{path}: cannot read the tokenizer ({type(e).__name__}: {e})"
+        ) from None
     tok.save_pretrained(str(out))
 
 
-def _load_converted(folder: Path, name: str, dtype: torch.dtype, device: torch.device,
-                    progress: bool) -> LoadedModel:
+def _load_converted(
+    folder: Path, name: str, dtype: torch.dtype, device: torch.device, progress: bool
+) -> LoadedModel:
     info = json.loads((folder / "specdec.json").read_text())
     if info.get("format_version") != FORMAT_VERSION:
-        raise ModelFormatError(f"{folder}: converted with another specdec version; delete the folder")
+        raise ModelFormatError(
+            f"{folder}: converted with another specdec version; delete the folder"
+        )
     cfg = ModelConfig.from_dict(info["config"])
     from safetensors import safe_open
 
     # One tensor at a time, so the float32 file never sits in memory beside its cast.
     with safe_open(str(folder / "weights.safetensors"), framework="pt") as st:
         state = {k: st.get_tensor(k).to(dtype) for k in st.keys()}
-    return LoadedModel(name, Path(info["source"]), cfg, _build(cfg, state, device), Tokenizer(folder))
+    return LoadedModel(
+        name, Path(info["source"]), cfg, _build(cfg, state, device), Tokenizer(folder)
+    )
 
 
 # --------------------------------------------------------------------------- safetensors folders
@@ -311,24 +352,32 @@ def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ModelNotFoundError(f"{folder}: no .safetensors files (other formats are not loaded: unsafe)")
+        raise ModelNotFoundError(
+            f"{folder}: no .safetensors files (other formats are not loaded: unsafe)"
+        )
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():
                 yield key, st.get_tensor(key)
 
 
-def _load_hf_folder(folder: Path, name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_hf_folder(
+    folder: Path, name: str, dtype: torch.dtype, device: torch.device
+) -> LoadedModel:
     cfg = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
     w = {k.removeprefix("model."): v for k, v in _iter_safetensors(folder)}
 
     def take(key: str) -> torch.Tensor:
         if key not in w:
             raise ModelFormatError(f"{folder}: missing weight {key}")
-        return w[key].float()
+        return w[key]  # no float32 detour: float64 files keep their precision
 
-    raw: dict[str, Any] = {"embed": take("embed_tokens.weight"), "norm": take("norm.weight"),
-                           "lm_head": None, "layers": []}
+    raw: dict[str, Any] = {
+        "embed": take("embed_tokens.weight"),
+        "norm": take("norm.weight"),
+        "lm_head": None,
+        "layers": [],
+    }
     if not cfg.tie_word_embeddings:
         raw["lm_head"] = take("lm_head.weight")
     for i in range(cfg.num_layers):
@@ -350,12 +399,16 @@ def _download_from_hub(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise RegistryUnreachableError("huggingface_hub is not installed; cannot load hub ids") from None
+        raise RegistryUnreachableError(
+            "huggingface_hub is not installed; cannot load hub ids"
+        ) from None
     try:
         path = snapshot_download(
             repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
         )
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RegistryUnreachableError(f"cannot fetch {repo_id!r} from the model hub: {msg}") from None
+        raise RegistryUnreachableError(
+            f"cannot fetch {repo_id!r} from the model hub: {msg}"
+        ) from None
     return Path(path)

