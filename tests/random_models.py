@@ -67,3 +67,15 @@ class CharTokenizer:
         from specdec.models.tokenizer import StreamDecoder
 
         return StreamDecoder(self, skip_special_tokens)
+
+
+def perturbed_copy(model: Transformer, noise: float, seed: int = 1) -> Transformer:
+    """A draft model that agrees with `model` often but not always."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * noise)
+    return draft

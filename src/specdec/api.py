@@ -21,6 +21,7 @@ from specdec.models.loading import load_model
 from specdec.models.registry import DEFAULT_MODEL
 from specdec.models.target import NativeTarget, Target
 from specdec.models.tokenizer import Tokenizer
+from specdec.spec.registry import get_method, resolve_auto
 from specdec.spec.sampling import SamplingParams
 
 Prompt = str | list[dict[str, Any]]
@@ -32,12 +33,53 @@ BACKENDS = ("native", "hf")
 class Generator:
     """A loaded target model, its tokenizer and the engine that decodes with it."""
 
-    def __init__(self, target: Target, tokenizer: Tokenizer, name: str = "") -> None:
+    def __init__(
+        self,
+        target: Target,
+        tokenizer: Tokenizer,
+        name: str = "",
+        dtype: str = "bfloat16",
+        device: str = "cpu",
+    ) -> None:
         self.target = target
         self.tokenizer = tokenizer
         self.name = name
+        self.dtype, self.device = dtype, device
         self.engine = Engine(self.target, self.tokenizer)
         self.last: Generation | None = None
+        self._drafts: dict[str, Target] = {}
+        self._drafters: dict[tuple, Any] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target.config.vocab_size
+
+    def load_draft(self, spec: str) -> Target:
+        """A draft model of the same vocabulary, loaded once per generator."""
+        if spec not in self._drafts:
+            loaded = load_model(spec, dtype=self.dtype, device=self.device)
+            if loaded.tokenizer.vocab() != self.tokenizer.vocab():
+                raise InvalidRequestError(
+                    f"draft model {spec!r} has another tokenizer than the target; "
+                    "pick a draft of the same vocabulary"
+                )
+            self._drafts[spec] = NativeTarget(loaded.model)
+        return self._drafts[spec]
+
+    def resolved_method(self, method: str) -> str:
+        return resolve_auto(self.name)[0] if method == "auto" else method
+
+    def drafter(self, method: str = "ar", **options: Any):
+        """The drafter of a method (built once per method and options)."""
+        if method == "auto":
+            method, auto_opts = resolve_auto(self.name)
+            options = {**auto_opts, **options}
+        spec = get_method(method)
+        opts = spec.validate(options)
+        key = (method, tuple(sorted(opts.items())))
+        if key not in self._drafters:
+            self._drafters[key] = spec.build(self, opts)
+        return self._drafters[key]
 
     @classmethod
     def load(
@@ -53,7 +95,7 @@ class Generator:
         (any architecture transformers knows, slower)."""
         if backend == "native":
             loaded = load_model(model, dtype=dtype, device=device, progress=progress)
-            gen = cls(NativeTarget(loaded.model), loaded.tokenizer, model)
+            gen = cls(NativeTarget(loaded.model), loaded.tokenizer, model, dtype, device)
             gen.loaded = loaded
             return gen
         if backend == "hf":
@@ -62,7 +104,7 @@ class Generator:
             target, info = load_hf_target(model, dtype=dtype, device=device, progress=progress)
             if info.tokenizer is None:
                 raise InvalidRequestError(f"{model}: no tokenizer.json beside the model")
-            return cls(target, info.tokenizer, model)
+            return cls(target, info.tokenizer, model, dtype, device)
         raise InvalidRequestError(
             f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})"
         )

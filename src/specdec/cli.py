@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from specdec import __version__
-from specdec.errors import SpecdecError
+from specdec.errors import InvalidRequestError, SpecdecError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +73,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="stop when TEXT is generated (repeatable)",
     )
+    g.add_argument(
+        "--method",
+        default="auto",
+        metavar="NAME",
+        help="decoding method (default auto: the fastest lossless one measured for "
+        "the model; see `specdec methods`)",
+    )
+    g.add_argument(
+        "--draft",
+        default=None,
+        metavar="MODEL",
+        help="draft model for --method draft (same vocabulary as the target)",
+    )
+    g.add_argument(
+        "--num-draft-tokens", type=int, default=None, metavar="K", help="tokens drafted per step"
+    )
+    g.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other method option (repeatable)",
+    )
+    g.add_argument(
+        "--compare",
+        action="store_true",
+        help="also decode autoregressively in the same process; report speedup and "
+        "whether the outputs are identical",
+    )
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument(
         "--json",
@@ -81,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     g.set_defaults(func=cmd_generate)
+
+    ms = sub.add_parser(
+        "methods",
+        help="list the decoding methods and their options",
+        description="List every decoding method: options, losslessness, needs.",
+    )
+    ms.add_argument("--json", action="store_true", help="print a JSON list")
+    ms.set_defaults(func=cmd_methods)
 
     m = sub.add_parser(
         "models",
@@ -132,6 +169,20 @@ def _read_prompt(arg: str) -> str:
     return arg
 
 
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if args.draft is not None:
+        opts["draft_model"] = args.draft
+    if args.num_draft_tokens is not None:
+        opts["num_draft_tokens"] = args.num_draft_tokens
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequestError(f"--option takes KEY=VALUE, got {item!r}")
+        opts[key.replace("-", "_")] = value
+    return opts
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from specdec.api import Generator
 
@@ -142,6 +193,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen = Generator.load(
         args.model, dtype=args.dtype, device=args.device, backend=args.backend, progress=progress
     )
+    method_opts = _method_options(args)
+    method = args.method
+    gen.drafter(method, **method_opts)  # load and validate before any output
     opts: dict[str, Any] = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -150,24 +204,73 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         raw=args.raw,
+        method=method,
+        **method_opts,
     )
+    if args.compare:
+        gen.generate(prompt, **{**opts, "max_new_tokens": 4})  # warm-up
     if args.json:
         result = gen.generate(prompt, **opts)
-        print(json.dumps(_result_json(result)))
     else:
         for piece in gen.stream(prompt, **opts):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         result = gen.last
+    report = _result_json(result)
+    report["method"] = gen.resolved_method(method)
+    if args.compare:
+        base = gen.generate(prompt, **{**opts, "method": "ar"})
+        report["ar_stats"] = base.stats.to_dict()
+        report["speedup"] = round(base.stats.wall_s / result.stats.wall_s, 3)
+        report["identical"] = base.token_ids == result.token_ids if args.temperature == 0 else None
+    if args.json:
+        print(json.dumps(report))
     if not args.quiet:
         s = result.stats
-        print(
-            f"[specdec] {s.new_tokens} tokens in {s.wall_s:.2f} s: {s.tokens_per_s:.1f} tok/s "
-            f"(decode {s.decode_tokens_per_s:.1f} tok/s, prefill {s.prefill_s:.2f} s for "
-            f"{s.prompt_tokens} tokens), tau {s.tau:.2f}, method ar",
-            file=sys.stderr,
+        line = (
+            f"[specdec] {report['method']}: {s.new_tokens} tokens in {s.wall_s:.2f} s, "
+            f"{s.tokens_per_s:.1f} tok/s (prefill {s.prefill_s:.2f} s for {s.prompt_tokens} "
+            f"tokens), tau {s.tau:.2f}"
         )
+        if s.drafted:
+            line += f", accepted {s.accepted}/{s.drafted} drafted"
+        if args.compare:
+            line += (
+                f"; ar {report['ar_stats']['tokens_per_s']:.1f} tok/s, speedup "
+                f"{report['speedup']:.2f}x, identical: {report['identical']}"
+            )
+        print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from specdec.spec.registry import METHODS
+
+    rows = [
+        {
+            "name": m.name,
+            "description": m.description,
+            "lossless": m.lossless,
+            "needs": list(m.needs),
+            "options": {
+                k: {"type": o.type.__name__, "default": o.default, "help": o.help}
+                for k, o in m.options.items()
+            },
+        }
+        for m in METHODS.values()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print("auto  the fastest lossless method measured for the model (docs/BENCHMARKS.md)\n")
+    for r in rows:
+        kind = "lossless" if r["lossless"] else "LOSSY"
+        needs = f", needs {', '.join(r['needs'])}" if r["needs"] else ""
+        print(f"{r['name']}  ({kind}{needs})\n    {r['description']}")
+        for k, o in r["options"].items():
+            print(f"    --option {k}=<{o['type']}>  {o['help']} (default {o['default']})")
+        print()
     return 0
 
 

@@ -16,7 +16,10 @@ import torch
 from specdec.errors import InvalidRequestError
 from specdec.models.target import Target
 from specdec.models.tokenizer import Tokenizer
-from specdec.spec.sampling import SamplingParams, probabilities, sample
+from specdec.spec.drafters.base import Drafter, DraftState, NoDrafter
+from specdec.spec.sampling import SamplingParams, probabilities
+from specdec.spec.tree import DraftTree
+from specdec.spec.verifiers.base import Outcome, Verifier
 
 
 @dataclass
@@ -26,6 +29,10 @@ class GenerationStats:
     target_passes: int = 0  # forward passes of the target, the prefill included
     prefill_s: float = 0.0
     wall_s: float = 0.0  # prefill and decoding
+    drafted: int = 0  # tree nodes proposed
+    accepted: int = 0  # drafted tokens the target kept
+    draft_s: float = 0.0  # time in the drafter (propose and observe)
+    verify_s: float = 0.0  # time in target passes after the prefill, and in verification
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,6 +71,8 @@ class Generation:
 
 
 class Engine:
+    """Prefill → (propose → one target pass over [root] + tree → verify → commit → observe)*."""
+
     def __init__(self, target: Target, tokenizer: Tokenizer) -> None:
         self.target = target
         self.tokenizer = tokenizer
@@ -76,10 +85,14 @@ class Engine:
         sampling: SamplingParams = SamplingParams(),
         stop: tuple[str, ...] = (),
         ignore_eos: bool = False,
+        drafter: Drafter | None = None,
+        verifier: Verifier | None = None,
         result: Generation | None = None,
     ) -> Iterator[str]:
         """Yield text pieces as tokens are committed; ``result`` receives ids, text and stats.
 
+        ``drafter`` None decodes autoregressively. ``verifier`` None picks the
+        lossless one for ``sampling`` (greedy, or speculative sampling).
         ``ignore_eos`` keeps going past end-of-sequence tokens (for benchmarks of fixed length).
         """
         out = result if result is not None else Generation()
@@ -93,49 +106,121 @@ class Engine:
                 f"prompt of {len(prompt_ids)} tokens does not fit the context of {limit} tokens"
             )
         max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
-        gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        eos = frozenset() if ignore_eos else self.tokenizer.eos_token_ids
-        decoder = self.tokenizer.stream_decoder()
+        drafter = drafter or NoDrafter()
+        verifier = verifier or default_verifier(sampling)
+        rng = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        emit = _Emitter(self.tokenizer, out, max_new_tokens, stop, ignore_eos)
         stats = out.stats
         stats.prompt_tokens = len(prompt_ids)
+        clock = time.perf_counter
 
-        t0 = time.perf_counter()
+        t0 = clock()
         self.target.reset()
         logits = self.target.forward(prompt_ids, logits_rows=slice(-1, None))
         stats.target_passes += 1
-        stats.prefill_s = time.perf_counter() - t0
-        pos = len(prompt_ids)
+        first = verifier.verify(DraftTree(), probabilities(logits, sampling), sampling, rng).bonus
+        stats.prefill_s = clock() - t0
+        tokens = list(prompt_ids)
+        new = [first]
+        t = clock()
+        drafter.reset(list(prompt_ids))
+        stats.draft_s += clock() - t
         while True:
-            token = self._choose(logits[-1], sampling, gen)
-            out.token_ids.append(token)
-            stats.new_tokens += 1
-            piece = decoder.push([token])
-            done = None
-            if token in eos:
-                done = "stop"
-            elif stop and piece:
-                cut = _find_stop(out.text + piece, stop, len(out.text))
-                if cut is not None:
-                    piece, done = (out.text + piece)[len(out.text) : cut], "stop"
-            if done is None and stats.new_tokens >= max_new_tokens:
-                done, piece = "length", piece + decoder.flush()
+            tokens += new
+            piece = emit.push(new)
+            stats.wall_s = clock() - t0
             if piece:
-                out.text += piece
-                stats.wall_s = time.perf_counter() - t0
                 yield piece
-            if done:
-                out.finish_reason = done
+            if emit.done:
                 break
-            logits = self.target.forward([token], positions=[pos])
+            state = DraftState(
+                tokens, len(prompt_ids), sampling, rng, budget=max_new_tokens - stats.new_tokens
+            )
+            t = clock()
+            tree = drafter.propose(state)
+            t1 = clock()
+            stats.draft_s += t1 - t
+            outcome = self._verify_step(tree, tokens[-1], sampling, rng, verifier)
+            t2 = clock()
+            stats.verify_s += t2 - t1
             stats.target_passes += 1
-            pos += 1
-        stats.wall_s = time.perf_counter() - t0
+            stats.drafted += len(tree)
+            stats.accepted += len(outcome.path)
+            drafter.observe(state, tree, outcome)
+            stats.draft_s += clock() - t2
+            new = outcome.tokens(tree)
+        stats.wall_s = clock() - t0
 
-    @staticmethod
-    def _choose(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator | None) -> int:
-        if sampling.greedy:
-            return int(logits.argmax())
-        return sample(probabilities(logits.double(), sampling), gen)
+    def _verify_step(
+        self,
+        tree: DraftTree,
+        root: int,
+        sampling: SamplingParams,
+        rng: torch.Generator | None,
+        verifier: Verifier,
+    ) -> Outcome:
+        """One target pass over [root] + tree; keep the root and the accepted path in the cache."""
+        start = self.target.length
+        if len(tree) == 0:
+            logits = self.target.forward([root], positions=[start])
+        else:
+            mask, depth = tree.with_root()
+            positions = [start + d for d in depth]
+            mask = None if tree.is_chain() else mask  # a chain is causal: no mask needed
+            logits = self.target.forward([root] + tree.tokens, positions=positions, attn_mask=mask)
+        outcome = verifier.verify(tree, probabilities(logits, sampling), sampling, rng)
+        if len(tree):
+            self.target.keep([0] + [i + 1 for i in outcome.path])
+        return outcome
+
+
+def default_verifier(sampling: SamplingParams) -> Verifier:
+    from specdec.spec.verifiers.greedy import GreedyVerifier
+    from specdec.spec.verifiers.speculative import SpeculativeSampler
+
+    return GreedyVerifier() if sampling.greedy else SpeculativeSampler()
+
+
+class _Emitter:
+    """Commits tokens to the result one by one, applying EOS, stop strings and the token limit."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        out: Generation,
+        max_new_tokens: int,
+        stop: tuple[str, ...],
+        ignore_eos: bool,
+    ) -> None:
+        self.out = out
+        self.max_new = max_new_tokens
+        self.stop = stop
+        self.eos = frozenset() if ignore_eos else tokenizer.eos_token_ids
+        self.decoder = tokenizer.stream_decoder()
+        self.done = False
+
+    def push(self, tokens: list[int]) -> str:
+        out, text = self.out, ""
+        for token in tokens:
+            out.token_ids.append(token)
+            out.stats.new_tokens += 1
+            piece = self.decoder.push([token])
+            finish = None
+            if token in self.eos:
+                finish = "stop"
+            elif self.stop and piece:
+                so_far = out.text + text
+                cut = _find_stop(so_far + piece, self.stop, len(so_far))
+                if cut is not None:
+                    piece, finish = (so_far + piece)[len(so_far) : cut], "stop"
+            if finish is None and out.stats.new_tokens >= self.max_new:
+                finish, piece = "length", piece + self.decoder.flush()
+            text += piece
+            if finish:
+                out.finish_reason, self.done = finish, True
+                break
+        out.text += text
+        return text
 
 
 def _find_stop(text: str, stop: tuple[str, ...], searched: int) -> int | None:

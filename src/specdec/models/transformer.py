@@ -27,9 +27,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the model dtype, as transformers does.
-        h = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        if x.dtype in (torch.bfloat16, torch.float16):
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class RotaryTable:
@@ -96,15 +96,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.wqkv(x)
-        q, k, v = qkv.split(
-            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim],
-            dim=-1,
-        )
-        q = q.view(n, self.n_heads, self.head_dim).transpose(0, 1)  # (H, n, D)
-        k = k.view(n, self.n_kv, self.head_dim).transpose(0, 1)  # (Hkv, n, D)
-        v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        heads = qkv.view(n, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(0, 1)
+        qk, v = heads.split([self.n_heads + self.n_kv, self.n_kv])  # (H + Hkv, n, D), (Hkv, n, D)
+        qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys in one go
+        q, k = qk.split([self.n_heads, self.n_kv])
         end = start + n
         cache.k[layer, :, start:end] = k
         cache.v[layer, :, start:end] = v

@@ -1,0 +1,50 @@
+"""The drafter interface: propose a tree of guesses, learn from what was accepted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specdec.spec.sampling import SamplingParams
+from specdec.spec.tree import DraftTree
+from specdec.spec.verifiers.base import Outcome
+
+
+@dataclass
+class DraftState:
+    """What a drafter may look at when it proposes.
+
+    ``tokens`` is the prompt followed by every token committed so far; its last
+    token is the root of the next tree (committed, not yet run through the target).
+    """
+
+    tokens: list[int]
+    prompt_len: int
+    sampling: SamplingParams
+    rng: torch.Generator | None
+    budget: int  # most nodes worth drafting (tokens left to generate, tree limits)
+
+
+class Drafter:
+    name: str = ""
+    #: what the method needs beyond tokens and logits: "draft_model", "hidden_states", ...
+    needs: frozenset[str] = frozenset()
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        """A new request starts."""
+
+    def propose(self, state: DraftState) -> DraftTree:
+        raise NotImplementedError
+
+    def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
+        """The target verified ``tree``; ``outcome`` says what it kept."""
+
+
+class NoDrafter(Drafter):
+    """Autoregressive decoding: nothing drafted, one token per target pass."""
+
+    name = "ar"
+
+    def propose(self, state: DraftState) -> DraftTree:
+        return DraftTree()

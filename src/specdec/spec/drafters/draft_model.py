@@ -1,0 +1,76 @@
+"""Draft-model speculation (Leviathan et al. 2023; Chen et al. 2023): a small model of
+the same vocabulary drafts a chain of ``k`` tokens, autoregressively.
+
+The drafter keeps its own KV cache in step with the committed sequence: before
+drafting it rolls back whatever the target rejected (the longest common prefix
+of what it has seen and what was committed survives) and runs the tokens it has
+not seen yet in one pass. Under sampling each drafted token is drawn from the
+drafter's distribution shaped by the same temperature / top-k / top-p as the
+target's, and that distribution travels with the node for the verifier.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.errors import InvalidRequestError
+from specdec.models.target import Target
+from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.sampling import probabilities, sample
+from specdec.spec.tree import DraftTree
+
+
+class DraftModelDrafter(Drafter):
+    name = "draft"
+    needs = frozenset({"draft_model"})
+
+    def __init__(self, draft: Target, vocab_size: int, num_draft_tokens: int = 4) -> None:
+        if num_draft_tokens < 1:
+            raise InvalidRequestError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        self.draft = draft
+        self.vocab_size = vocab_size  # the target's: q rows must align with the target's p rows
+        self.k = num_draft_tokens
+        self.seen: list[int] = []  # tokens in the draft model's cache, in order
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        self.draft.reset()
+        self.seen = []
+
+    def _sync(self, tokens: list[int]) -> torch.Tensor:
+        """Bring the draft cache to ``tokens``; returns the logits after the last one."""
+        common = 0
+        limit = min(len(self.seen), len(tokens) - 1)  # always re-run at least the last token
+        while common < limit and self.seen[common] == tokens[common]:
+            common += 1
+        self.draft.rollback(len(self.seen) - common)
+        logits = self.draft.forward(tokens[common:], logits_rows=slice(-1, None))
+        self.seen = list(tokens)
+        return logits[-1]
+
+    def _q(self, logits: torch.Tensor, state: DraftState) -> torch.Tensor:
+        q = probabilities(logits, state.sampling)
+        if q.shape[-1] != self.vocab_size:  # embedding tables padded differently
+            pad = self.vocab_size - q.shape[-1]
+            q = torch.nn.functional.pad(q, (0, pad)) if pad > 0 else q[: self.vocab_size]
+        return q
+
+    def propose(self, state: DraftState) -> DraftTree:
+        k = min(self.k, state.budget - 1)  # the bonus token always comes on top
+        if k <= 0 or len(state.tokens) + k >= self.draft.max_length:
+            return DraftTree()
+        logits = self._sync(state.tokens)
+        greedy = state.sampling.greedy
+        tokens: list[int] = []
+        qs: list[torch.Tensor | None] = []
+        for j in range(k):
+            if greedy:
+                token, q = int(logits.argmax()), None
+            else:
+                q = self._q(logits, state)
+                token = sample(q, state.rng)
+            tokens.append(token)
+            qs.append(q)
+            if j < k - 1:
+                logits = self.draft.forward([token], logits_rows=slice(-1, None))[-1]
+                self.seen.append(token)
+        return DraftTree.chain(tokens, qs)

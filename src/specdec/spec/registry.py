@@ -1,0 +1,111 @@
+"""Methods by name: what each is, its options (validated in one place), what it needs.
+
+A new method is one drafter file plus one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from specdec.errors import InvalidRequestError
+from specdec.spec.drafters.base import Drafter, NoDrafter
+
+
+@dataclass(frozen=True)
+class Option:
+    type: type
+    default: Any
+    help: str
+    minimum: float | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    lossless: bool
+    needs: tuple[str, ...]  # "draft_model", "trained_weights", "hidden_states"
+    options: dict[str, Option] = field(default_factory=dict)
+    # build(context, options) -> Drafter; context offers load_draft(spec) and target facts
+    build: Callable[[Any, dict[str, Any]], Drafter] | None = None
+
+    def validate(self, options: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(self.options) or "none"
+            raise InvalidRequestError(
+                f"method {self.name!r} takes no option {unknown[0]!r} (its options: {known})"
+            )
+        out = {}
+        for key, opt in self.options.items():
+            value = options.get(key, opt.default)
+            if value is None:
+                out[key] = None
+                continue
+            try:
+                value = opt.type(value)
+            except (TypeError, ValueError):
+                raise InvalidRequestError(
+                    f"option {key} of method {self.name!r} must be {opt.type.__name__}, got {value!r}"
+                ) from None
+            if opt.minimum is not None and value < opt.minimum:
+                raise InvalidRequestError(f"option {key} must be >= {opt.minimum}, got {value}")
+            out[key] = value
+        return out
+
+
+def _build_ar(ctx: Any, opts: dict[str, Any]) -> Drafter:
+    return NoDrafter()
+
+
+def _build_draft(ctx: Any, opts: dict[str, Any]) -> Drafter:
+    from specdec.spec.drafters.draft_model import DraftModelDrafter
+
+    if not opts["draft_model"]:
+        raise InvalidRequestError("method 'draft' needs a draft model: --draft MODEL")
+    draft = ctx.load_draft(opts["draft_model"])
+    return DraftModelDrafter(draft, ctx.vocab_size, num_draft_tokens=opts["num_draft_tokens"])
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "ar",
+            "plain autoregressive decoding: one token per target pass (the baseline)",
+            lossless=True,
+            needs=(),
+            build=_build_ar,
+        ),
+        Method(
+            "draft",
+            "a small draft model of the same vocabulary proposes a chain; the target verifies it "
+            "in one pass (Leviathan et al. 2023, Chen et al. 2023)",
+            lossless=True,
+            needs=("draft_model",),
+            build=_build_draft,
+            options={
+                "draft_model": Option(str, None, "the draft model (name, GGUF, folder)"),
+                "num_draft_tokens": Option(int, 4, "tokens drafted per step", minimum=1),
+            },
+        ),
+    )
+}
+
+# The fastest lossless method measured per target on a 2-core CPU (docs/BENCHMARKS.md).
+# Targets not listed decode with `ar` until a measurement says otherwise.
+AUTO: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise InvalidRequestError(
+            f"unknown method {name!r} (known: auto, {', '.join(METHODS)}; see `specdec methods`)"
+        )
+    return METHODS[name]
+
+
+def resolve_auto(model: str) -> tuple[str, dict[str, Any]]:
+    return AUTO.get(model, ("ar", {}))

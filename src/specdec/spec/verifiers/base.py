@@ -1,0 +1,44 @@
+"""The verifier interface: accept a path through the draft tree, add one token of the target's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.spec.sampling import SamplingParams
+from specdec.spec.tree import DraftTree
+
+
+@dataclass
+class Outcome:
+    """Accepted nodes (indices into the tree, root to leaf) and the target's own next token.
+
+    ``bonus`` is either the *bonus* token (every drafted token on the path was
+    accepted and the target adds one more) or the *recovered* token (sampled
+    from the residual distribution after a rejection).
+    """
+
+    path: list[int] = field(default_factory=list)
+    bonus: int = -1
+
+    def tokens(self, tree: DraftTree) -> list[int]:
+        return [tree.tokens[i] for i in self.path] + [self.bonus]
+
+
+class Verifier:
+    """``verify(tree, p, params, rng)``: ``p`` holds the target's distribution after the
+    root (row 0) and after each node ``i`` (row ``i + 1``), already shaped by
+    ``params`` (temperature / top-k / top-p) with `specdec.spec.sampling.probabilities`."""
+
+    name: str = ""
+    lossless: bool = True
+
+    def verify(
+        self,
+        tree: DraftTree,
+        p: torch.Tensor,
+        params: SamplingParams,
+        rng: torch.Generator | None,
+    ) -> Outcome:
+        raise NotImplementedError

@@ -1,0 +1,347 @@
+"""Verifiers: exactness of speculative sampling by enumeration, and greedy verification.
+
+The exactness tests use a synthetic language model over V = 5 tokens: the target
+``P(prefix)`` and the drafter ``Q(prefix)`` are random distributions, one per
+prefix (seeded, memoised). The exact target probability of the first three
+generated tokens is ``P(())[a] * P((a,))[b] * P((a, b))[c]`` (125 outcomes).
+Generation is simulated with the verifier: draft a tree from ``Q``, take the
+target rows from ``P``, verify, commit the accepted path and the bonus token,
+and go on from the new prefix until three tokens are out.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from specdec.errors import InvalidRequestError
+from specdec.spec.sampling import SamplingParams, probabilities
+from specdec.spec.tree import DraftTree
+from specdec.spec.verifiers.greedy import GreedyVerifier
+from specdec.spec.verifiers.speculative import SpeculativeSampler
+
+V = 5  # vocabulary size
+LENGTH = 3  # tokens whose joint distribution is checked
+N = 20_000  # simulated generations per configuration
+ALPHA = 0.001  # significance level of the chi-square tests
+
+
+class ToyLM:
+    """Next-token distributions of a synthetic language model, one random distribution per
+    prefix (a tuple of tokens), drawn on first use from a generator seeded by the prefix.
+
+    ``kind="target"``: Dirichlet(1). ``kind="drafter"``: a mix of the target's distribution
+    and Dirichlet(0.5) noise, with one token per prefix pushed down to about 1e-3 (a
+    drafter that is close to the target but not equal, and nearly ignores some tokens).
+    """
+
+    def __init__(self, seed: int, kind: str, target: ToyLM | None = None) -> None:
+        self.seed, self.kind, self.target = seed, kind, target
+        self.memo: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(self, prefix: tuple[int, ...]) -> torch.Tensor:
+        row = self.memo.get(prefix)
+        if row is None:
+            # The length keeps prefixes that differ only by trailing zeros apart.
+            rng = np.random.default_rng([self.seed, len(prefix), *prefix])
+            if self.kind == "target":
+                x = rng.dirichlet(np.ones(V))
+            else:
+                x = 0.4 * self.target(prefix).numpy() + 0.6 * rng.dirichlet(np.full(V, 0.5))
+                x[rng.integers(V)] = 1e-3
+                x = x / x.sum()
+            row = self.memo[prefix] = torch.from_numpy(x)
+        return row
+
+    def top(self, prefix: tuple[int, ...], k: int) -> list[int]:
+        return torch.topk(self(prefix), k).indices.tolist()
+
+
+P = ToyLM(1234, "target")
+Q = ToyLM(5678, "drafter", target=P)
+
+
+def exact_joint() -> np.ndarray:
+    """Target probability of every sequence of LENGTH tokens, in itertools.product order."""
+    out = np.empty(V**LENGTH)
+    for i, seq in enumerate(itertools.product(range(V), repeat=LENGTH)):
+        out[i] = np.prod([float(P(seq[:j])[t]) for j, t in enumerate(seq)])
+    return out
+
+
+# Tree shapes, one entry per depth: ("sample", m) = m i.i.d. draws from Q of the path
+# (with replacement, sharing that q); ("top", k) = Q's top-k tokens, chosen (q None).
+SHAPES = {
+    "chain-1": [("sample", 1)],
+    "chain-2": [("sample", 1)] * 2,
+    "chain-3": [("sample", 1)] * 3,
+    "iid-2x2": [("sample", 2)] * 2,
+    "iid-3x2": [("sample", 3)] * 2,
+    "top2-x2": [("top", 2)] * 2,
+    "top2-then-iid2": [("top", 2), ("sample", 2)],
+}
+
+
+def draft(prefix: tuple[int, ...], shape, g: torch.Generator):
+    """A draft tree after ``prefix`` and the token sequence (prefix + path) of each node."""
+    tree = DraftTree()
+    seqs: list[tuple[int, ...]] = []
+    frontier = [(-1, prefix)]
+    for kind, width in shape:
+        nxt = []
+        for parent, seq in frontier:
+            if kind == "sample":
+                q = Q(seq)
+                tokens = torch.multinomial(q, width, replacement=True, generator=g).tolist()
+            else:
+                q, tokens = None, Q.top(seq, width)
+            for t in tokens:
+                node = tree.add(t, parent, q)
+                seqs.append(seq + (t,))
+                nxt.append((node, seq + (t,)))
+        frontier = nxt
+    return tree, seqs
+
+
+def simulate(verifier, shape, n: int = N, seed: int = 0) -> np.ndarray:
+    """Counts of the first LENGTH generated tokens over ``n`` simulated generations."""
+    g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(temperature=1.0)
+    counts: Counter[tuple[int, ...]] = Counter()
+    for _ in range(n):
+        out: tuple[int, ...] = ()
+        while len(out) < LENGTH:
+            tree, seqs = draft(out, shape, g)
+            p = torch.stack([P(out)] + [P(s) for s in seqs])
+            outcome = verifier.verify(tree, p, params, g)
+            out += tuple(outcome.tokens(tree))
+        counts[out[:LENGTH]] += 1
+    return np.array([counts[s] for s in itertools.product(range(V), repeat=LENGTH)])
+
+
+def chisquare(counts: np.ndarray, probs: np.ndarray) -> tuple[float, float, int]:
+    """Pearson's chi-square goodness-of-fit test; returns (p-value, statistic, degrees of
+    freedom).
+
+    Cells with an expected count below 5 are pooled into one cell (grown with the next
+    smallest cells until it reaches 5). The p-value is the chi-square survival function,
+    Q(df/2, x/2), the regularised upper incomplete gamma function (no scipy needed).
+    """
+    expected = counts.sum() * probs
+    order = np.argsort(expected)
+    pool = int((expected < 5).sum())
+    while 0 < pool < len(order) and expected[order[:pool]].sum() < 5:
+        pool += 1
+    obs = [counts[order[pool:]]]
+    exp = [expected[order[pool:]]]
+    if pool:
+        obs.append([counts[order[:pool]].sum()])
+        exp.append([expected[order[:pool]].sum()])
+    o, e = np.concatenate(obs), np.concatenate(exp)
+    stat = float(((o - e) ** 2 / e).sum())
+    df = len(o) - 1
+    return chi2_sf(stat, df), stat, df
+
+
+def chi2_sf(x: float, df: int) -> float:
+    half = torch.tensor([df / 2.0, x / 2.0], dtype=torch.float64)
+    return float(torch.special.gammaincc(half[0], half[1]))
+
+
+def test_chi2_sf_matches_tables():
+    # 0.05 and 0.001 critical values from standard chi-square tables.
+    assert chi2_sf(3.841458820694124, 1) == pytest.approx(0.05, rel=1e-9)
+    assert chi2_sf(18.307038053275146, 10) == pytest.approx(0.05, rel=1e-9)
+    assert chi2_sf(149.44925277903675, 100) == pytest.approx(0.001, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_speculative_sampling_is_exact(shape):
+    """The first 3 tokens generated with SpeculativeSampler follow the target exactly.
+
+    N = 20,000 simulated generations per tree shape (seeded), compared with the exact
+    target probabilities of the 125 three-token sequences by Pearson's chi-square test
+    (cells with expected count < 5 pooled); passes if p > 0.001.
+    """
+    counts = simulate(SpeculativeSampler(), SHAPES[shape])
+    pvalue, stat, df = chisquare(counts, exact_joint())
+    print(f"{shape}: chi-square {stat:.1f}, df {df}, p = {pvalue:.4g} (n {N})")
+    assert pvalue > ALPHA
+
+
+class UnnormalisedResidual(SpeculativeSampler):
+    """Planted bug: after a rejection the residual max(p - q, 0) is not renormalised, so
+    later siblings are accepted too rarely (the bonus draw itself normalises, so a chain
+    would not show it; trees of chosen siblings do)."""
+
+    @staticmethod
+    def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return (p - q).clamp(min=0)
+
+
+class TargetAfterRejection(SpeculativeSampler):
+    """Planted bug: after a rejection keep sampling from the target's row instead of the
+    residual (the classic mistake: tokens the drafter over-proposes come out too often)."""
+
+    @staticmethod
+    def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return p
+
+
+@pytest.mark.parametrize(
+    "broken,shape", [(UnnormalisedResidual, "top2-x2"), (TargetAfterRejection, "chain-2")]
+)
+def test_planted_bug_is_detected(broken, shape):
+    """The same check (N = 20,000, same seed, chi-square) must reject a broken verifier
+    with p < 0.001: the test has the power to see a wrong residual."""
+    counts = simulate(broken(), SHAPES[shape])
+    pvalue, stat, df = chisquare(counts, exact_joint())
+    print(f"{broken.__name__} on {shape}: chi-square {stat:.1f}, df {df}, p = {pvalue:.4g} (n {N})")
+    assert pvalue < ALPHA
+
+
+def test_sampler_is_reproducible():
+    a = simulate(SpeculativeSampler(), SHAPES["iid-2x2"], n=200, seed=7)
+    b = simulate(SpeculativeSampler(), SHAPES["iid-2x2"], n=200, seed=7)
+    assert (a == b).all()
+
+
+# --- greedy ------------------------------------------------------------------------------
+
+GREEDY = SamplingParams()
+
+
+def one_hot_rows(best: list[int]) -> torch.Tensor:
+    """Greedy-shaped rows (as the engine makes them) whose argmaxes are ``best``."""
+    logits = torch.randn(len(best), V, dtype=torch.float64)
+    logits[torch.arange(len(best)), best] = 10.0
+    return probabilities(logits, GREEDY)
+
+
+def random_tree(g: torch.Generator) -> DraftTree:
+    n = int(torch.randint(1, 9, (), generator=g))
+    tree = DraftTree()
+    for i in range(n):
+        parent = int(torch.randint(-1, i, (), generator=g)) if i else -1
+        token = int(torch.randint(V, (), generator=g))
+        q = None
+        if torch.rand((), generator=g) < 0.5:
+            q = torch.rand(V, generator=g, dtype=torch.float64) + 0.01
+            q = q / q.sum()
+        tree.add(token, parent, q)
+    return tree
+
+
+def test_sampler_reduces_to_greedy_on_one_hot_rows():
+    g = torch.Generator().manual_seed(3)
+    greedy, sampler = GreedyVerifier(), SpeculativeSampler()
+    lengths = Counter()
+    for _ in range(500):
+        tree = random_tree(g)
+        children = tree.children()
+        best = []
+        for node in [-1, *range(len(tree))]:
+            kids = children[node]
+            if kids and torch.rand((), generator=g) < 0.7:  # mostly follow some child
+                best.append(tree.tokens[kids[int(torch.randint(len(kids), (), generator=g))]])
+            else:
+                best.append(int(torch.randint(V, (), generator=g)))
+        p = one_hot_rows(best)
+        a = greedy.verify(tree, p, GREEDY, None)
+        b = sampler.verify(tree, p, GREEDY, g)
+        assert (a.path, a.bonus) == (b.path, b.bonus)
+        lengths[len(a.path)] += 1
+    assert len(lengths) >= 3  # empty, short and longer paths all occurred
+
+
+def test_greedy_accepts_whole_chain():
+    tree = DraftTree.chain([1, 2, 3])
+    out = GreedyVerifier().verify(tree, one_hot_rows([1, 2, 3, 4]), GREEDY, None)
+    assert (out.path, out.bonus) == ([0, 1, 2], 4)
+    assert out.tokens(tree) == [1, 2, 3, 4]
+
+
+def test_greedy_first_rejected():
+    tree = DraftTree.chain([1, 2, 3])
+    out = GreedyVerifier().verify(tree, one_hot_rows([0, 2, 3, 4]), GREEDY, None)
+    assert (out.path, out.bonus) == ([], 0)
+
+
+def test_greedy_stops_mid_chain():
+    tree = DraftTree.chain([1, 2, 3])
+    out = GreedyVerifier().verify(tree, one_hot_rows([1, 2, 0, 4]), GREEDY, None)
+    assert (out.path, out.bonus) == ([0, 1], 0)
+
+
+def test_greedy_duplicate_siblings_take_the_first():
+    # root -> node 0 (token 2), node 1 (token 2), node 3 (token 4); node 1 -> node 2 (token 3)
+    tree = DraftTree([2, 2, 3, 4], [-1, -1, 1, -1])
+    out = GreedyVerifier().verify(tree, one_hot_rows([2, 3, 0, 1, 0]), GREEDY, None)
+    assert (out.path, out.bonus) == ([0], 3)  # node 0 has no children: bonus from its row
+    out = GreedyVerifier().verify(tree, one_hot_rows([4, 0, 0, 0, 1]), GREEDY, None)
+    assert (out.path, out.bonus) == ([3], 1)
+
+
+def test_greedy_picks_the_matching_branch():
+    # root -> 0 (token 1) -> 2 (token 3); root -> 1 (token 2) -> 3 (token 4) -> 4 (token 0)
+    tree = DraftTree([1, 2, 3, 4, 0], [-1, -1, 0, 1, 3])
+    out = GreedyVerifier().verify(tree, one_hot_rows([2, 0, 4, 0, 0, 3]), GREEDY, None)
+    assert (out.path, out.bonus) == ([1, 3, 4], 3)
+
+
+def test_empty_tree_gives_the_target_token():
+    p = one_hot_rows([3])
+    assert GreedyVerifier().verify(DraftTree(), p, GREEDY, None) == SpeculativeSampler().verify(
+        DraftTree(), p, GREEDY, None
+    )
+    assert GreedyVerifier().verify(DraftTree(), p, GREEDY, None).bonus == 3
+
+
+def test_greedy_verifier_refuses_sampling_params():
+    with pytest.raises(InvalidRequestError):
+        GreedyVerifier().verify(
+            DraftTree(), one_hot_rows([0]), SamplingParams(temperature=0.7), None
+        )
+
+
+@pytest.mark.parametrize("verifier", [GreedyVerifier(), SpeculativeSampler()])
+def test_wrong_number_of_rows(verifier):
+    with pytest.raises(ValueError, match="rows"):
+        verifier.verify(DraftTree.chain([1, 2]), one_hot_rows([1, 2]), GREEDY, None)
+
+
+def test_sampled_node_with_zero_q_is_an_error():
+    q = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
+    tree = DraftTree.chain([3], [q])
+    p = torch.full((2, V), 1 / V, dtype=torch.float64)
+    with pytest.raises(ValueError, match="probability 0"):
+        SpeculativeSampler().verify(tree, p, SamplingParams(temperature=1.0), None)
+
+
+def test_residual_without_mass_keeps_p():
+    p = torch.tensor([0.25, 0.25, 0.5, 0.0, 0.0], dtype=torch.float64)
+    assert torch.equal(SpeculativeSampler._residual(p, p.clone()), p)
+    r = SpeculativeSampler._residual(p, torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=p.dtype))
+    assert r.tolist() == [0.5, 0.5, 0.0, 0.0, 0.0]  # point mass: that token zeroed, renormalised
+
+
+def test_deterministic_child_acceptance_probability():
+    """A chosen child (q None) is accepted with probability p[token]; on rejection the
+    bonus comes from p with that token zeroed."""
+    p = torch.tensor([[0.1, 0.6, 0.3, 0.0, 0.0]] + [[0.2] * V], dtype=torch.float64)
+    tree = DraftTree.chain([1])
+    g = torch.Generator().manual_seed(11)
+    n = 20_000
+    outs = Counter()
+    for _ in range(n):
+        o = SpeculativeSampler().verify(tree, p, SamplingParams(temperature=1.0), g)
+        outs["accept" if o.path else o.bonus] += 1
+    assert outs.keys() <= {"accept", 0, 2}
+    # Binomial standard deviations are at most ~70; allow 5 of them.
+    assert abs(outs["accept"] - 0.6 * n) < 350
+    assert abs(outs[0] - 0.1 * n) < 350
+    assert abs(outs[2] - 0.3 * n) < 350
