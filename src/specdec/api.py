@@ -135,10 +135,18 @@ class Generator:
         stop: tuple[str, ...] | list[str] = (),
         raw: bool = False,
         ignore_eos: bool = False,
+        method: str = "ar",
+        **method_options: Any,
     ) -> Iterator[str]:
-        """Yield text pieces as they are generated; `self.last` holds the full result."""
+        """Yield text pieces as they are generated; `self.last` holds the full result.
+
+        ``method`` names a decoding method (`specdec methods`; "auto" picks the fastest
+        measured for the model); its options come as keywords, e.g.
+        ``method="draft", draft_model="qwen2.5-coder-0.5b", num_draft_tokens=4``.
+        """
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         ids = self.prompt_ids(prompt, raw=raw)
+        drafter = self.drafter(method, **method_options)
         self.last = Generation()
         yield from self.engine.stream(
             ids,
@@ -146,6 +154,7 @@ class Generator:
             sampling=sampling,
             stop=tuple(stop),
             ignore_eos=ignore_eos,
+            drafter=drafter,
             result=self.last,
         )
 
