@@ -220,7 +220,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     report = _result_json(result)
     report["method"] = gen.resolved_method(method)
     if args.compare:
-        base = gen.generate(prompt, **{**opts, "method": "ar"})
+        base_opts = {k: v for k, v in opts.items() if k not in method_opts}
+        base = gen.generate(prompt, **{**base_opts, "method": "ar"})
         report["ar_stats"] = base.stats.to_dict()
         report["speedup"] = round(base.stats.wall_s / result.stats.wall_s, 3)
         report["identical"] = base.token_ids == result.token_ids if args.temperature == 0 else None

@@ -29,19 +29,6 @@ PROMPTS = [
 ]
 
 
-def step_bytes(model) -> int:
-    """Weight bytes one decode step reads: every linear (the embedding is only indexed)."""
-    seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if name == "embed.weight" and not model.config.tie_word_embeddings:
-            continue
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.nbytes
-    return total
-
-
 def ours(gen, prompt_ids, n: int) -> tuple[float, float]:
     from specdec.engine import Generation
 
@@ -87,7 +74,7 @@ def step_split(gen, prompt_ids, steps: int = 16) -> dict[str, float]:
             continue
         ms = ev.cpu_time_total / 1000
         shapes = ev.input_shapes or []
-        if ev.name == "aten::linear":
+        if ev.name in ("aten::linear", "mkldnn::_linear_pointwise"):
             is_head = len(shapes) > 1 and shapes[1] and shapes[1][0] == vocab
             split["lm_head" if is_head else "linears"] += ms
         elif ev.name == "aten::scaled_dot_product_attention":
@@ -113,7 +100,7 @@ def run(models, dtypes, n, hf: bool, out_path: Path | None) -> list[dict]:
             gen = Generator.load(name, dtype=dtype, progress=False)
             prompts = [gen.prompt_ids(p) for p in PROMPTS]
             ours(gen, prompts[0], 8)  # warm-up
-            nbytes = step_bytes(gen.loaded.model)
+            nbytes = gen.loaded.weight_bytes
             row = {
                 "model": name,
                 "dtype": dtype,
@@ -125,12 +112,16 @@ def run(models, dtypes, n, hf: bool, out_path: Path | None) -> list[dict]:
             row["specdec_tokens_per_s"] = round(statistics.median(rates), 2)
             row["specdec_step_split_ms"] = step_split(gen, prompts[0])
             if hf:
-                from transformers import AutoModelForCausalLM
+                from transformers import AutoModelForCausalLM, GgufConfig
 
                 path = Path(gen.loaded.source)
                 del gen
                 m = AutoModelForCausalLM.from_pretrained(
-                    str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
+                    str(path.parent),
+                    gguf_file=path.name,
+                    dtype=getattr(torch, dtype),
+                    # dense weights in the asked dtype, as specdec's (no packed GGUF kernels)
+                    quantization_config=GgufConfig(dequantize=True),
                 )
                 m.eval()
                 theirs(m, prompts[0], 8)

@@ -29,6 +29,7 @@ from specdec.errors import (
     UnsupportedModelError,
 )
 from specdec.models.config import ModelConfig
+from specdec.models.cpu_linear import pack_linears, packing_available, step_weight_bytes
 from specdec.models.tokenizer import Tokenizer
 from specdec.models.transformer import Transformer
 
@@ -48,12 +49,8 @@ class LoadedModel:
 
     @property
     def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for p in self.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.nbytes
-        return total
+        """Bytes one decode step reads (the embedding table, only indexed, excluded)."""
+        return step_weight_bytes(self.model)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -141,6 +138,8 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.devic
         model.lm_head.weight = model.embed.weight
     model.to(device)
     model.requires_grad_(False)
+    if packing_available(model.dtype, device):
+        pack_linears(model)
     return model
 
 
