@@ -47,6 +47,7 @@ class Generator:
         self.dtype, self.device = dtype, device
         self.engine = Engine(self.target, self.tokenizer)
         self.last: Generation | None = None
+        self.progress = True  # progress bars when loading draft models
         self._drafts: dict[str, Target] = {}
         self._drafters: dict[tuple, Any] = {}
 
@@ -57,7 +58,7 @@ class Generator:
     def load_draft(self, spec: str) -> Target:
         """A draft model of the same vocabulary, loaded once per generator."""
         if spec not in self._drafts:
-            loaded = load_model(spec, dtype=self.dtype, device=self.device)
+            loaded = load_model(spec, dtype=self.dtype, device=self.device, progress=self.progress)
             if loaded.tokenizer.vocab() != self.tokenizer.vocab():
                 raise InvalidRequestError(
                     f"draft model {spec!r} has another tokenizer than the target; "
@@ -97,6 +98,7 @@ class Generator:
             loaded = load_model(model, dtype=dtype, device=device, progress=progress)
             gen = cls(NativeTarget(loaded.model), loaded.tokenizer, model, dtype, device)
             gen.loaded = loaded
+            gen.progress = progress
             return gen
         if backend == "hf":
             from specdec.models.hf_adapter import load_hf_target
@@ -104,7 +106,9 @@ class Generator:
             target, info = load_hf_target(model, dtype=dtype, device=device, progress=progress)
             if info.tokenizer is None:
                 raise InvalidRequestError(f"{model}: no tokenizer.json beside the model")
-            return cls(target, info.tokenizer, model, dtype, device)
+            gen = cls(target, info.tokenizer, model, dtype, device)
+            gen.progress = progress
+            return gen
         raise InvalidRequestError(
             f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})"
         )
