@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         packed = [PackedLinear(lin) for lin in lins]
         for m in (int(r) for r in args.rows.split(",")):
             x = torch.randn(m, in_f).to(dtype)
-            plain = _median_ms(lambda: [F.linear(x, lin.weight) for lin in lins], args.copies)
-            pk = _median_ms(lambda: [p(x) for p in packed], args.copies)
+            plain = _median_ms(
+                lambda x=x, lins=lins: [F.linear(x, lin.weight) for lin in lins], args.copies
+            )
+            pk = _median_ms(lambda x=x, packed=packed: [p(x) for p in packed], args.copies)
             print(
                 json.dumps(
                     {
