@@ -14,6 +14,7 @@ from specdec.engine import Engine, Generation
 from specdec.models.target import NativeTarget
 from specdec.spec.drafters.base import NoDrafter
 from specdec.spec.drafters.draft_model import DraftModelDrafter
+from specdec.spec.policies import AdaptiveLength, FixedLength
 from specdec.spec.registry import METHODS
 from specdec.spec.sampling import SamplingParams
 
@@ -50,7 +51,7 @@ def run(model, drafter, prompt, n, tok, sampling=SamplingParams()):
 
 
 @pytest.mark.parametrize("method", sorted(FACTORIES))
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(12))
 def test_greedy_equals_autoregressive(method, seed):
     rng = random.Random(seed)
     arch = rng.choice(["qwen2", "llama"])
@@ -79,3 +80,27 @@ def test_draft_with_identical_model_accepts_everything():
     assert res.stats.target_passes == 1 + 4
     assert res.stats.accepted == res.stats.drafted == 16
     assert res.stats.tau == pytest.approx(21 / 5)
+
+
+def test_adaptive_length_and_confidence_policy():
+    policy = AdaptiveLength(4, k_max=8)
+    policy.observe(4, 4)
+    assert policy.length() == 6
+    policy.observe(6, 6)
+    policy.observe(8, 8)
+    assert policy.length() == 8  # capped
+    policy.observe(8, 2)
+    assert policy.length() == 7
+    assert FixedLength(3, confidence=0.5).keep_going(0.6)
+    assert not FixedLength(3, confidence=0.5).keep_going(0.4)
+
+
+def test_confidence_stops_drafts_early():
+    model = random_transformer("qwen2", seed=5, vocab=48)
+    tok = CharTokenizer(vocab=1000)
+    drafter = DraftModelDrafter(
+        NativeTarget(perturbed_copy(model, 0.0)), 48, policy=FixedLength(6, confidence=0.999)
+    )
+    res = run(model, drafter, [1, 2, 3], 20, tok)
+    assert res.stats.drafted < 6 * (res.stats.target_passes - 1)
+    assert res.token_ids == run(model, NoDrafter(), [1, 2, 3], 20, tok).token_ids

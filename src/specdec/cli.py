@@ -255,7 +255,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             "lossless": m.lossless,
             "needs": list(m.needs),
             "options": {
-                k: {"type": o.type.__name__, "default": o.default, "help": o.help}
+                k: {"type": o.type.__name__.lstrip("_"), "default": o.default, "help": o.help}
                 for k, o in m.options.items()
             },
         }

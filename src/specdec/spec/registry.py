@@ -48,12 +48,24 @@ class Method:
                 value = opt.type(value)
             except (TypeError, ValueError):
                 raise InvalidRequestError(
-                    f"option {key} of method {self.name!r} must be {opt.type.__name__}, got {value!r}"
+                    f"option {key} of method {self.name!r} must be "
+                    f"{getattr(opt.type, '__name__', 'a value').lstrip('_')}, got {value!r}"
                 ) from None
             if opt.minimum is not None and value < opt.minimum:
                 raise InvalidRequestError(f"option {key} must be >= {opt.minimum}, got {value}")
             out[key] = value
         return out
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 def _build_ar(ctx: Any, opts: dict[str, Any]) -> Drafter:
@@ -65,8 +77,12 @@ def _build_draft(ctx: Any, opts: dict[str, Any]) -> Drafter:
 
     if not opts["draft_model"]:
         raise InvalidRequestError("method 'draft' needs a draft model: --draft MODEL")
+    from specdec.spec.policies import AdaptiveLength, FixedLength
+
     draft = ctx.load_draft(opts["draft_model"])
-    return DraftModelDrafter(draft, ctx.vocab_size, num_draft_tokens=opts["num_draft_tokens"])
+    kind = AdaptiveLength if opts["adaptive"] else FixedLength
+    policy = kind(opts["num_draft_tokens"], confidence=opts["confidence"])
+    return DraftModelDrafter(draft, ctx.vocab_size, policy=policy)
 
 
 METHODS: dict[str, Method] = {
@@ -88,7 +104,20 @@ METHODS: dict[str, Method] = {
             build=_build_draft,
             options={
                 "draft_model": Option(str, None, "the draft model (name, GGUF, folder)"),
-                "num_draft_tokens": Option(int, 4, "tokens drafted per step", minimum=1),
+                "num_draft_tokens": Option(
+                    int, 4, "tokens drafted per step (the start, if adaptive)", minimum=1
+                ),
+                "adaptive": Option(
+                    _boolean,
+                    False,
+                    "lengthen after full acceptance (+2), shorten after a rejection (-1)",
+                ),
+                "confidence": Option(
+                    float,
+                    0.0,
+                    "stop drafting when the drafter's top probability falls below this",
+                    minimum=0.0,
+                ),
             },
         ),
     )

@@ -7,6 +7,7 @@ of what it has seen and what was committed survives) and runs the tokens it has
 not seen yet in one pass. Under sampling each drafted token is drawn from the
 drafter's distribution shaped by the same temperature / top-k / top-p as the
 target's, and that distribution travels with the node for the verifier.
+How many tokens to draft is the policy's call (`specdec.spec.policies`).
 """
 
 from __future__ import annotations
@@ -16,20 +17,28 @@ import torch
 from specdec.errors import InvalidRequestError
 from specdec.models.target import Target
 from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.policies import DraftLengthPolicy, FixedLength
 from specdec.spec.sampling import probabilities, sample
 from specdec.spec.tree import DraftTree
+from specdec.spec.verifiers.base import Outcome
 
 
 class DraftModelDrafter(Drafter):
     name = "draft"
     needs = frozenset({"draft_model"})
 
-    def __init__(self, draft: Target, vocab_size: int, num_draft_tokens: int = 4) -> None:
+    def __init__(
+        self,
+        draft: Target,
+        vocab_size: int,
+        num_draft_tokens: int = 4,
+        policy: DraftLengthPolicy | None = None,
+    ) -> None:
         if num_draft_tokens < 1:
             raise InvalidRequestError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.draft = draft
         self.vocab_size = vocab_size  # the target's: q rows must align with the target's p rows
-        self.k = num_draft_tokens
+        self.policy = policy or FixedLength(num_draft_tokens)
         self.seen: list[int] = []  # tokens in the draft model's cache, in order
 
     def reset(self, prompt_ids: list[int]) -> None:
@@ -55,7 +64,7 @@ class DraftModelDrafter(Drafter):
         return q
 
     def propose(self, state: DraftState) -> DraftTree:
-        k = min(self.k, state.budget - 1)  # the bonus token always comes on top
+        k = min(self.policy.length(), state.budget - 1)  # the bonus token always comes on top
         if k <= 0 or len(state.tokens) + k >= self.draft.max_length:
             return DraftTree()
         logits = self._sync(state.tokens)
@@ -70,7 +79,14 @@ class DraftModelDrafter(Drafter):
                 token = sample(q, state.rng)
             tokens.append(token)
             qs.append(q)
+            if self.policy.confidence > 0:
+                top = float((q if q is not None else logits.float().softmax(-1)).max())
+                if not self.policy.keep_going(top):
+                    break
             if j < k - 1:
                 logits = self.draft.forward([token], logits_rows=slice(-1, None))[-1]
                 self.seen.append(token)
         return DraftTree.chain(tokens, qs)
+
+    def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
+        self.policy.observe(len(tree), len(outcome.path))
