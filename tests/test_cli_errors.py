@@ -197,3 +197,77 @@ def test_generate_stream_from_folder(capsys, files):
     assert rc == 0, err
     assert err == ""
     assert out.endswith("\n")
+
+
+METHOD_CASES = {
+    "unknown method": (["--method", "nope"], ["unknown method 'nope'"]),
+    "option not of the method": (
+        ["--method", "ar", "--num-draft-tokens", "3"],
+        ["method 'ar' takes no option 'num_draft_tokens'"],
+    ),
+    "draft without a draft model": (["--method", "draft"], ["needs a draft model"]),
+    "bad option value": (
+        ["--method", "draft", "--option", "num_draft_tokens=many"],
+        ["num_draft_tokens", "must be int"],
+    ),
+    "option below its minimum": (
+        ["--method", "draft", "--num-draft-tokens", "0"],
+        ["num_draft_tokens must be >= 1"],
+    ),
+    "malformed --option": (["--option", "novalue"], ["KEY=VALUE"]),
+}
+
+
+@pytest.mark.parametrize("case", METHOD_CASES)
+def test_method_errors(capsys, files, case):
+    argv, fragments = METHOD_CASES[case]
+    rc, out, err = run_cli(capsys, "generate", "hello", *FAST, "--model", str(files["gguf"]), *argv)
+    assert_one_error_line(rc, err, *fragments)
+    assert out == ""
+
+
+def test_draft_method_runs_and_compares(capsys, files):
+    rc, out, err = run_cli(
+        capsys,
+        "generate",
+        "hello",
+        *FAST,
+        "--raw",
+        "--json",
+        "--model",
+        str(files["gguf"]),
+        "--method",
+        "draft",
+        "--draft",
+        str(files["gguf"]),
+        "--compare",
+    )
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["method"] == "draft" and report["identical"] is True
+    for key in ("tau", "drafted", "accepted", "draft_s", "verify_s"):
+        assert key in report["stats"]
+    assert "speedup" in report
+
+
+def test_draft_with_another_tokenizer_is_refused(capsys, files, tmp_path):
+    other = save_hf_folder(tiny_hf_model("llama", seed=2), tmp_path / "other")
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, another token -> id map
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    capsys.readouterr()  # drop what saving the folder printed
+    rc, out, err = run_cli(
+        capsys,
+        "generate",
+        "hello",
+        *FAST,
+        "--model",
+        str(files["folder"]),
+        "--method",
+        "draft",
+        "--draft",
+        str(other),
+    )
+    assert_one_error_line(rc, err, "another tokenizer")
