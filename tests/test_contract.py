@@ -51,7 +51,7 @@ def run(model, drafter, prompt, n, tok, sampling=SamplingParams()):
 
 
 @pytest.mark.parametrize("method", sorted(FACTORIES))
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_greedy_equals_autoregressive(method, seed):
     rng = random.Random(seed)
     arch = rng.choice(["qwen2", "llama"])
@@ -104,3 +104,18 @@ def test_confidence_stops_drafts_early():
     res = run(model, drafter, [1, 2, 3], 20, tok)
     assert res.stats.drafted < 6 * (res.stats.target_passes - 1)
     assert res.token_ids == run(model, NoDrafter(), [1, 2, 3], 20, tok).token_ids
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tree_drafts_are_greedy_exact(seed):
+    rng = random.Random(100 + seed)
+    model = random_transformer(rng.choice(["qwen2", "llama"]), seed=seed, vocab=48)
+    tok = CharTokenizer(vocab=48)
+    prompt = [rng.randrange(47) for _ in range(rng.randint(1, 12))]
+    branching = [rng.randint(1, 3) for _ in range(rng.randint(1, 4))]
+    drafter = DraftModelDrafter(
+        NativeTarget(perturbed_copy(model, 0.05, seed=seed)), 48, branching=branching
+    )
+    got = run(model, drafter, prompt, 30, tok)
+    assert got.token_ids == run(model, NoDrafter(), prompt, 30, tok).token_ids
+    assert got.stats.drafted > 0

@@ -39,11 +39,12 @@ def test_random_cache_operations(seed):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
 
 
-def test_keep_compacts_a_tree_branch():
+@pytest.mark.parametrize("capacity", [256, 2])  # 2: the cache regrows inside a forward
+def test_keep_compacts_a_tree_branch(capacity):
     """Keep a non-contiguous set (a tree branch) and continue as if only it had been written."""
     model = random_transformer("qwen2", seed=11)
     prefix = [5, 9, 2, 7]
-    cache = model.new_cache()
+    cache = model.new_cache(capacity=capacity)
     model(torch.tensor(prefix), torch.arange(4), cache)
     # tree: 0 -> 1, 0 -> 2 -> 3 ; depths 0,1,1,2; keep branch 0,2,3
     nodes = [11, 12, 13, 14]

@@ -80,6 +80,9 @@ def one_thread():
 CASES = {
     "ar": lambda m: NoDrafter,
     "draft-k2": lambda m: lambda: DraftModelDrafter(NativeTarget(perturbed_copy(m, 0.3)), V, 2),
+    "draft-tree-2,2": lambda m: (
+        lambda: DraftModelDrafter(NativeTarget(perturbed_copy(m, 0.3)), V, branching=[2, 2])
+    ),
     "draft-k3-unrelated": lambda m: (
         lambda: DraftModelDrafter(
             NativeTarget(random_transformer("llama", seed=9, vocab=V, layers=1)), V, 3
@@ -94,8 +97,20 @@ SHAPED = SamplingParams(temperature=1.2, top_k=4, top_p=0.95, seed=0)
 
 @pytest.mark.parametrize(
     "case,params",
-    [("ar", T1), ("draft-k2", T1), ("draft-k2", SHAPED), ("draft-k3-unrelated", T1)],
-    ids=["ar-t1", "draft-k2-t1", "draft-k2-t1.2-k4-p0.95", "draft-k3-unrelated-t1"],
+    [
+        ("ar", T1),
+        ("draft-k2", T1),
+        ("draft-k2", SHAPED),
+        ("draft-tree-2,2", T1),
+        ("draft-k3-unrelated", T1),
+    ],
+    ids=[
+        "ar-t1",
+        "draft-k2-t1",
+        "draft-k2-t1.2-k4-p0.95",
+        "draft-tree-2,2-t1",
+        "draft-k3-unrelated-t1",
+    ],
 )
 def test_engine_sampling_matches_target_distribution(case, params):
     torch.manual_seed(0)

@@ -99,8 +99,10 @@ class KVCache:
         start = self.fresh_start
         if m and not torch.equal(idx, torch.arange(m, device=idx.device)):
             src = idx + start
-            self.k[:, :, start : start + m] = self.k.index_select(2, src)
-            self.v[:, :, start : start + m] = self.v.index_select(2, src)
+            # the cache may have been (re)allocated inside a forward's inference mode
+            with torch.inference_mode():
+                self.k[:, :, start : start + m] = self.k.index_select(2, src)
+                self.v[:, :, start : start + m] = self.v.index_select(2, src)
         self.length = start + m
         self.fresh_count = m
 

@@ -82,7 +82,13 @@ def _build_draft(ctx: Any, opts: dict[str, Any]) -> Drafter:
     draft = ctx.load_draft(opts["draft_model"])
     kind = AdaptiveLength if opts["adaptive"] else FixedLength
     policy = kind(opts["num_draft_tokens"], confidence=opts["confidence"])
-    return DraftModelDrafter(draft, ctx.vocab_size, policy=policy)
+    branching = None
+    if opts["tree"]:
+        try:
+            branching = [int(x) for x in str(opts["tree"]).split(",")]
+        except ValueError:
+            raise InvalidRequestError(f"tree must look like 3,2,1, got {opts['tree']!r}") from None
+    return DraftModelDrafter(draft, ctx.vocab_size, policy=policy, branching=branching)
 
 
 METHODS: dict[str, Method] = {
@@ -106,6 +112,11 @@ METHODS: dict[str, Method] = {
                 "draft_model": Option(str, None, "the draft model (name, GGUF, folder)"),
                 "num_draft_tokens": Option(
                     int, 4, "tokens drafted per step (the start, if adaptive)", minimum=1
+                ),
+                "tree": Option(
+                    str,
+                    None,
+                    "draft a static tree instead of a chain: children per node at each depth, e.g. 3,2,1",
                 ),
                 "adaptive": Option(
                     _boolean,

@@ -33,12 +33,17 @@ class DraftModelDrafter(Drafter):
         vocab_size: int,
         num_draft_tokens: int = 4,
         policy: DraftLengthPolicy | None = None,
+        branching: list[int] | None = None,
     ) -> None:
         if num_draft_tokens < 1:
             raise InvalidRequestError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.draft = draft
         self.vocab_size = vocab_size  # the target's: q rows must align with the target's p rows
         self.policy = policy or FixedLength(num_draft_tokens)
+        # children per node at each depth, e.g. [3, 2, 1]: a static tree instead of a chain
+        if branching is not None and (not branching or min(branching) < 1):
+            raise InvalidRequestError(f"tree branching must be positive integers, got {branching}")
+        self.branching = branching
         self.seen: list[int] = []  # tokens in the draft model's cache, in order
 
     def reset(self, prompt_ids: list[int]) -> None:
@@ -64,6 +69,8 @@ class DraftModelDrafter(Drafter):
         return q
 
     def propose(self, state: DraftState) -> DraftTree:
+        if self.branching is not None:
+            return self._propose_tree(state)
         k = min(self.policy.length(), state.budget - 1)  # the bonus token always comes on top
         if k <= 0 or len(state.tokens) + k >= self.draft.max_length:
             return DraftTree()
@@ -87,6 +94,40 @@ class DraftModelDrafter(Drafter):
                 logits = self.draft.forward([token], logits_rows=slice(-1, None))[-1]
                 self.seen.append(token)
         return DraftTree.chain(tokens, qs)
+
+    def _children(self, logits: torch.Tensor, width: int, state: DraftState):
+        """``width`` children of a node: the top tokens (greedy) or i.i.d. draws from q."""
+        if state.sampling.greedy:
+            return [(int(t), None) for t in torch.topk(logits, width).indices]
+        q = self._q(logits, state)
+        return [(sample(q, state.rng), q) for _ in range(width)]
+
+    def _propose_tree(self, state: DraftState) -> DraftTree:
+        """A static tree (SpecInfer-style token tree): ``branching[d]`` children per node at depth d.
+
+        The draft model runs one pass per depth over all nodes drafted so far
+        with the tree mask, then forgets them: its cache keeps committed tokens only.
+        """
+        depth_limit = min(len(self.branching), state.budget - 1)
+        if depth_limit <= 0 or len(state.tokens) + depth_limit >= self.draft.max_length:
+            return DraftTree()
+        logits = self._sync(state.tokens)
+        tree = DraftTree()
+        frontier = [(-1, logits)]
+        for depth in range(depth_limit):
+            for parent, row in frontier:
+                for token, q in self._children(row, self.branching[depth], state):
+                    tree.add(token, parent, q)
+            if depth == depth_limit - 1:
+                break
+            mask, depths = tree.with_root()
+            start = len(state.tokens)
+            out = self.draft.forward(
+                tree.tokens, positions=[start + d - 1 for d in depths[1:]], attn_mask=mask[1:, 1:]
+            )
+            self.draft.rollback(len(tree))
+            frontier = [(i, out[i]) for i, d in enumerate(tree.depths) if d == depth + 1]
+        return tree
 
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
         self.policy.observe(len(tree), len(outcome.path))
