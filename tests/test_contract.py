@@ -119,3 +119,13 @@ def test_tree_drafts_are_greedy_exact(seed):
     got = run(model, drafter, prompt, 30, tok)
     assert got.token_ids == run(model, NoDrafter(), prompt, 30, tok).token_ids
     assert got.stats.drafted > 0
+
+
+def test_tree_from_an_identical_draft_is_accepted_to_full_depth():
+    model = random_transformer("llama", seed=7, vocab=48)
+    tok = CharTokenizer(vocab=1000)  # no EOS
+    drafter = DraftModelDrafter(NativeTarget(perturbed_copy(model, 0.0)), 48, branching=[2, 2, 1])
+    res = run(model, drafter, [3, 1, 4], 25, tok)
+    # each pass: 2 + 4 + 4 nodes drafted, the greedy path (3 deep) accepted, plus the bonus
+    assert res.stats.drafted == 10 * (res.stats.target_passes - 1)
+    assert res.stats.accepted == 3 * (res.stats.target_passes - 1)

@@ -126,7 +126,7 @@ class DraftModelDrafter(Drafter):
                 tree.tokens, positions=[start + d - 1 for d in depths[1:]], attn_mask=mask[1:, 1:]
             )
             self.draft.rollback(len(tree))
-            frontier = [(i, out[i]) for i, d in enumerate(tree.depths) if d == depth + 1]
+            frontier = [(i, out[i]) for i, d in enumerate(tree.depths) if d == depth]
         return tree
 
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
