@@ -40,6 +40,7 @@ class Generator:
         name: str = "",
         dtype: str = "bfloat16",
         device: str = "cpu",
+        progress: bool = True,
     ) -> None:
         self.target = target
         self.tokenizer = tokenizer
@@ -47,7 +48,7 @@ class Generator:
         self.dtype, self.device = dtype, device
         self.engine = Engine(self.target, self.tokenizer)
         self.last: Generation | None = None
-        self.progress = True  # progress bars when loading draft models
+        self.progress = progress  # progress bars when loading draft models
         self._drafts: dict[str, Target] = {}
         self._drafters: dict[tuple, Any] = {}
 
@@ -96,9 +97,8 @@ class Generator:
         (any architecture transformers knows, slower)."""
         if backend == "native":
             loaded = load_model(model, dtype=dtype, device=device, progress=progress)
-            gen = cls(NativeTarget(loaded.model), loaded.tokenizer, model, dtype, device)
+            gen = cls(NativeTarget(loaded.model), loaded.tokenizer, model, dtype, device, progress)
             gen.loaded = loaded
-            gen.progress = progress
             return gen
         if backend == "hf":
             from specdec.models.hf_adapter import load_hf_target
@@ -106,9 +106,7 @@ class Generator:
             target, info = load_hf_target(model, dtype=dtype, device=device, progress=progress)
             if info.tokenizer is None:
                 raise InvalidRequestError(f"{model}: no tokenizer.json beside the model")
-            gen = cls(target, info.tokenizer, model, dtype, device)
-            gen.progress = progress
-            return gen
+            return cls(target, info.tokenizer, model, dtype, device, progress)
         raise InvalidRequestError(
             f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})"
         )
