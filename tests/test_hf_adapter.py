@@ -189,6 +189,23 @@ def test_tree_matches_chains(model, seed):
         assert close(logits[i], ref), i
 
 
+def test_tree_extended_in_pieces(model):
+    """The second pass's mask also covers the first pass's slots (a tree grown level by level)."""
+    rng = random.Random(3)
+    prefix = rand_tokens(rng, 10)
+    parents = random_tree(rng, 7)
+    nodes = rand_tokens(rng, 7)
+    mask, depths = tree_mask_and_depths(parents)
+    positions = [10 + d for d in depths]
+    t = HFTarget(model)
+    t.forward(prefix)
+    whole = t.forward(nodes, positions=positions, attn_mask=mask)
+    t.rollback(7)
+    first = t.forward(nodes[:3], positions=positions[:3], attn_mask=mask[:3, :3])
+    second = t.forward(nodes[3:], positions=positions[3:], attn_mask=mask[3:])
+    assert close(torch.cat([first, second]), whole)
+
+
 def test_tree_mask_is_honoured(model):
     """A mask that hides siblings changes the logits (the mask is not silently ignored)."""
     rng = random.Random(5)

@@ -66,6 +66,34 @@ def test_tree_parity(arch, seed):
         torch.testing.assert_close(tree_logits[i], ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_tree_extended_in_pieces_equals_one_pass(seed):
+    """A tree run in two passes (the second with a mask over the first's slots too) gives
+    the logits of the whole tree in one pass: how drafters grow trees level by level."""
+    rng = random.Random(seed)
+    model = random_transformer("qwen2", seed=seed)
+    prefix = [rng.randrange(64) for _ in range(5)]
+    parents = random_tree(12, rng)
+    nodes = [rng.randrange(64) for _ in parents]
+    mask, depths = tree_mask_and_depths(parents)
+    positions = torch.tensor([len(prefix) + d for d in depths])
+    cache = model.new_cache()
+    model(torch.tensor(prefix), torch.arange(len(prefix)), cache)
+    whole = model(torch.tensor(nodes), positions, cache, attn_mask=mask)
+    cache.rollback(len(nodes))
+    cut = 5
+    first = model(torch.tensor(nodes[:cut]), positions[:cut], cache, attn_mask=mask[:cut, :cut])
+    second = model(torch.tensor(nodes[cut:]), positions[cut:], cache, attn_mask=mask[cut:])
+    torch.testing.assert_close(torch.cat([first, second]), whole, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError):  # wider than the cache
+        model(
+            torch.tensor([1]),
+            torch.tensor([0]),
+            cache,
+            attn_mask=torch.ones(1, 99, dtype=torch.bool),
+        )
+
+
 def test_layer_subset_and_hidden():
     model = random_transformer("llama")
     tokens = torch.tensor([3, 1, 4, 1, 5])

@@ -160,8 +160,9 @@ class HFTarget:
     ) -> torch.Tensor:
         """Run ``tokens`` on top of the cache; logits (rows, vocab) for ``logits_rows``.
 
-        ``attn_mask`` (n, n) bool: new token i sees new token j; every new
-        token sees everything already cached. None: causal.
+        ``attn_mask`` (n, m) bool over the last m slots (the n new tokens are the
+        last n): token i sees slot j where it is True; older slots are visible.
+        None: causal.
         """
         n = len(tokens)
         if n == 0:
@@ -275,18 +276,20 @@ class HFTarget:
             )
 
     def _tree_mask(self, tree: torch.Tensor, past: int, n: int) -> torch.Tensor:
-        """The (1, 1, n, past + n) additive mask: past fully visible, ``tree`` over the new tokens."""
+        """The (1, 1, n, past + n) additive mask: ``tree`` over the last m slots, older ones visible."""
         impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
         if impl not in _MASKABLE:
             raise UnsupportedModelError(
                 f"tree attention needs attn_implementation 'sdpa' or 'eager', not {impl!r}"
             )
         self._check_plain_layers("tree attention")
-        if tuple(tree.shape) != (n, n):
-            raise ValueError(f"attn_mask must be ({n}, {n}), got {tuple(tree.shape)}")
+        if tree.dim() != 2 or tree.shape[0] != n or not n <= tree.shape[1] <= past + n:
+            raise ValueError(
+                f"attn_mask must be ({n}, m) with {n} <= m <= {past + n}, got {tuple(tree.shape)}"
+            )
         dtype, dev = self.dtype, self.device
         visible = torch.ones(n, past + n, dtype=torch.bool, device=dev)
-        visible[:, past:] = tree.to(device=dev, dtype=torch.bool)
+        visible[:, past + n - tree.shape[1] :] = tree.to(device=dev, dtype=torch.bool)
         mask = torch.zeros(n, past + n, dtype=dtype, device=dev)
         mask.masked_fill_(~visible, torch.finfo(dtype).min)
         return mask[None, None]

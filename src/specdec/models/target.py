@@ -1,7 +1,8 @@
 """The one small interface the engine talks to, and its native implementation.
 
-A target runs new tokens (with positions and an optional tree mask) on top of
-what its cache holds, returns logits for the rows asked for, and can forget
+A target runs new tokens (with positions and an optional tree mask over the last
+m >= n cache slots, so a tree can be extended level by level) on top of what its
+cache holds, returns logits for the rows asked for, and can forget
 (`rollback`) or compact (`keep`) what the latest pass wrote.
 """
 

@@ -178,16 +178,16 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,  # (n,) token ids
         positions: torch.Tensor,  # (n,) RoPE positions
         cache: KVCache,
-        attn_mask: torch.Tensor | None = None,  # (n, n) bool over the new tokens; None: causal
+        attn_mask: torch.Tensor | None = None,  # (n, m) bool over the last m slots; None: causal
         layers: Sequence[int] | None = None,
         return_hidden: bool = False,
         logits_rows: torch.Tensor | slice | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run ``tokens`` through the model, appending them to ``cache``.
 
-        Every new token attends to all tokens already in the cache and to the new
-        tokens that ``attn_mask`` allows (row i, column j: token i sees token j;
-        default causal). ``layers`` runs only those layers (a prefix for early
+        Every new token attends to the tokens that ``attn_mask`` allows among the
+        last ``m`` slots (its columns; the n new tokens are the last n; default:
+        causal over the new ones) and to every older slot in the cache. ``layers`` runs only those layers (a prefix for early
         exit, a subset for layer skipping); the skipped layers' cache slots for
         these tokens are left stale, to be overwritten by a later full pass.
         ``logits_rows`` selects which rows get logits (the LM head is costly).
@@ -213,13 +213,19 @@ class Transformer(nn.Module):
 def _attention_mask(
     tree: torch.Tensor | None, start: int, n: int, device: torch.device
 ) -> torch.Tensor | None:
+    """The (n, start + n) bool mask: ``tree`` covers the last ``m`` slots (the n new ones
+    and, when ``m > n``, the ``m - n`` slots before them, e.g. a draft tree's earlier
+    levels still in the cache); every older slot is visible."""
     if n == 1 and tree is None:
         return None
     if tree is None:
         tree = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
-    elif tree.shape != (n, n):
-        raise ValueError(f"attn_mask must be ({n}, {n}), got {tuple(tree.shape)}")
-    if start == 0:
-        return tree.to(device=device, dtype=torch.bool)
-    past = torch.ones(n, start, dtype=torch.bool, device=device)
-    return torch.cat([past, tree.to(device=device, dtype=torch.bool)], dim=1)
+    elif tree.dim() != 2 or tree.shape[0] != n or not n <= tree.shape[1] <= start + n:
+        raise ValueError(
+            f"attn_mask must be ({n}, m) with {n} <= m <= {start + n}, got {tuple(tree.shape)}"
+        )
+    tree = tree.to(device=device, dtype=torch.bool)
+    older = start + n - tree.shape[1]
+    if older == 0:
+        return tree
+    return torch.cat([torch.ones(n, older, dtype=torch.bool, device=device), tree], dim=1)
