@@ -11,21 +11,62 @@ import pytest
 from random_models import CharTokenizer, perturbed_copy, random_transformer
 
 from specdec.engine import Engine, Generation
+from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget
 from specdec.spec.drafters.base import NoDrafter
 from specdec.spec.drafters.draft_model import DraftModelDrafter
-from specdec.spec.policies import AdaptiveLength, FixedLength
+from specdec.spec.policies import AdaptiveLength, FixedLength, TreeBudget
 from specdec.spec.registry import METHODS
 from specdec.spec.sampling import SamplingParams
 
 
-def make_draft(target_model, rng: random.Random):
+def make_draft(target_model, rng: random.Random, shape: str | None = None):
     noise = rng.choice([0.0, 0.02, 0.1, 1.0])  # identical, close, loose, unrelated
     draft = perturbed_copy(target_model, noise, seed=rng.randrange(1000))
+    shape = shape or rng.choice(["chain", "chain", "static", "dynamic"])
+    extra = {}
+    if shape == "static":
+        extra["branching"] = [rng.randint(1, 3) for _ in range(rng.randint(1, 4))]
+    elif shape == "dynamic":
+        # a flat or a steep verification cost: tiny trees, or wide ones
+        slope = rng.choice([0.0, 0.05, 1.0])
+        extra["tree_budget"] = TreeBudget(
+            PassCost({1: 1.0, 64: 1.0 + 63 * slope}),
+            PassCost({1: rng.choice([0.05, 0.3])}),
+            max_nodes=rng.randint(1, 24),
+        )
+        extra["width"], extra["max_depth"] = rng.randint(1, 4), rng.randint(1, 6)
     return DraftModelDrafter(
         NativeTarget(draft, capacity=4),
         target_model.config.vocab_size,
         num_draft_tokens=rng.randint(1, 6),
+        **extra,
+    )
+
+
+def make_cross_vocab(target_model, rng: random.Random):
+    """A draft with another tokenizer (letters and chunks of them, other ids): unrelated,
+    or the target (perturbed) in the draft's ids with random chunk tokens beside."""
+    from random_models import ChunkTokenizer, chunk_vocabulary, remap_vocab
+
+    from specdec.spec.drafters.cross_vocab import CrossVocabDrafter
+
+    vocab = target_model.config.vocab_size
+    ttok = CharTokenizer(vocab)
+    pieces = chunk_vocabulary(ttok.decode(range(vocab)), rng.choice([0, 8, 40]), rng.randrange(99))
+    dtok = ChunkTokenizer(pieces, eos=[rng.randrange(len(pieces))] if rng.random() < 0.3 else [])
+    if rng.random() < 0.5:
+        draft = random_transformer("llama", seed=rng.randrange(1000), vocab=len(pieces), layers=1)
+    else:
+        old = [ttok.encode(p.decode())[0] if len(p) == 1 else None for p in dtok.pieces]
+        noisy = perturbed_copy(target_model, rng.choice([0.0, 0.05]), seed=rng.randrange(1000))
+        draft = remap_vocab(noisy, old, seed=rng.randrange(1000))
+    return CrossVocabDrafter(
+        NativeTarget(draft, capacity=4),
+        dtok,
+        ttok,
+        num_draft_tokens=rng.randint(1, 6),
+        target_vocab_size=vocab,
     )
 
 
@@ -33,11 +74,34 @@ def make_draft(target_model, rng: random.Random):
 FACTORIES = {
     "ar": lambda model, rng: NoDrafter(),
     "draft": make_draft,
+    "cross-vocab": make_cross_vocab,
 }
 
 
 def test_every_method_is_covered():
     assert set(METHODS) <= set(FACTORIES), "register a test factory for every method"
+
+
+def greedy_case(seed: int):
+    rng = random.Random(seed)
+    arch = rng.choice(["qwen2", "llama"])
+    model = random_transformer(arch, seed=seed, vocab=48)
+    tok = CharTokenizer(vocab=48)
+    prompt = [rng.randrange(47) for _ in range(rng.randint(1, 20))]
+    n = rng.randint(1, 40)
+    ref = run(model, NoDrafter(), prompt, n, tok)
+    # make an EOS likely inside a draft: the token greedy decoding emits around the middle
+    if seed % 2 and len(ref.token_ids) > 3:
+        tok.eos_token_ids = frozenset({ref.token_ids[len(ref.token_ids) // 2]})
+        ref = run(model, NoDrafter(), prompt, n, tok)
+    return rng, model, tok, prompt, n, ref
+
+
+def check_same(got, ref):
+    assert got.token_ids == ref.token_ids
+    assert got.text == ref.text
+    assert got.finish_reason == ref.finish_reason
+    assert got.stats.target_passes <= ref.stats.target_passes
 
 
 def run(model, drafter, prompt, n, tok, sampling=SamplingParams()):
@@ -53,22 +117,15 @@ def run(model, drafter, prompt, n, tok, sampling=SamplingParams()):
 @pytest.mark.parametrize("method", sorted(FACTORIES))
 @pytest.mark.parametrize("seed", range(16))
 def test_greedy_equals_autoregressive(method, seed):
-    rng = random.Random(seed)
-    arch = rng.choice(["qwen2", "llama"])
-    model = random_transformer(arch, seed=seed, vocab=48)
-    tok = CharTokenizer(vocab=48)
-    prompt = [rng.randrange(47) for _ in range(rng.randint(1, 20))]
-    n = rng.randint(1, 40)
-    ref = run(model, NoDrafter(), prompt, n, tok)
-    # make an EOS likely inside a draft: the token greedy decoding emits around the middle
-    if seed % 2 and len(ref.token_ids) > 3:
-        tok.eos_token_ids = frozenset({ref.token_ids[len(ref.token_ids) // 2]})
-        ref = run(model, NoDrafter(), prompt, n, tok)
-    got = run(model, FACTORIES[method](model, rng), prompt, n, tok)
-    assert got.token_ids == ref.token_ids
-    assert got.text == ref.text
-    assert got.finish_reason == ref.finish_reason
-    assert got.stats.target_passes <= ref.stats.target_passes
+    rng, model, tok, prompt, n, ref = greedy_case(seed)
+    check_same(run(model, FACTORIES[method](model, rng), prompt, n, tok), ref)
+
+
+@pytest.mark.parametrize("shape", ["static", "dynamic"])
+@pytest.mark.parametrize("seed", range(100, 110))
+def test_draft_trees_greedy_equal_autoregressive(shape, seed):
+    rng, model, tok, prompt, n, ref = greedy_case(seed)
+    check_same(run(model, make_draft(model, rng, shape), prompt, n, tok), ref)
 
 
 def test_draft_with_identical_model_accepts_everything():

@@ -50,23 +50,50 @@ class Generator:
         self.last: Generation | None = None
         self.progress = progress  # progress bars when loading draft models
         self._drafts: dict[str, Target] = {}
+        self._draft_tokenizers: dict[str, tuple[Tokenizer, bool]] = {}  # and: same as ours?
         self._drafters: dict[tuple, Any] = {}
 
     @property
     def vocab_size(self) -> int:
         return self.target.config.vocab_size
 
-    def load_draft(self, spec: str) -> Target:
-        """A draft model of the same vocabulary, loaded once per generator."""
+    def load_draft(self, spec: str, same_tokenizer: bool = True):
+        """A draft model, loaded once per generator.
+
+        ``same_tokenizer`` (for methods that exchange token ids with the target)
+        refuses a draft with another tokenizer and returns its `Target`; False
+        returns ``(target, tokenizer)`` of a draft with any tokenizer.
+        """
         if spec not in self._drafts:
             loaded = load_model(spec, dtype=self.dtype, device=self.device, progress=self.progress)
-            if loaded.tokenizer.vocab() != self.tokenizer.vocab():
-                raise InvalidRequestError(
-                    f"draft model {spec!r} has another tokenizer than the target; "
-                    "pick a draft of the same vocabulary"
-                )
             self._drafts[spec] = NativeTarget(loaded.model)
+            same = loaded.tokenizer.vocab() == self.tokenizer.vocab()
+            self._draft_tokenizers[spec] = (loaded.tokenizer, same)
+        tokenizer, same = self._draft_tokenizers[spec]
+        if not same_tokenizer:
+            return self._drafts[spec], tokenizer
+        if not same:
+            raise InvalidRequestError(
+                f"draft model {spec!r} has another tokenizer than the target; pick a draft "
+                "of the same vocabulary, or use --method cross-vocab"
+            )
         return self._drafts[spec]
+
+    def pass_costs(self, draft_spec: str):
+        """Pass-cost curves (`specdec.models.pass_cost`) of the target and of a draft model,
+        measured once per machine and cached."""
+        from specdec.models.pass_cost import cached_pass_cost
+
+        loaded = getattr(self, "loaded", None)
+        source = str(loaded.source) if loaded is not None else type(self.target).__name__
+        setting = f"{self.dtype}|{self.device}"
+        target = cached_pass_cost(
+            self.target, f"{self.name}|{source}|{setting}", progress=self.progress
+        )
+        draft = cached_pass_cost(
+            self.load_draft(draft_spec), f"{draft_spec}|draft|{setting}", progress=self.progress
+        )
+        return target, draft
 
     def resolved_method(self, method: str) -> str:
         return resolve_auto(self.name)[0] if method == "auto" else method

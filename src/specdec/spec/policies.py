@@ -51,3 +51,64 @@ class AdaptiveLength(DraftLengthPolicy):
             self.k = min(self.k + 2, self.k_max)
         else:
             self.k = max(self.k - 1, self.k_min)
+
+
+class TreeBudget:
+    """How big a dynamic tree should be on this hardware: maximise expected tokens per second.
+
+    A drafted node is accepted with about the probability of its path under the
+    drafter (the product of its tokens' draft probabilities; EAGLE-2's and DySpec's
+    observation), so the expected tokens of a step with the ``n`` most probable
+    nodes are ``1 + c * (P_1 + ... + P_n)``, where ``c`` calibrates the drafter's
+    confidence against what the target actually accepts (learnt online). The
+    step costs the drafting time plus one target pass over ``n + 1`` tokens, read
+    from the target's measured pass-cost curve (`specdec.models.pass_cost`).
+    ``best_size`` picks the ``n`` with the most tokens per millisecond, and
+    ``worth_expanding`` stops the drafter from drafting a level whose best case
+    would not raise that rate.
+    """
+
+    def __init__(
+        self,
+        verify_ms,
+        draft_ms,
+        max_nodes: int = 32,
+        calibration: float = 1.0,
+        smoothing: float = 0.1,
+    ) -> None:
+        self.verify_ms = verify_ms  # n tokens -> ms of one target pass
+        self.draft_ms = draft_ms  # n tokens -> ms of one draft pass
+        self.max_nodes = max_nodes
+        self.calibration = calibration
+        self.smoothing = smoothing
+        self._predicted = self._accepted = 2.0  # a prior: calibrated until told otherwise
+
+    def best_size(self, probs: list[float], spent_ms: float) -> tuple[int, float]:
+        """``probs``: path probabilities, most probable first. Returns (nodes, tokens per ms)."""
+        best_n, best_rate, total = 0, 1.0 / (spent_ms + self.verify_ms(1)), 1.0
+        for n, p in enumerate(probs[: self.max_nodes], start=1):
+            total += self.calibration * p
+            rate = total / (spent_ms + self.verify_ms(n + 1))
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        return best_n, best_rate
+
+    def worth_expanding(
+        self, probs: list[float], spent_ms: float, expand: int, gain: float
+    ) -> bool:
+        """Would one more level (a draft pass over ``expand`` nodes, adding about ``gain``
+        path probability, in ``expand`` to ``expand``² new nodes) beat the best tree so far?"""
+        n, rate = self.best_size(probs, spent_ms)
+        if n >= self.max_nodes:
+            return False
+        tokens = 1 + self.calibration * (sum(probs[:n]) + gain)
+        ms = spent_ms + self.draft_ms(expand) + self.verify_ms(min(n + expand, self.max_nodes) + 1)
+        return tokens / ms > rate
+
+    def observe(self, predicted: float, accepted: int) -> None:
+        """The tree's path probabilities summed to ``predicted``; the target kept ``accepted``."""
+        a = self.smoothing
+        self._predicted = (1 - a) * self._predicted + a * predicted
+        self._accepted = (1 - a) * self._accepted + a * accepted
+        if self._predicted > 0:
+            self.calibration = min(max(self._accepted / self._predicted, 0.2), 2.0)

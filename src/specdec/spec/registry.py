@@ -82,13 +82,45 @@ def _build_draft(ctx: Any, opts: dict[str, Any]) -> Drafter:
     draft = ctx.load_draft(opts["draft_model"])
     kind = AdaptiveLength if opts["adaptive"] else FixedLength
     policy = kind(opts["num_draft_tokens"], confidence=opts["confidence"])
-    branching = None
-    if opts["tree"]:
+    branching, budget = None, None
+    if str(opts["tree"]).strip().lower() == "dynamic":
+        from specdec.spec.policies import TreeBudget
+
+        target_cost, draft_cost = ctx.pass_costs(opts["draft_model"])
+        budget = TreeBudget(target_cost, draft_cost, max_nodes=opts["tree_nodes"])
+    elif opts["tree"]:
         try:
             branching = [int(x) for x in str(opts["tree"]).split(",")]
         except ValueError:
-            raise InvalidRequestError(f"tree must look like 3,2,1, got {opts['tree']!r}") from None
-    return DraftModelDrafter(draft, ctx.vocab_size, policy=policy, branching=branching)
+            raise InvalidRequestError(
+                f"tree must be 'dynamic' or look like 3,2,1, got {opts['tree']!r}"
+            ) from None
+    return DraftModelDrafter(
+        draft,
+        ctx.vocab_size,
+        policy=policy,
+        branching=branching,
+        tree_budget=budget,
+        width=opts["tree_width"],
+        max_depth=opts["tree_depth"],
+    )
+
+
+def _build_cross_vocab(ctx: Any, opts: dict[str, Any]) -> Drafter:
+    from specdec.spec.drafters.cross_vocab import CrossVocabDrafter
+    from specdec.spec.policies import AdaptiveLength, FixedLength
+
+    if not opts["draft_model"]:
+        raise InvalidRequestError("method 'cross-vocab' needs a draft model: --draft MODEL")
+    draft, draft_tokenizer = ctx.load_draft(opts["draft_model"], same_tokenizer=False)
+    kind = AdaptiveLength if opts["adaptive"] else FixedLength
+    return CrossVocabDrafter(
+        draft,
+        draft_tokenizer,
+        ctx.tokenizer,
+        policy=kind(opts["num_draft_tokens"]),
+        target_vocab_size=ctx.vocab_size,
+    )
 
 
 METHODS: dict[str, Method] = {
@@ -116,7 +148,16 @@ METHODS: dict[str, Method] = {
                 "tree": Option(
                     str,
                     None,
-                    "draft a static tree instead of a chain: children per node at each depth, e.g. 3,2,1",
+                    "draft a tree instead of a chain: 'dynamic' (grown by the drafter's path "
+                    "probability, sized by the measured pass costs) or a static shape, children "
+                    "per node at each depth, e.g. 3,2,1",
+                ),
+                "tree_width": Option(
+                    int, 4, "dynamic tree: nodes expanded per depth, children per node", minimum=1
+                ),
+                "tree_depth": Option(int, 8, "dynamic tree: most depths", minimum=1),
+                "tree_nodes": Option(
+                    int, 32, "dynamic tree: most nodes verified in one pass", minimum=1
                 ),
                 "adaptive": Option(
                     _boolean,
@@ -131,13 +172,36 @@ METHODS: dict[str, Method] = {
                 ),
             },
         ),
+        Method(
+            "cross-vocab",
+            "a draft model with another tokenizer drafts text; its text is re-tokenised into "
+            "target tokens and verified as a chain (universal assisted generation; OmniDraft's "
+            "cross-vocabulary setting)",
+            lossless=True,
+            needs=("draft_model",),
+            build=_build_cross_vocab,
+            options={
+                "draft_model": Option(str, None, "the draft model (any tokenizer)"),
+                "num_draft_tokens": Option(
+                    int,
+                    4,
+                    "draft-model tokens drafted per step (the start, if adaptive)",
+                    minimum=1,
+                ),
+                "adaptive": Option(
+                    _boolean,
+                    False,
+                    "lengthen after full acceptance (+2), shorten after a rejection (-1)",
+                ),
+            },
+        ),
     )
 }
 
 # The fastest lossless method measured per target on a 2-core CPU (docs/BENCHMARKS.md).
 # Targets not listed decode with `ar` until a measurement says otherwise.
 AUTO: dict[str, tuple[str, dict[str, Any]]] = {
-    # 1.73x over ar (bfloat16, 8 prompts, 128 tokens, tau 3.85), python -m specdec.bench.pair
+    # 1.73x over ar (bfloat16, 8 prompts, 128 tokens, tau 3.85), stopgap bench.pair (now specdec bench)
     "qwen2.5-coder-1.5b": ("draft", {"draft_model": "qwen2.5-coder-0.5b", "num_draft_tokens": 4}),
 }
 

@@ -60,6 +60,17 @@ class DraftTree:
             out.setdefault(i, [])
         return out
 
+    def subtree(self, nodes: list[int]) -> DraftTree:
+        """The tree of ``nodes`` (increasing, every kept node's parent kept too), re-indexed."""
+        index = {old: new for new, old in enumerate(nodes)}
+        parents = []
+        for old in nodes:
+            p = self.parents[old]
+            if p >= 0 and p not in index:
+                raise ValueError(f"node {old} is kept but its parent {p} is not")
+            parents.append(index[p] if p >= 0 else -1)
+        return DraftTree([self.tokens[i] for i in nodes], parents, [self.q[i] for i in nodes])
+
     def path_to(self, node: int) -> list[int]:
         path = []
         while node >= 0:

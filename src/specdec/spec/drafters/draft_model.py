@@ -12,15 +12,18 @@ How many tokens to draft is the policy's call (`specdec.spec.policies`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from specdec.errors import InvalidRequestError
 from specdec.models.target import Target
 from specdec.spec.drafters.base import Drafter, DraftState
-from specdec.spec.policies import DraftLengthPolicy, FixedLength
-from specdec.spec.sampling import probabilities, sample
+from specdec.spec.policies import DraftLengthPolicy, FixedLength, TreeBudget
+from specdec.spec.sampling import SamplingParams, probabilities, sample
 from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome
+from specdec.spec.verifiers.base import Outcome, Verifier
+from specdec.spec.without_replacement import beam_level, conditionals, gumbel_top_k
 
 
 class DraftModelDrafter(Drafter):
@@ -34,6 +37,11 @@ class DraftModelDrafter(Drafter):
         num_draft_tokens: int = 4,
         policy: DraftLengthPolicy | None = None,
         branching: list[int] | None = None,
+        sibling_sampling: str = "iid",
+        verify: str = "specinfer",
+        tree_budget: TreeBudget | None = None,
+        width: int = 4,
+        max_depth: int = 8,
     ) -> None:
         if num_draft_tokens < 1:
             raise InvalidRequestError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
@@ -44,6 +52,31 @@ class DraftModelDrafter(Drafter):
         if branching is not None and (not branching or min(branching) < 1):
             raise InvalidRequestError(f"tree branching must be positive integers, got {branching}")
         self.branching = branching
+        # how a static tree's siblings are drawn under sampling, and which rule verifies them
+        if sibling_sampling not in ("iid", "without_replacement", "beam"):
+            raise InvalidRequestError(
+                "sibling_sampling must be iid, without_replacement or beam, "
+                f"got {sibling_sampling!r}"
+            )
+        if verify not in ("specinfer", "spectr"):
+            raise InvalidRequestError(f"verify must be specinfer or spectr, got {verify!r}")
+        if (sibling_sampling != "iid" or verify != "specinfer") and branching is None:
+            raise InvalidRequestError(
+                f"sibling_sampling={sibling_sampling!r} / verify={verify!r} apply to a static "
+                "tree: give branching (e.g. [3, 2, 1])"
+            )
+        if verify == "spectr" and sibling_sampling != "iid":
+            raise InvalidRequestError(
+                "SpecTr verifies i.i.d. siblings (sibling_sampling='iid'); siblings drawn "
+                "without replacement are verified by recursive rejection sampling "
+                "(verify='specinfer')"
+            )
+        self.sibling_sampling, self.verify = sibling_sampling, verify
+        # a dynamic tree sized by measured costs (see _propose_dynamic) when a budget is given
+        if tree_budget is not None and (width < 1 or max_depth < 1):
+            raise InvalidRequestError("a dynamic tree needs width >= 1 and max_depth >= 1")
+        self.tree_budget, self.width, self.max_depth = tree_budget, width, max_depth
+        self._predicted = 0.0  # path probability of the last dynamic tree
         self.seen: list[int] = []  # tokens in the draft model's cache, in order
 
     def reset(self, prompt_ids: list[int]) -> None:
@@ -69,6 +102,10 @@ class DraftModelDrafter(Drafter):
         return q
 
     def propose(self, state: DraftState) -> DraftTree:
+        if self.tree_budget is not None:
+            return self._propose_dynamic(state)
+        if self.branching is not None and self.sibling_sampling == "beam":
+            return self._propose_beam(state)
         if self.branching is not None:
             return self._propose_tree(state)
         k = min(self.policy.length(), state.budget - 1)  # the bonus token always comes on top
@@ -96,38 +133,183 @@ class DraftModelDrafter(Drafter):
         return DraftTree.chain(tokens, qs)
 
     def _children(self, logits: torch.Tensor, width: int, state: DraftState):
-        """``width`` children of a node: the top tokens (greedy) or i.i.d. draws from q."""
+        """``width`` children of a node: the top tokens (greedy, q None); under sampling
+        i.i.d. draws sharing the drafter's q (SpecInfer, SpecTr), or draws without
+        replacement by Gumbel-Top-k, each with its conditional q: q without the earlier
+        siblings, renormalised (RSD-C; fewer children if q has fewer tokens)."""
         if state.sampling.greedy:
             return [(int(t), None) for t in torch.topk(logits, width).indices]
         q = self._q(logits, state)
+        if self.sibling_sampling == "without_replacement":
+            tokens, qs = gumbel_top_k(q, width, state.rng)
+            return list(zip(tokens, qs, strict=True))
         return [(sample(q, state.rng), q) for _ in range(width)]
+
+    def _propose_beam(self, state: DraftState) -> DraftTree:
+        """RSD-S (Jeon et al. 2024): the tree of a stochastic beam search over the drafter
+        (Kool et al. 2019), beam width ``max(branching)``, one depth per entry of ``branching``.
+
+        Each depth keeps the beam's best children by perturbed sequence log
+        probability (`specdec.spec.without_replacement.beam_level`). A parent's kept
+        children are its first draws without replacement, so each carries its
+        conditional q and `SpeculativeSampler` verifies the tree exactly. Under
+        greedy it is plain beam search over the drafter's log probabilities (q None).
+        """
+        width = max(self.branching)
+        depth_limit = min(len(self.branching), state.budget - 1)
+        if depth_limit <= 0 or len(state.tokens) + depth_limit >= self.draft.max_length:
+            return DraftTree()
+        greedy = state.sampling.greedy
+        rows = self._sync(state.tokens).unsqueeze(0)
+        tree, slots = DraftTree(), {}
+        beam, log_p, scores = [-1], torch.zeros(1), torch.zeros(1)
+        for depth in range(depth_limit):
+            if greedy:
+                qs = None
+                log_q = rows.double().log_softmax(-1)
+                pad = self.vocab_size - log_q.shape[-1]
+                if pad > 0:
+                    log_q = torch.nn.functional.pad(log_q, (0, pad), value=-math.inf)
+                log_q = log_q[:, : self.vocab_size]
+            else:
+                qs = [self._q(row, state) for row in rows]
+                log_q = torch.stack(qs).double().log()
+            kept = beam_level(log_q, log_p, scores, width, state.rng, noise=not greedy)
+            kept.sort(key=lambda c: c[0])  # by parent; stable: best first within a parent
+            level = []
+            for b, parent in enumerate(beam):
+                tokens = [token for i, token, _, _ in kept if i == b]
+                conds = conditionals(qs[b], tokens) if qs is not None else [None] * len(tokens)
+                for token, q in zip(tokens, conds, strict=True):
+                    level.append(tree.add(token, parent, q))
+            if depth == depth_limit - 1 or not self._room(state, len(slots) + len(level)):
+                break
+            rows = self._run_nodes(tree, level, slots, len(state.tokens))
+            beam = level
+            log_p = torch.tensor([c[2] for c in kept], dtype=torch.float64)
+            scores = torch.tensor([c[3] for c in kept], dtype=torch.float64)
+        self.draft.rollback(len(slots))
+        return tree
+
+    def verifier(self, sampling: SamplingParams) -> Verifier | None:
+        """SpecTr's k-sequential selection when configured for it, under sampling."""
+        if self.verify == "spectr" and not sampling.greedy:
+            from specdec.spec.verifiers.spectr import SpecTrVerifier
+
+            return SpecTrVerifier()
+        return None
 
     def _propose_tree(self, state: DraftState) -> DraftTree:
         """A static tree (SpecInfer-style token tree): ``branching[d]`` children per node at depth d.
 
-        The draft model runs one pass per depth over all nodes drafted so far
-        with the tree mask, then forgets them: its cache keeps committed tokens only.
+        Each depth is one draft pass over the nodes drafted at the depth before,
+        on top of the tree's earlier levels kept in the draft cache; the tree's
+        slots are rolled back at the end (the cache keeps committed tokens only).
         """
         depth_limit = min(len(self.branching), state.budget - 1)
         if depth_limit <= 0 or len(state.tokens) + depth_limit >= self.draft.max_length:
             return DraftTree()
         logits = self._sync(state.tokens)
-        tree = DraftTree()
+        tree, slots = DraftTree(), {}
         frontier = [(-1, logits)]
         for depth in range(depth_limit):
+            level = []
             for parent, row in frontier:
                 for token, q in self._children(row, self.branching[depth], state):
-                    tree.add(token, parent, q)
-            if depth == depth_limit - 1:
+                    level.append(tree.add(token, parent, q))
+            if depth == depth_limit - 1 or not self._room(state, len(slots) + len(level)):
                 break
-            mask, depths = tree.with_root()
-            start = len(state.tokens)
-            out = self.draft.forward(
-                tree.tokens, positions=[start + d - 1 for d in depths[1:]], attn_mask=mask[1:, 1:]
-            )
-            self.draft.rollback(len(tree))
-            frontier = [(i, out[i]) for i, d in enumerate(tree.depths) if d == depth]
+            out = self._run_nodes(tree, level, slots, len(state.tokens))
+            frontier = list(zip(level, out, strict=True))
+        self.draft.rollback(len(slots))
         return tree
+
+    def _room(self, state: DraftState, slots: int) -> bool:
+        return len(state.tokens) + slots < self.draft.max_length
+
+    def _run_nodes(
+        self, tree: DraftTree, nodes: list[int], slots: dict[int, int], root_position: int
+    ) -> torch.Tensor:
+        """One draft pass over tree ``nodes`` whose ancestors are in the cache already.
+
+        ``slots`` maps each node run so far to its place among the tree's cache
+        slots (after the committed tokens); the mask covers all of them.
+        """
+        for node in nodes:
+            slots[node] = len(slots)
+        mask = torch.zeros(len(nodes), len(slots), dtype=torch.bool)
+        depths = []
+        for row, node in enumerate(nodes):
+            depth, a = -1, node
+            while a >= 0:
+                mask[row, slots[a]] = True
+                a = tree.parents[a]
+                depth += 1
+            depths.append(depth)
+        tokens = [tree.tokens[n] for n in nodes]
+        return self.draft.forward(tokens, [root_position + d for d in depths], attn_mask=mask)
+
+    def _propose_dynamic(self, state: DraftState) -> DraftTree:
+        """A tree grown by path probability and sized for this hardware (EAGLE-2; DySpec).
+
+        Depth by depth, the ``width`` most probable nodes of the newest level (by
+        the drafter's path probability, the product of its probabilities along
+        the path) are expanded with one draft pass, each into its ``width`` most
+        probable children. Drafting stops at ``max_depth`` or when the budget
+        policy (`TreeBudget`) says another level would not raise the expected
+        tokens per second; then the most probable nodes are kept, as many as
+        maximise expected tokens per second under the measured pass costs.
+        Children are the drafter's top tokens (deterministic), which every
+        verifier treats as point masses: lossless under greedy and sampling.
+        Deviation from EAGLE-2: its tree size is a fixed top-N; here N and the
+        depth come from the cost curves and an online calibration of the
+        drafter's confidence.
+        """
+        budget, width = self.tree_budget, self.width
+        depth_limit = min(self.max_depth, state.budget - 1)
+        if depth_limit <= 0 or not self._room(state, 1):
+            return DraftTree()
+        logits = self._sync(state.tokens)
+        spent = budget.draft_ms(1)
+        tree, slots, logp = DraftTree(), {}, []
+        level, spread = [(-1, logits, 0.0)], []
+        for depth in range(depth_limit):
+            new = []
+            for parent, row, base in level:
+                probs = self._confidence(row, state)
+                top = torch.topk(probs, min(width, probs.shape[-1]))
+                spread.append(float(top.values.sum()))
+                for p, token in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                    if p <= 0.0:
+                        break
+                    new.append(tree.add(token, parent, None))
+                    logp.append(base + math.log(p))
+            if depth == depth_limit - 1 or not new:
+                break
+            expand = sorted(new, key=lambda i: -logp[i])[:width]
+            probs = sorted((math.exp(x) for x in logp), reverse=True)
+            gain = sum(math.exp(logp[i]) for i in expand) * sum(spread) / len(spread)
+            if not self._room(state, len(slots) + len(expand)) or not budget.worth_expanding(
+                probs, spent, len(expand), gain
+            ):
+                break
+            out = self._run_nodes(tree, expand, slots, len(state.tokens))
+            spent += budget.draft_ms(len(expand))
+            level = [(i, out[r], logp[i]) for r, i in enumerate(expand)]
+        self.draft.rollback(len(slots))
+        order = sorted(range(len(tree)), key=lambda i: (-logp[i], i))  # parents before children
+        size, _ = budget.best_size([math.exp(logp[i]) for i in order], spent)
+        self._predicted = sum(math.exp(logp[i]) for i in order[:size])
+        return tree.subtree(sorted(order[:size]))
+
+    def _confidence(self, logits: torch.Tensor, state: DraftState) -> torch.Tensor:
+        """The drafter's distribution over the target's vocabulary (temperature 1 if greedy)."""
+        logits = logits[: self.vocab_size].float()
+        if state.sampling.greedy:
+            return logits.softmax(-1)
+        return self._q(logits, state)
 
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
         self.policy.observe(len(tree), len(outcome.path))
+        if self.tree_budget is not None and len(tree):
+            self.tree_budget.observe(self._predicted, len(outcome.path))

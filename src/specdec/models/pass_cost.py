@@ -1,0 +1,123 @@
+"""What one forward pass costs as a function of the number of tokens in it.
+
+On a CPU this curve decides how much speculation pays: a pass over 8 tokens of
+a bfloat16 model costs about as much as a pass over one, a llama.cpp pass over
+2 tokens already twice as much (../shared/MACHINE.md). Drafters size their trees
+by it, and the engine's cost model predicts speedups from it.
+
+The curve is measured once per model, dtype, backend and machine, on a few
+hundred tokens of cache, and cached as JSON in the specdec cache folder.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+
+
+@dataclass
+class PassCost:
+    """Milliseconds of one pass over ``n`` new tokens, measured at some sizes, interpolated."""
+
+    ms: dict[int, float]
+
+    def __post_init__(self) -> None:
+        if not self.ms:
+            raise ValueError("a pass-cost curve needs at least one point")
+        self.ms = {int(k): float(v) for k, v in sorted(self.ms.items())}
+        self._n = list(self.ms)
+        self._t = list(self.ms.values())
+
+    def __call__(self, n: int) -> float:
+        """Cost of a pass over ``n`` tokens: linear between measured sizes, beyond the last
+        one along the last segment's slope."""
+        ns, ts = self._n, self._t
+        if n <= ns[0] or len(ns) == 1:
+            return ts[0]
+        i = bisect.bisect_left(ns, n)
+        if i < len(ns) and ns[i] == n:
+            return ts[i]
+        i = min(i, len(ns) - 1)
+        n0, n1, t0, t1 = ns[i - 1], ns[i], ts[i - 1], ts[i]
+        return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+
+    def relative(self) -> dict[int, float]:
+        """The curve divided by the cost of one token."""
+        one = self(1)
+        return {n: t / one for n, t in self.ms.items()}
+
+
+def measure_pass_cost(
+    target,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    context: int = 256,
+    repeats: int = 3,
+    vocab: int | None = None,
+) -> PassCost:
+    """Time passes over ``sizes`` new tokens on top of ``context`` cached tokens: the best of
+    ``repeats`` rounds after a warm-up round (noise only ever adds time)."""
+    vocab = vocab or target.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (context + max(sizes),), generator=gen).tolist()
+    target.reset()
+    target.forward(tokens[:context], logits_rows=slice(-1, None))
+    best = {n: float("inf") for n in sizes}
+    # round-robin over sizes, so drift and noise hit every size alike; the first round warms up
+    for r in range(repeats + 1):
+        for n in sizes:
+            t = time.perf_counter()
+            target.forward(tokens[context : context + n])  # logits for every row, as verification
+            elapsed = time.perf_counter() - t
+            target.rollback(n)
+            if r:
+                best[n] = min(best[n], elapsed)
+    ms = {n: t * 1e3 for n, t in best.items()}
+    target.reset()
+    return PassCost(ms)
+
+
+def machine_key() -> str:
+    """What the curve depends on besides the model: the machine and the software."""
+    return "|".join(
+        [platform.node(), platform.processor() or platform.machine(), str(os.cpu_count()),
+         str(torch.get_num_threads()), torch.__version__,
+         os.environ.get("SPECDEC_PACK_LINEARS", "1")]
+    )  # fmt: skip
+
+
+def cached_pass_cost(
+    target, identity: str, *, sizes: Sequence[int] = DEFAULT_SIZES, progress: bool = True
+) -> PassCost:
+    """The curve of ``target`` (``identity`` names model file, dtype, device, backend),
+    measured on first use on this machine and read from the cache afterwards."""
+    from specdec.models.registry import cache_dir
+
+    key = hashlib.sha256(f"{identity}|{machine_key()}|{tuple(sizes)}".encode()).hexdigest()[:16]
+    path = cache_dir() / "pass_cost" / f"{key}.json"
+    if path.exists():
+        try:
+            return PassCost({int(k): v for k, v in json.loads(path.read_text())["ms"].items()})
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged file is measured again
+    if progress:
+        print(
+            f"measuring the pass-cost curve of {identity.split('|')[0]} (once per machine) ...",
+            file=sys.stderr,
+        )
+    curve = measure_pass_cost(target, sizes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"identity": identity, "machine": machine_key(), "ms": curve.ms}))
+    tmp.replace(path)
+    return curve

@@ -1,0 +1,80 @@
+"""Hardware-aware tree sizing: pass-cost curves, the budget policy, dynamic trees."""
+
+import json
+
+import pytest
+from random_models import CharTokenizer, perturbed_copy, random_transformer
+
+from specdec.engine import Engine, Generation
+from specdec.models.pass_cost import PassCost, cached_pass_cost, measure_pass_cost
+from specdec.models.target import NativeTarget
+from specdec.spec.drafters.draft_model import DraftModelDrafter
+from specdec.spec.policies import TreeBudget
+from specdec.spec.tree import DraftTree
+
+
+def test_pass_cost_interpolates_and_extrapolates():
+    c = PassCost({1: 10.0, 4: 13.0, 8: 21.0})
+    assert c(1) == 10.0 and c(0) == 10.0
+    assert c(2) == pytest.approx(11.0)
+    assert c(6) == pytest.approx(17.0)
+    assert c(12) == pytest.approx(29.0)  # the last segment's slope, 2 ms per token
+    assert c.relative()[8] == pytest.approx(2.1)
+
+
+def test_pass_cost_measured_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    target = NativeTarget(random_transformer("qwen2", vocab=48))
+    curve = measure_pass_cost(target, sizes=(1, 4), context=8, repeats=1)
+    assert set(curve.ms) == {1, 4} and all(v > 0 for v in curve.ms.values())
+    assert target.length == 0
+    first = cached_pass_cost(target, "toy|float64", sizes=(1, 2), progress=False)
+    files = list((tmp_path / "pass_cost").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["identity"] == "toy|float64"
+    files[0].write_text(json.dumps({"ms": {"1": 5.0, "2": 6.0}}))  # read back, not re-measured
+    assert cached_pass_cost(target, "toy|float64", sizes=(1, 2), progress=False).ms == {
+        1: 5.0,
+        2: 6.0,
+    }
+    assert first.ms != {1: 5.0, 2: 6.0}
+
+
+def test_budget_prefers_big_trees_when_passes_are_flat():
+    probs = [0.9, 0.8, 0.5, 0.3, 0.2, 0.1, 0.05]
+    flat = TreeBudget(PassCost({1: 100.0, 64: 100.0}), PassCost({1: 10.0}))
+    steep = TreeBudget(PassCost({1: 100.0, 2: 200.0, 64: 6400.0}), PassCost({1: 10.0}))
+    assert flat.best_size(probs, 30.0)[0] == len(probs)
+    assert steep.best_size(probs, 0.0)[0] == 0  # a second token doubles the pass: never worth it
+    capped = TreeBudget(PassCost({1: 100.0, 64: 100.0}), PassCost({1: 10.0}), max_nodes=3)
+    assert capped.best_size(probs, 30.0)[0] == 3
+    assert flat.worth_expanding(probs[:2], 30.0, 2, gain=1.0)
+    assert not steep.worth_expanding(probs[:2], 30.0, 2, gain=1.0)
+
+
+def test_budget_calibrates_to_what_is_accepted():
+    b = TreeBudget(PassCost({1: 1.0}), PassCost({1: 1.0}))
+    for _ in range(200):
+        b.observe(predicted=4.0, accepted=2)
+    assert b.calibration == pytest.approx(0.5, abs=0.02)
+
+
+def test_subtree_reindexes():
+    t = DraftTree([5, 6, 7, 8], [-1, 0, 0, 2])
+    s = t.subtree([0, 2, 3])
+    assert s.tokens == [5, 7, 8] and s.parents == [-1, 0, 1]
+    with pytest.raises(ValueError):
+        t.subtree([0, 3])
+
+
+def test_dynamic_tree_with_identical_draft_goes_deep():
+    model = random_transformer("qwen2", seed=5, vocab=48)
+    model.lm_head.weight.mul_(30)  # confident: path probabilities stay high along a path
+    budget = TreeBudget(PassCost({1: 1.0, 64: 1.0}), PassCost({1: 0.01}), max_nodes=16)
+    drafter = DraftModelDrafter(
+        NativeTarget(perturbed_copy(model, 0.0)), 48, tree_budget=budget, width=2, max_depth=5
+    )
+    res = Generation()
+    engine = Engine(NativeTarget(model), CharTokenizer(vocab=1000))
+    "".join(engine.stream([1, 2, 3], max_new_tokens=25, drafter=drafter, result=res))
+    assert res.stats.tau > 4  # whole depth-5 paths accepted
+    assert res.stats.drafted > 5 * (res.stats.target_passes - 1)  # more than a chain: a tree
