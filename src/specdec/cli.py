@@ -1,4 +1,4 @@
-"""Command line: `specdec generate | models | pull`.
+"""Command line: `specdec generate | methods | bench | models | pull`.
 
 Errors a user can cause print one line (no traceback) and exit non-zero.
 """
@@ -18,6 +18,7 @@ from specdec.errors import InvalidRequestError, SpecdecError
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for `bench` records
     logging.basicConfig(level=logging.WARNING, format="specdec: %(message)s")
     try:
         return args.func(args) or 0
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft",
         default=None,
         metavar="MODEL",
-        help="draft model for --method draft (same vocabulary as the target)",
+        help="draft model for --method draft (same vocabulary as the target) or "
+        "--method cross-vocab (any tokenizer)",
     )
     g.add_argument(
         "--num-draft-tokens", type=int, default=None, metavar="K", help="tokens drafted per step"
@@ -118,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ms.add_argument("--json", action="store_true", help="print a JSON list")
     ms.set_defaults(func=cmd_methods)
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmark methods and peers on Spec-Bench-style datasets",
+        description="Run decoding methods (and peers: hf-ar, hf-assisted, hf-pld, llamacpp-*) "
+        "on the same prompts, interleaved, after a warm-up; write results.jsonl, summary.json, "
+        "report.md and plots to --out. Greedy outputs are checked against ar's.",
+    )
+    _add_model_args(b, DEFAULT_MODEL)
+    from specdec.bench.harness import add_arguments as _add_bench_arguments
+
+    _add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser(
         "models",
@@ -243,6 +258,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
         print(line, file=sys.stderr)
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from specdec.bench.harness import run_from_args
+
+    if not args.quiet:
+        _enable_info_logging()
+    return run_from_args(args, args.argv)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

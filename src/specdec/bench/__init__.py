@@ -1,1 +1,1 @@
-"""Measurements: parity with transformers, decode speed, (later) the Spec-Bench harness."""
+"""Measurements: parity with transformers, decode speed, and `specdec bench` (harness.py)."""

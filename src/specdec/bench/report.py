@@ -1,0 +1,439 @@
+"""Aggregates, the Markdown report, the plots, and the comparison of two runs.
+
+Files written into a run's folder by `write_report`:
+- ``report.md``: per category and overall — τ, tokens/s, speedup over ``ar`` (Σ ar time ÷
+  Σ method time, and the median of per-prompt ratios), share of outputs identical to ``ar``;
+  the outputs that differ, with the position and the target's top-2 margin there;
+- ``speedup_by_category.png``: speedup over ``ar`` per category, a bar per method;
+- ``tau_vs_speedup.png``: per-prompt τ against per-prompt speedup, a colour per method;
+- ``tokens_per_s.png``: the distribution of per-prompt tokens/s, a box per method.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from specdec.errors import InvalidRequestError
+
+PLOTS = ("speedup_by_category.png", "tau_vs_speedup.png", "tokens_per_s.png")
+OVERALL = "overall"
+
+
+# --------------------------------------------------------------------------- aggregates
+def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    new = sum(r["new_tokens"] for r in rows)
+    wall = sum(r["wall_s"] for r in rows)
+    passes = [r["target_passes"] for r in rows]
+    timed = [r for r in rows if r["speedup"] is not None]
+    compared = [r["identical"] for r in rows if r["identical"] is not None]
+    tps = [r["tokens_per_s"] for r in rows if r["tokens_per_s"] is not None]
+    has_passes = rows and None not in passes and sum(passes) > 0
+    return {
+        "prompts": len(rows),
+        "new_tokens": new,
+        "wall_s": round(wall, 6),
+        "target_passes": sum(passes) if has_passes else None,
+        "tau": round(new / sum(passes), 3) if has_passes else None,
+        "tokens_per_s": round(new / wall, 3) if wall > 0 else None,
+        "tokens_per_s_median": round(statistics.median(tps), 3) if tps else None,
+        "speedup_sum": round(
+            sum(r["ar_wall_s"] for r in timed) / sum(r["wall_s"] for r in timed), 6
+        )
+        if timed and sum(r["wall_s"] for r in timed) > 0
+        else None,
+        "speedup_median": round(statistics.median(r["speedup"] for r in timed), 6)
+        if timed
+        else None,
+        "identical": sum(compared) if compared else None,
+        "compared": len(compared),
+        "identical_share": round(sum(compared) / len(compared), 4) if compared else None,
+    }
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: ``overall`` and ``categories`` (each the `_stats` of its rows)."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        cats = dict.fromkeys(r["category"] for r in mine)
+        out[method] = {
+            OVERALL: _stats(mine),
+            "categories": {c: _stats([r for r in mine if r["category"] == c]) for c in cats},
+        }
+    return out
+
+
+def differences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"method": r["method"], "question_id": r["question_id"], "category": r["category"]}
+        | r["first_diff"]
+        for r in rows
+        if r["identical"] is False
+    ]
+
+
+# --------------------------------------------------------------------------- formatting
+def _f(v: Any, fmt: str = "{:.2f}", suffix: str = "") -> str:
+    return "—" if v is None else fmt.format(v) + suffix
+
+
+def _n(k: int, one: str, many: str | None = None) -> str:
+    return f"{k} {one if k == 1 else many or one + 's'}"
+
+
+def _share(s: dict[str, Any]) -> str:
+    if s["identical"] is None:
+        return "—"
+    return f"{s['identical']}/{s['compared']} ({100 * s['identical_share']:.0f} %)"
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def overall_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "method",
+        "prompts",
+        "τ",
+        "tokens/s",
+        "speedup (Σ time)",
+        "speedup (median)",
+        "identical to ar",
+    ]
+    body = []
+    for m, res in summary["results"].items():
+        s = res[OVERALL]
+        body.append(
+            [
+                m,
+                str(s["prompts"]),
+                _f(s["tau"]),
+                _f(s["tokens_per_s"], "{:.1f}"),
+                _f(s["speedup_sum"], suffix="×"),
+                _f(s["speedup_median"], suffix="×"),
+                _share(s),
+            ]
+        )
+    return header, body
+
+
+def overall_table(summary: dict[str, Any]) -> str:
+    """A plain-text overall table for the terminal."""
+    header, body = overall_rows(summary)
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*row) for row in [header, *body])
+
+
+def _category_table(summary: dict[str, Any], fmt) -> str:
+    cats = list(summary["dataset"]["categories"])
+    body = []
+    for m, res in summary["results"].items():
+        cells = [fmt(res["categories"][c]) if c in res["categories"] else "—" for c in cats]
+        body.append([m, *cells, fmt(res[OVERALL])])
+    return _table(["method", *cats, OVERALL], body)
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    st = summary["settings"]
+    mach = summary["machine"]
+    target = st["server"] or st["model"]
+    lines = [
+        f"# specdec bench: {target} on {st['dataset']}",
+        "",
+        "```bash",
+        summary["command"],
+        "```",
+        "",
+        f"- {_n(summary['dataset']['questions'], 'question')} in "
+        f"{_n(len(summary['dataset']['categories']), 'category', 'categories')}; "
+        f"up to {st['max_new_tokens']} new "
+        f"tokens per turn; temperature {st['temperature']} "
+        f"({'greedy' if st['temperature'] == 0 else 'sampled'})",
+        f"- model `{st['model']}`"
+        + (f", draft `{st['draft']}`" if st["draft"] else "")
+        + (f", server {st['server']}" if st["server"] else f", {st['dtype']} on {st['device']}"),
+        f"- machine: {mach.get('cpu')}, {mach.get('cpu_count')} cores, {mach.get('torch_threads')} "
+        f"torch threads, memory bandwidth {mach.get('bandwidth_gbs')} GB/s"
+        + (f", {mach['gpu']}" if mach.get("gpu") else ""),
+        f"- {summary['created']}; specdec {summary['versions'].get('specdec')}, torch "
+        f"{summary['versions'].get('torch')}, transformers {summary['versions'].get('transformers')}"
+        + (f"; git {summary['git']['commit'][:10]}" if summary.get("git") else ""),
+        "",
+        "Speedup is over `ar` in the same run, methods interleaved prompt by prompt after a "
+        "warm-up: Σ ar time ÷ Σ method time, and the median of per-prompt ratios. "
+        "τ = tokens committed per target pass (the prefill counts as one).",
+        "",
+        "## Overall",
+        "",
+        _table(*overall_rows(summary)),
+        "",
+        "## Per category",
+        "",
+        "### Speedup over ar (Σ ar time ÷ Σ method time)",
+        "",
+        _category_table(summary, lambda s: _f(s["speedup_sum"], suffix="×")),
+        "",
+        "### Speedup over ar (median of per-prompt ratios)",
+        "",
+        _category_table(summary, lambda s: _f(s["speedup_median"], suffix="×")),
+        "",
+        "### τ (tokens per target pass)",
+        "",
+        _category_table(summary, lambda s: _f(s["tau"])),
+        "",
+        "### Tokens/s",
+        "",
+        _category_table(summary, lambda s: _f(s["tokens_per_s"], "{:.1f}")),
+        "",
+        "### Identical to ar",
+        "",
+        _category_table(summary, _share),
+        "",
+    ]
+    diffs = summary["differences"]
+    lines += ["## Outputs that differ from ar", ""]
+    if diffs:
+        lossless = {m for m, d in summary["methods"].items() if d.get("lossless")}
+        lines += [
+            "First differing token of each; the target's top-2 logit margin at that position "
+            "(near 0: a floating-point near-tie, not a bug in a lossless method).",
+            "",
+            _table(
+                [
+                    "method",
+                    "lossless",
+                    "question",
+                    "turn",
+                    "position",
+                    "ar token",
+                    "method token",
+                    "top-2 margin",
+                ],
+                [
+                    [
+                        d["method"],
+                        "yes" if d["method"] in lossless else "no",
+                        str(d["question_id"]),
+                        str(d["turn"] + 1),
+                        str(d["position"]),
+                        str(d["ar_token"]),
+                        str(d["method_token"]),
+                        f"{d['top2_margin']:.4g}",
+                    ]
+                    for d in diffs
+                ],
+            ),
+            "",
+        ]
+    elif st["temperature"] == 0 and "ar" in summary["methods"]:
+        lines += ["None: every output is token for token `ar`'s.", ""]
+    else:
+        lines += ["Not compared (sampling, or no `ar` in this run).", ""]
+    notes = [f"- {m} skipped: {why}" for m, why in summary["skipped_methods"].items()]
+    notes += [
+        f"- question {s['question_id']} skipped: {s['reason']}"
+        for s in summary["skipped_questions"]
+    ]
+    methods = summary["methods"]
+    notes += [
+        f"- {m}: {d['kind']}"
+        + (f", resolved to {d['resolved']}" if d.get("resolved") not in (None, m) else "")
+        + (f", options {json.dumps(d['options'])}" if d.get("options") else "")
+        + (", lossy" if d.get("lossless") is False else "")
+        for m, d in methods.items()
+    ]
+    lines += ["## Methods and notes", "", *notes, "", "## Plots", ""]
+    lines += [f"![{p[:-4]}]({p})" for p in PLOTS]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+def write_plots(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary["results"])
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    cats = [*summary["dataset"]["categories"], OVERALL]
+    paths = []
+
+    # speedup per category, a bar per method (ar is the 1.0 line)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cats) + 2), 4.5))
+    shown = [m for m in methods if m != "ar"]
+    width = 0.8 / max(1, len(shown))
+    any_bar = False
+    for i, m in enumerate(shown):
+        res = summary["results"][m]
+        vals = [
+            (res[OVERALL] if c == OVERALL else res["categories"].get(c, {})).get("speedup_sum")
+            for c in cats
+        ]
+        xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(cats))]
+        ys = [v if v is not None else 0.0 for v in vals]
+        any_bar |= any(v is not None for v in vals)
+        ax.bar(xs, ys, width, label=m, color=colours[m])
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="ar")
+    ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
+    ax.set_ylabel("speedup over ar (Σ time)")
+    ax.set_title("Speedup per category")
+    if not any_bar:
+        ax.text(0.5, 0.5, "no ar baseline in this run", transform=ax.transAxes, ha="center")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    paths.append(_save(fig, out / PLOTS[0]))
+
+    # tau against speedup, per prompt
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    any_point = False
+    for m in methods:
+        pts = [
+            (r["tau"], r["speedup"])
+            for r in rows
+            if r["method"] == m and r["tau"] is not None and r["speedup"] is not None
+        ]
+        if pts:
+            any_point = True
+            ax.scatter(*zip(*pts, strict=True), s=14, alpha=0.6, label=m, color=colours[m])
+            s = summary["results"][m][OVERALL]
+            ax.scatter(
+                [s["tau"]],
+                [s["speedup_sum"]],
+                s=120,
+                marker="*",
+                color=colours[m],
+                edgecolors="black",
+            )
+    if not any_point:
+        ax.text(0.5, 0.5, "no τ or speedup in this run", transform=ax.transAxes, ha="center")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("τ (tokens per target pass)")
+    ax.set_ylabel("speedup over ar")
+    ax.set_title("τ against speedup (dots: prompts, stars: overall)")
+    if any_point:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    paths.append(_save(fig, out / PLOTS[1]))
+
+    # tokens/s distribution per method
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(methods) + 2), 4.5))
+    data = [
+        [r["tokens_per_s"] for r in rows if r["method"] == m and r["tokens_per_s"] is not None]
+        for m in methods
+    ]
+    ax.boxplot([d or [0.0] for d in data], showmeans=True)
+    ax.set_xticks(range(1, len(methods) + 1), methods, rotation=30, ha="right")
+    ax.set_ylabel("tokens/s per prompt")
+    ax.set_title("Tokens/s distribution")
+    fig.tight_layout()
+    paths.append(_save(fig, out / PLOTS[2]))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    write_plots(out, summary, rows)
+    (out / "report.md").write_text(render_markdown(summary), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- compare
+def load_run(folder: Path) -> dict[str, Any]:
+    path = Path(folder).expanduser() / "summary.json"
+    if not path.is_file():
+        raise InvalidRequestError(
+            f"{folder}: no summary.json (not a `specdec bench` output folder)"
+        )
+    try:
+        summary = json.loads(path.read_text())
+        summary["results"], summary["settings"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidRequestError(f"{path}: not a `specdec bench` summary") from None
+    return summary
+
+
+def _change(old: Any, new: Any, fmt: str = "{:.2f}") -> str:
+    if old is None and new is None:
+        return "—"
+    if old is None or new is None:
+        return f"{_f(old, fmt)} → {_f(new, fmt)}"
+    pct = f" ({100 * (new - old) / old:+.1f} %)" if old else ""
+    return f"{fmt.format(old)} → {fmt.format(new)}{pct}"
+
+
+def compare_runs(new_dir: Path, old_dir: Path) -> str:
+    """A text table of what changed from the run in ``old_dir`` to the one in ``new_dir``."""
+    old, new = load_run(old_dir), load_run(new_dir)
+    lines = [f"comparing {new_dir} (new) with {old_dir} (old)"]
+    for key in (
+        "model",
+        "draft",
+        "dtype",
+        "device",
+        "backend",
+        "dataset",
+        "categories",
+        "limit",
+        "max_new_tokens",
+        "temperature",
+        "server",
+    ):
+        a, b = old["settings"].get(key), new["settings"].get(key)
+        if a != b:
+            lines.append(f"  setting {key}: {a} → {b}")
+    om, nm = old.get("machine", {}), new.get("machine", {})
+    for key in ("node", "cpu_count", "torch_threads", "bandwidth_gbs", "gpu"):
+        if om.get(key) != nm.get(key):
+            lines.append(f"  machine {key}: {om.get(key)} → {nm.get(key)}")
+    ov, nv = old.get("versions", {}), new.get("versions", {})
+    for key in sorted(set(ov) | set(nv)):
+        if ov.get(key) != nv.get(key):
+            lines.append(f"  version {key}: {ov.get(key)} → {nv.get(key)}")
+    header = ["method", "τ", "tokens/s", "speedup (Σ time)", "speedup (median)", "identical"]
+    body = []
+    for m in dict.fromkeys([*new["results"], *old["results"]]):
+        if m not in old["results"] or m not in new["results"]:
+            body.append([m, "only in " + ("new" if m in new["results"] else "old"), "", "", "", ""])
+            continue
+        a, b = old["results"][m][OVERALL], new["results"][m][OVERALL]
+        body.append(
+            [
+                m,
+                _change(a["tau"], b["tau"]),
+                _change(a["tokens_per_s"], b["tokens_per_s"], "{:.1f}"),
+                _change(a["speedup_sum"], b["speedup_sum"], "{:.3f}"),
+                _change(a["speedup_median"], b["speedup_median"], "{:.3f}"),
+                f"{_share(a)} → {_share(b)}",
+            ]
+        )
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines += [fmt.format(*row) for row in [header, *body]]
+    cat_lines = []
+    for m in new["results"]:
+        if m == "ar" or m not in old["results"]:
+            continue
+        for c, b in new["results"][m]["categories"].items():
+            a = old["results"][m]["categories"].get(c)
+            if a is not None:
+                cat_lines.append(
+                    f"  {m:<14} {c:<16} speedup {_change(a['speedup_sum'], b['speedup_sum'], '{:.3f}')}"
+                    f", τ {_change(a['tau'], b['tau'])}"
+                )
+    if cat_lines:
+        lines += ["per category:", *cat_lines]
+    return "\n".join(lines)

@@ -1,0 +1,423 @@
+"""`specdec bench` end to end on a tiny random model: every output file and field, the report,
+the plots, `--compare-to`, `--server` against a local stub, a planted difference, bad inputs."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import VOCAB, save_hf_folder, tiny_hf_model
+
+from specdec.bench import machine, questions, report
+from specdec.bench import runners as R
+from specdec.cli import main
+from specdec.errors import SpecdecError
+from specdec.models.tokenizer import Tokenizer
+
+ROW_KEYS = {
+    "method",
+    "question_id",
+    "category",
+    "subcategory",
+    "turns",
+    "prompt_tokens",
+    "new_tokens",
+    "target_passes",
+    "drafted",
+    "accepted",
+    "tau",
+    "wall_s",
+    "tokens_per_s",
+    "ar_wall_s",
+    "speedup",
+    "identical",
+    "first_diff",
+    "finish_reason",
+    "output",
+    "token_ids",
+}
+STAT_KEYS = {
+    "prompts",
+    "new_tokens",
+    "wall_s",
+    "target_passes",
+    "tau",
+    "tokens_per_s",
+    "tokens_per_s_median",
+    "speedup_sum",
+    "speedup_median",
+    "identical",
+    "compared",
+    "identical_share",
+}
+QUESTIONS = [
+    {"question_id": 1, "category": "chat", "turns": ["hello there", "and then?"]},
+    {"question_id": "two", "category": "chat", "turns": ["the cat sat"]},
+    {"question_id": 3, "category": "code", "turns": ["def f(x): return x"]},
+    {"question_id": 4, "category": "math", "turns": ["2+2=?"]},
+    {"question_id": 5, "category": "math", "turns": ["long " * 80]},  # over the 256-token context
+]
+METHODS = "ar,draft,hf-ar,hf-assisted,hf-pld,llamacpp-ar"
+FAST = ["--dtype", "float32", "--max-new-tokens", "12", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    target = save_hf_folder(tiny_hf_model("llama", seed=0).float(), root / "target")
+    draft = save_hf_folder(tiny_hf_model("llama", seed=1).float(), root / "draft")
+    data = root / "q.jsonl"
+    data.write_text("\n".join(json.dumps(q) for q in QUESTIONS) + "\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPECDEC_CACHE", str(root / "cache"))
+        mp.setattr(machine, "measure_bandwidth_gbs", lambda *a, **k: 12.5)
+        yield {"root": root, "target": target, "draft": draft, "data": data}
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(["bench", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def main_run(env):
+    out = env["root"] / "run1"
+    argv = ["--model", env["target"], "--methods", METHODS, "--draft", env["draft"]]
+    argv += ["--option", "draft.num_draft_tokens=3", "--dataset", env["data"], "--out", out]
+    assert main(["bench", *map(str, argv), *FAST]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return out, rows, json.loads((out / "summary.json").read_text())
+
+
+def test_results_rows(main_run):
+    out, rows, summary = main_run
+    ran = [m for m in METHODS.split(",") if m not in summary["skipped_methods"]]
+    assert ran[:5] == ["ar", "draft", "hf-ar", "hf-assisted", "hf-pld"]
+    if R.llama_cpp_available() is not None:
+        assert "not installed" in summary["skipped_methods"]["llamacpp-ar"]
+    fitting = [q for q in QUESTIONS if q["question_id"] != 5]
+    assert len(rows) == len(ran) * len(fitting)
+    assert [r["method"] for r in rows[: len(ran)]] == ran  # interleaved: all methods per question
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        q = next(q for q in fitting if q["question_id"] == r["question_id"])
+        assert r["category"] == q["category"] and r["turns"] == len(q["turns"])
+        assert len(r["output"]) == len(r["token_ids"]) == r["turns"]
+        assert r["new_tokens"] == sum(map(len, r["token_ids"])) <= 12 * r["turns"]
+        assert r["wall_s"] > 0 and r["tokens_per_s"] == pytest.approx(
+            r["new_tokens"] / r["wall_s"], rel=1e-3
+        )
+        assert r["target_passes"] >= r["turns"]
+        assert r["tau"] == pytest.approx(r["new_tokens"] / r["target_passes"], abs=1e-3)
+        assert r["speedup"] == pytest.approx(r["ar_wall_s"] / r["wall_s"], rel=1e-3)
+        if r["method"] == "ar":
+            assert r["identical"] is None and r["first_diff"] is None
+            assert r["drafted"] == 0 and r["tau"] == 1.0
+        else:  # lossless: identical, or a float32 near-tie with its margin
+            assert isinstance(r["identical"], bool)
+            assert r["identical"] or r["first_diff"]["top2_margin"] < 1e-3
+        if r["method"] == "draft":
+            assert r["drafted"] > 0 and r["accepted"] is not None
+        if r["method"].startswith("hf-"):
+            assert r["drafted"] is None
+    # the second turn ran with ar's first answer in the history: longer prompt than turn 1 alone
+    ar1 = next(r for r in rows if r["method"] == "ar" and r["question_id"] == 1)
+    assert ar1["prompt_tokens"] > 2 * len("hello there")
+
+
+def test_summary(main_run, env):
+    out, rows, s = main_run
+    assert s["command"].startswith("specdec bench --model ")
+    assert "--methods" in s["argv"] and METHODS in s["argv"]
+    assert s["versions"]["torch"] and s["versions"]["transformers"] and s["versions"]["specdec"]
+    assert {"cpu_count", "torch_threads", "bandwidth_gbs", "memory_gb"} <= set(s["machine"])
+    assert s["machine"]["bandwidth_gbs"] == 12.5
+    st = s["settings"]
+    assert st["dtype"] == "float32" and st["max_new_tokens"] == 12 and st["temperature"] == 0
+    assert st["model"] == str(env["target"]) and st["context"] == 256
+    weights = {Path(f["path"]).name: f for f in s["model_files"]["target"]["files"]}
+    assert re.fullmatch(r"[0-9a-f]{64}", weights["model.safetensors"]["sha256"])
+    assert s["model_files"]["drafts"][0]["name"] == str(env["draft"])
+    assert s["dataset"]["questions"] == 5 and s["dataset"]["categories"] == {
+        "chat": 2,
+        "code": 1,
+        "math": 2,
+    }
+    assert re.fullmatch(r"[0-9a-f]{64}", s["dataset"]["files"][0]["sha256"])
+    assert [q["question_id"] for q in s["skipped_questions"]] == [5]
+    assert s["methods"]["draft"]["options"]["num_draft_tokens"] == 3
+    assert s["methods"]["draft"]["lossless"] is True
+    assert s["methods"]["hf-pld"]["options"] == {"prompt_lookup_num_tokens": 10}
+    assert s["methods"]["hf-assisted"]["options"]["num_assistant_tokens"] is not None
+    for m, res in s["results"].items():
+        assert set(res["overall"]) == STAT_KEYS
+        assert set(res["categories"]) == {"chat", "code", "math"}
+        assert res["overall"]["prompts"] == 4
+        mine = [r for r in rows if r["method"] == m]
+        total = sum(r["ar_wall_s"] for r in mine) / sum(r["wall_s"] for r in mine)
+        assert res["overall"]["speedup_sum"] == pytest.approx(total, rel=1e-3)
+    assert s["results"]["ar"]["overall"]["speedup_sum"] == 1.0
+    assert s["results"]["ar"]["overall"]["identical"] is None
+    assert s["results"]["draft"]["overall"]["compared"] == 4
+    assert s["differences"] == report.differences(rows)
+
+
+def _md_tables(text: str) -> list[list[list[str]]]:
+    tables, cur = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append([c.strip() for c in line.strip("|").split("|")])
+        elif cur:
+            tables.append(cur)
+            cur = []
+    return tables
+
+
+def test_report_and_plots(main_run):
+    out, rows, s = main_run
+    md = (out / "report.md").read_text()
+    for heading in (
+        "## Overall",
+        "## Per category",
+        "### τ",
+        "### Tokens/s",
+        "### Identical to ar",
+    ):
+        assert heading in md
+    assert s["command"] in md
+    for m, why in s["skipped_methods"].items():
+        assert f"{m} skipped: {why}" in md
+    tables = _md_tables(md)
+    assert len(tables) >= 6
+    for t in tables:
+        assert len({len(row) for row in t}) == 1  # every row as wide as its header
+        assert set(t[1]) == {"---"}
+    overall = tables[0]
+    assert [row[0] for row in overall[2:]] == list(s["results"])
+    assert tables[1][0] == ["method", "chat", "code", "math", "overall"]
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(images) == sorted(report.PLOTS)
+    import matplotlib.image
+
+    for name in report.PLOTS:
+        img = matplotlib.image.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+        assert img.std() > 0  # not blank
+
+
+def test_compare_to(main_run, env, capsys):
+    out, _, s = main_run
+    old = env["root"] / "run-old"
+    shutil.copytree(out, old, dirs_exist_ok=True)
+    changed = json.loads((old / "summary.json").read_text())
+    changed["results"]["draft"]["overall"]["tokens_per_s"] = 1.0
+    changed["settings"]["max_new_tokens"] = 99
+    del changed["results"]["hf-pld"]
+    (old / "summary.json").write_text(json.dumps(changed))
+    rc, text, err = run(capsys, "--no-run", "--compare-to", old, "--out", out)
+    assert rc == 0, err
+    assert "setting max_new_tokens: 99 → 12" in text
+    draft = next(line for line in text.splitlines() if line.startswith("draft "))
+    assert "1.0 → " in draft and "%" in draft
+    assert "hf-pld" in text and "only in new" in text
+    assert "per category:" in text
+
+
+def test_planted_difference_is_found(env, capsys, monkeypatch):
+    """A method whose output departs from ar's at position 3: first_diff and the target's margin
+    there, checked against transformers' own forward over the prompt and ar's first 3 tokens."""
+    original = R.SpecdecRunner.run
+
+    def planted(self, *a, **k):
+        o = original(self, *a, **k)
+        if self.name == "draft":
+            o.token_ids[3] = (o.token_ids[3] + 1) % VOCAB
+        return o
+
+    monkeypatch.setattr(R.SpecdecRunner, "run", planted)
+    data = env["root"] / "one.jsonl"
+    data.write_text(json.dumps({"question_id": "q", "category": "c", "turns": ["the cat"]}) + "\n")
+    out = env["root"] / "planted"
+    argv = ["--model", env["target"], "--methods", "ar,draft", "--draft", env["draft"]]
+    rc, _, err = run(capsys, *argv, "--dataset", data, "--out", out, *FAST)
+    assert rc == 0, err
+    ar, draft = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert draft["identical"] is False
+    d = draft["first_diff"]
+    assert d["turn"] == 0 and d["position"] == 3
+    assert d["ar_token"] == ar["token_ids"][0][3]
+    assert d["method_token"] == (ar["token_ids"][0][3] + 1) % VOCAB
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(env["target"]), dtype=torch.float32
+    )
+    ids = Tokenizer(env["target"]).encode_chat([{"role": "user", "content": "the cat"}])
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + ar["token_ids"][0][:3]])).logits[0, -1]
+    top = torch.topk(logits, 2)
+    assert d["target_top2"][0] == int(top.indices[0]) == d["ar_token"]
+    assert d["top2_margin"] == pytest.approx(float(top.values[0] - top.values[1]), abs=1e-3)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["differences"][0]["position"] == 3
+    assert s["results"]["draft"]["overall"]["identical_share"] == 0.0
+    md = (out / "report.md").read_text()
+    assert "## Outputs that differ from ar" in md and "| draft | yes | q | 1 | 3 |" in md
+
+
+class _Stub(http.server.BaseHTTPRequestHandler):
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 -- the http.server API
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, **body})
+        n = len(type(self).requests)
+        reply = {
+            "choices": [
+                {
+                    "message": {"role": "assistant", "content": f"answer {n}"},
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12},
+        }
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_server(env, main_run, capsys):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        out = env["root"] / "server"
+        url = f"http://127.0.0.1:{srv.server_port}"
+        rc, text, err = run(
+            capsys,
+            "--server",
+            url,
+            "--model",
+            "some-model",
+            "--dataset",
+            env["data"],
+            "--out",
+            out,
+            "--max-new-tokens",
+            "5",
+            "--quiet",
+            "--compare-to",
+            main_run[0],
+        )
+    finally:
+        srv.shutdown()
+    assert rc == 0, err
+    reqs = _Stub.requests
+    assert all(r["path"] == "/v1/chat/completions" and r["model"] == "some-model" for r in reqs)
+    assert reqs[1]["max_tokens"] == 5 and reqs[1]["temperature"] == 0
+    # warm-up, then q1 turn 1, q1 turn 2 with the server's own first answer in the history
+    assert reqs[2]["messages"][1] == {"role": "assistant", "content": "answer 2"}
+    assert len(reqs) == 1 + 6  # warm-up + 2 + 1 + 1 + 1 + 1 (no context limit on a server)
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"server"} and len(rows) == 5
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert r["new_tokens"] == 5 * r["turns"] and r["wall_s"] > 0
+        assert r["tau"] is None and r["speedup"] is None and r["identical"] is None
+    s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["server"] == url and s["model_files"] is None
+    assert s["methods"]["server"]["url"] == url + "/v1/chat/completions"
+    assert "# specdec bench: " + url in (out / "report.md").read_text()
+    for name in report.PLOTS:
+        assert (out / name).stat().st_size > 1000
+    assert "comparing" in text and "only in new" in text and "only in old" in text
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BAD = {
+    "unknown method": (["--methods", "ar,nope"], "unknown method 'nope'"),
+    "missing dataset": (["--dataset", "/nonexistent/q.jsonl"], "no such dataset file"),
+    "unknown dataset": (["--dataset", "specbench"], "unknown dataset 'specbench'"),
+    "bad json": (["--dataset", "{bad}"], "line 2: not valid JSON"),
+    "bad turns": (["--dataset", "{turns}"], "line 1: turns must be"),
+    "unknown category": (["--categories", "poetry"], "no category 'poetry'"),
+    "option for a method not run": (["--option", "draft.num_draft_tokens=3"], "not among"),
+    "bad option value": (
+        ["--methods", "ar,draft", "--draft", "x", "--option", "draft.num_draft_tokens=zz"],
+        "num_draft_tokens",
+    ),
+    "assisted without draft": (["--methods", "ar,hf-assisted"], "needs a draft model"),
+    "unreachable server": (["--server", "http://127.0.0.1:{port}"], "cannot reach server"),
+    "server and methods": (["--server", "http://x", "--methods", "ar"], "drop --methods"),
+    "no-run alone": (["--no-run"], "--no-run needs"),
+    "compare to nothing": (["--compare-to", "/nonexistent"], "no summary.json"),
+    "zero tokens": (["--max-new-tokens", "0"], "--max-new-tokens"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line(case, env, capsys, tmp_path):
+    argv, fragment = BAD[case]
+    (tmp_path / "bad.jsonl").write_text(
+        '{"question_id": 1, "category": "a", "turns": ["x"]}\n{"question_id": 2,\n'
+    )
+    (tmp_path / "turns.jsonl").write_text('{"question_id": 1, "category": "a", "turns": "x"}\n')
+    subs = {"{bad}": str(tmp_path / "bad.jsonl"), "{turns}": str(tmp_path / "turns.jsonl")}
+    argv = [subs.get(a, a).replace("{port}", str(_closed_port())) for a in argv]
+    if "--dataset" not in argv:
+        argv += ["--dataset", str(env["data"])]
+    rc, out, err = run(
+        capsys, "--model", env["target"], *argv, "--out", tmp_path / "out", "--quiet"
+    )
+    assert rc == SpecdecError.exit_code
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("specdec: error:"), err
+    assert fragment in lines[0]
+
+
+def test_builtin_datasets():
+    sb = questions.load_dataset("spec-bench")
+    assert len(sb.questions) == 480
+    assert sb.categories == [
+        "mt_bench",
+        "translation",
+        "summarization",
+        "qa",
+        "math_reasoning",
+        "rag",
+    ]
+    assert all(len(q.turns) == 2 for q in sb.questions if q.category == "mt_bench")
+    assert {q.subcategory for q in sb.questions if q.category == "mt_bench"} == set(
+        questions.MT_BENCH_CATEGORIES
+    )
+    he, gs = questions.load_dataset("humaneval"), questions.load_dataset("gsm8k")
+    assert len(he.questions) == 164 and he.questions[0].question_id == "HumanEval/0"
+    assert "def has_close_elements" in he.questions[0].turns[0]
+    assert len(gs.questions) == 1319 and gs.categories == ["math"]
+    mixed = questions.load_dataset("mixed")
+    assert mixed.categories == ["code", "chat", "summarization", "math"]
+    assert len(mixed.questions) == 32
+    pick = sb.select(["summarization", "writing"], limit=2)
+    assert [q.question_id for q in pick.questions] == [81, 82, 241, 242]
+    for ds in (sb, he, gs):  # shipped with their licences
+        folder = Path(ds.files[0]["path"]).parent
+        assert any(p.name.startswith("LICENSE") for p in folder.iterdir())
