@@ -79,3 +79,78 @@ def perturbed_copy(model: Transformer, noise: float, seed: int = 1) -> Transform
         for p in draft.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * noise)
     return draft
+
+
+class ChunkTokenizer:
+    """A stand-in tokenizer over byte chunks: greedy longest match, ids in the order given.
+
+    ``pieces`` are strings or bytes (a byte piece may be half a UTF-8 character);
+    decoding joins the bytes and replaces incomplete characters with U+FFFD, as
+    byte-level BPE tokenizers do. A second toy vocabulary for cross-vocabulary tests.
+    """
+
+    def __init__(self, pieces, eos: list[int] | None = None) -> None:
+        self.pieces = [p.encode() if isinstance(p, str) else bytes(p) for p in pieces]
+        self.index = {p: i for i, p in enumerate(self.pieces)}
+        self.longest = max(len(p) for p in self.pieces)
+        self.eos_token_ids = frozenset(eos or ())
+        self.vocab_size = len(self.pieces)
+
+    def encode(self, text, add_special_tokens=True):
+        data, ids, i = text.encode(), [], 0
+        while i < len(data):
+            for n in range(min(self.longest, len(data) - i), 0, -1):
+                if (j := self.index.get(data[i : i + n])) is not None:
+                    ids.append(j)
+                    i += n
+                    break
+            else:
+                raise ValueError(f"no piece for byte {data[i]!r}")
+        return ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        skip = self.eos_token_ids if skip_special_tokens else ()
+        return b"".join(self.pieces[i] for i in ids if i not in skip).decode("utf-8", "replace")
+
+    def stream_decoder(self, skip_special_tokens=True):
+        from specdec.models.tokenizer import StreamDecoder
+
+        return StreamDecoder(self, skip_special_tokens)
+
+
+def chunk_vocabulary(alphabet: str, pairs: int, seed: int = 0) -> list[str]:
+    """Every character of ``alphabet`` plus ``pairs`` random two- and three-character chunks,
+    shuffled: a vocabulary that splits text differently from one token per character."""
+    import random
+
+    rng = random.Random(seed)
+    chunks = set(alphabet)
+    while len(chunks) < len(set(alphabet)) + pairs:
+        chunks.add("".join(rng.choice(alphabet) for _ in range(rng.choice([2, 2, 3]))))
+    pieces = sorted(chunks)
+    rng.shuffle(pieces)
+    return pieces
+
+
+def remap_vocab(model: Transformer, old_ids: list[int | None], seed: int = 0) -> Transformer:
+    """``model`` over another vocabulary: new id ``i`` is old id ``old_ids[i]`` (its embedding
+    and output rows), or a new random token where ``old_ids[i]`` is None. With a one-to-one
+    map the result predicts exactly what ``model`` does, in the other ids."""
+    import dataclasses
+
+    config = dataclasses.replace(model.config, vocab_size=len(old_ids))
+    new = Transformer(config).to(model.dtype)
+    new.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith(("embed.", "lm_head."))},
+        strict=False,
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, old in enumerate(old_ids):
+            if old is None:
+                new.embed.weight[i] = torch.randn(config.hidden_size, generator=g) * 0.3
+                new.lm_head.weight[i] = torch.randn(config.hidden_size, generator=g) * 0.3
+            else:
+                new.embed.weight[i] = model.embed.weight[old]
+                new.lm_head.weight[i] = model.lm_head.weight[old]
+    return new
