@@ -22,6 +22,9 @@ from specdec.errors import SpecdecError
 from specdec.models.tokenizer import Tokenizer
 
 ROW_KEYS = {
+    "predicted_ms",
+    "ar_predicted_ms",
+    "predicted_speedup",
     "method",
     "question_id",
     "category",
@@ -56,6 +59,7 @@ STAT_KEYS = {
     "identical",
     "compared",
     "identical_share",
+    "predicted_speedup",
 }
 QUESTIONS = [
     {"question_id": 1, "category": "chat", "turns": ["hello there", "and then?"]},
@@ -64,7 +68,7 @@ QUESTIONS = [
     {"question_id": 4, "category": "math", "turns": ["2+2=?"]},
     {"question_id": 5, "category": "math", "turns": ["long " * 80]},  # over the 256-token context
 ]
-METHODS = "ar,draft,hf-ar,hf-assisted,hf-pld,llamacpp-ar"
+METHODS = "ar,draft,draft@tree,hf-ar,hf-assisted,hf-pld,llamacpp-ar"
 FAST = ["--dtype", "float32", "--max-new-tokens", "12", "--quiet"]
 
 
@@ -91,7 +95,8 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 def main_run(env):
     out = env["root"] / "run1"
     argv = ["--model", env["target"], "--methods", METHODS, "--draft", env["draft"]]
-    argv += ["--option", "draft.num_draft_tokens=3", "--dataset", env["data"], "--out", out]
+    argv += ["--option", "draft.num_draft_tokens=3", "--option", "draft@tree.tree=2,1"]
+    argv += ["--dataset", env["data"], "--out", out]
     assert main(["bench", *map(str, argv), *FAST]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     return out, rows, json.loads((out / "summary.json").read_text())
@@ -100,7 +105,7 @@ def main_run(env):
 def test_results_rows(main_run):
     out, rows, summary = main_run
     ran = [m for m in METHODS.split(",") if m not in summary["skipped_methods"]]
-    assert ran[:5] == ["ar", "draft", "hf-ar", "hf-assisted", "hf-pld"]
+    assert ran[:6] == ["ar", "draft", "draft@tree", "hf-ar", "hf-assisted", "hf-pld"]
     if R.llama_cpp_available() is not None:
         assert "not installed" in summary["skipped_methods"]["llamacpp-ar"]
     fitting = [q for q in QUESTIONS if q["question_id"] != 5]
@@ -126,8 +131,13 @@ def test_results_rows(main_run):
             assert r["identical"] or r["first_diff"]["top2_margin"] < 1e-3
         if r["method"] == "draft":
             assert r["drafted"] > 0 and r["accepted"] is not None
+        if r["method"].startswith(("ar", "draft")):  # the cost model: specdec methods
+            assert r["predicted_ms"] > 0 and r["ar_predicted_ms"] >= 0
+            assert r["predicted_speedup"] == pytest.approx(
+                r["ar_predicted_ms"] / r["predicted_ms"], rel=1e-3
+            )
         if r["method"].startswith("hf-"):
-            assert r["drafted"] is None
+            assert r["drafted"] is None and r["predicted_speedup"] is None
     # the second turn ran with ar's first answer in the history: longer prompt than turn 1 alone
     ar1 = next(r for r in rows if r["method"] == "ar" and r["question_id"] == 1)
     assert ar1["prompt_tokens"] > 2 * len("hello there")
@@ -155,6 +165,8 @@ def test_summary(main_run, env):
     assert [q["question_id"] for q in s["skipped_questions"]] == [5]
     assert s["methods"]["draft"]["options"]["num_draft_tokens"] == 3
     assert s["methods"]["draft"]["lossless"] is True
+    assert s["methods"]["draft@tree"]["options"]["tree"] == "2,1"  # a variant of one method
+    assert s["methods"]["draft@tree"]["options"]["num_draft_tokens"] == 4
     assert s["methods"]["hf-pld"]["options"] == {"prompt_lookup_num_tokens": 10}
     assert s["methods"]["hf-assisted"]["options"]["num_assistant_tokens"] is not None
     for m, res in s["results"].items():

@@ -11,6 +11,7 @@ import pytest
 from random_models import CharTokenizer, perturbed_copy, random_transformer
 
 from specdec.engine import Engine, Generation
+from specdec.errors import InvalidRequestError
 from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget
 from specdec.spec.drafters.base import NoDrafter
@@ -18,6 +19,7 @@ from specdec.spec.drafters.draft_model import DraftModelDrafter
 from specdec.spec.policies import AdaptiveLength, FixedLength, TreeBudget
 from specdec.spec.registry import METHODS
 from specdec.spec.sampling import SamplingParams
+from specdec.spec.verifiers.spectr import SpecTrVerifier
 
 
 def make_draft(target_model, rng: random.Random, shape: str | None = None):
@@ -27,6 +29,16 @@ def make_draft(target_model, rng: random.Random, shape: str | None = None):
     extra = {}
     if shape == "static":
         extra["branching"] = [rng.randint(1, 3) for _ in range(rng.randint(1, 4))]
+        # how siblings are drawn (i.i.d., without replacement: RSD-C, beam search: RSD-S) and
+        # SpecTr; greedy output must not depend on any of them
+        extra["sibling_sampling"], extra["verify"] = rng.choice(
+            [
+                ("iid", "specinfer"),
+                ("iid", "spectr"),
+                ("without_replacement", "specinfer"),
+                ("beam", "specinfer"),
+            ]
+        )
     elif shape == "dynamic":
         # a flat or a steep verification cost: tiny trees, or wide ones
         slope = rng.choice([0.0, 0.05, 1.0])
@@ -186,3 +198,59 @@ def test_tree_from_an_identical_draft_is_accepted_to_full_depth():
     # each pass: 2 + 4 + 4 nodes drafted, the greedy path (3 deep) accepted, plus the bonus
     assert res.stats.drafted == 10 * (res.stats.target_passes - 1)
     assert res.stats.accepted == 3 * (res.stats.target_passes - 1)
+
+
+@pytest.mark.parametrize(
+    "siblings,verify",
+    [("iid", "spectr"), ("without_replacement", "specinfer"), ("beam", "specinfer")],
+)
+def test_multi_draft_trees_are_greedy_exact(siblings, verify):
+    """SpecTr and RSD trees under greedy: top-k siblings (beam: beam search), exact output."""
+    model = random_transformer("qwen2", seed=11, vocab=48)
+    tok = CharTokenizer(vocab=1000)  # no EOS
+    drafter = DraftModelDrafter(
+        NativeTarget(perturbed_copy(model, 0.02, seed=3)),
+        48,
+        branching=[3, 2, 2],
+        sibling_sampling=siblings,
+        verify=verify,
+    )
+    got = run(model, drafter, [5, 9, 2, 7], 30, tok)
+    assert got.token_ids == run(model, NoDrafter(), [5, 9, 2, 7], 30, tok).token_ids
+    assert got.stats.accepted >= 10
+
+
+def test_multi_draft_options_pick_their_verifier_and_are_validated():
+    model = random_transformer("llama", seed=7, vocab=48)
+    draft = NativeTarget(perturbed_copy(model, 0.1))
+    t1 = SamplingParams(temperature=1.0)
+    spectr = DraftModelDrafter(draft, 48, branching=[2, 2], verify="spectr")
+    assert isinstance(spectr.verifier(t1), SpecTrVerifier)
+    assert spectr.verifier(SamplingParams()) is None  # greedy: the engine's greedy verifier
+    rsd = DraftModelDrafter(draft, 48, branching=[2, 2], sibling_sampling="without_replacement")
+    assert rsd.verifier(t1) is None  # RSD: plain recursive rejection sampling
+    for bad in [
+        dict(sibling_sampling="beam"),  # no tree
+        dict(verify="spectr"),
+        dict(branching=[2], sibling_sampling="without_replacement", verify="spectr"),
+        dict(branching=[2], sibling_sampling="nope"),
+        dict(branching=[2], verify="nope"),
+    ]:
+        with pytest.raises(InvalidRequestError):
+            DraftModelDrafter(draft, 48, **bad)
+
+    class Context:  # combinations are refused before any model is loaded
+        vocab_size = 48
+
+        def load_draft(self, spec):
+            raise AssertionError("loaded a draft model for a refused combination")
+
+    method = METHODS["draft"]
+    for opts, message in [
+        ({"siblings": "beam"}, "static tree"),
+        ({"verifier": "spectr", "tree": "dynamic"}, "static tree"),
+        ({"siblings": "without_replacement", "tree": "2,2", "verifier": "spectr"}, "siblings=iid"),
+        ({"siblings": "sideways", "tree": "2,2"}, "one of iid, without-replacement, beam"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=message):
+            method.build(Context(), method.validate({"draft_model": "x", **opts}))

@@ -83,6 +83,26 @@ CASES = {
     "draft-tree-2,2": lambda m: (
         lambda: DraftModelDrafter(NativeTarget(perturbed_copy(m, 0.3)), V, branching=[2, 2])
     ),
+    # SpecTr: i.i.d. siblings, K-SEQ verification (the drafter asks the engine for it)
+    "draft-tree-2,2-spectr": lambda m: (
+        lambda: DraftModelDrafter(
+            NativeTarget(perturbed_copy(m, 0.3)), V, branching=[2, 2], verify="spectr"
+        )
+    ),
+    # RSD-C: siblings without replacement; RSD-S: stochastic beam search of width 3
+    "draft-tree-3,2-rsd-c": lambda m: (
+        lambda: DraftModelDrafter(
+            NativeTarget(perturbed_copy(m, 0.3)),
+            V,
+            branching=[3, 2],
+            sibling_sampling="without_replacement",
+        )
+    ),
+    "draft-tree-3,2-rsd-s": lambda m: (
+        lambda: DraftModelDrafter(
+            NativeTarget(perturbed_copy(m, 0.3)), V, branching=[3, 2], sibling_sampling="beam"
+        )
+    ),
     "draft-k3-unrelated": lambda m: (
         lambda: DraftModelDrafter(
             NativeTarget(random_transformer("llama", seed=9, vocab=V, layers=1)), V, 3
@@ -119,6 +139,30 @@ def test_engine_sampling_matches_target_distribution(case, params):
     assert abs(sum(exact.values()) - 1) < 1e-9
     counts = sample_counts(model, CASES[case](model), params)
     expected = {k: v * RUNS for k, v in exact.items()}
+    pvalue = chi2_pvalue(counts, expected)
+    assert pvalue > 0.001, f"{case}: chi-square p = {pvalue:.2e}"
+
+
+MULTI_DRAFT_RUNS = 4_000  # fewer runs than above, to keep the suite short
+
+
+@pytest.mark.parametrize(
+    "case,params",
+    [
+        ("draft-tree-2,2-spectr", T1),
+        ("draft-tree-3,2-rsd-c", SHAPED),
+        ("draft-tree-3,2-rsd-s", T1),
+    ],
+    ids=["spectr-2,2-t1", "rsd-c-3,2-t1.2-k4-p0.95", "rsd-s-3,2-t1"],
+)
+def test_engine_multi_draft_sampling_matches_target_distribution(case, params):
+    """SpecTr and Recursive Speculative Decoding through the engine: 4,000 seeded runs,
+    chi-square p > 0.001 against the enumerated target distribution."""
+    torch.manual_seed(0)
+    model = random_transformer("qwen2", seed=3, vocab=V, layers=2)
+    exact = exact_distribution(model, params)
+    counts = sample_counts(model, CASES[case](model), params, MULTI_DRAFT_RUNS)
+    expected = {k: v * MULTI_DRAFT_RUNS for k, v in exact.items()}
     pvalue = chi2_pvalue(counts, expected)
     assert pvalue > 0.001, f"{case}: chi-square p = {pvalue:.2e}"
 

@@ -47,8 +47,15 @@ def test_budget_prefers_big_trees_when_passes_are_flat():
     assert steep.best_size(probs, 0.0)[0] == 0  # a second token doubles the pass: never worth it
     capped = TreeBudget(PassCost({1: 100.0, 64: 100.0}), PassCost({1: 10.0}), max_nodes=3)
     assert capped.best_size(probs, 30.0)[0] == 3
-    assert flat.worth_expanding(probs[:2], 30.0, 2, gain=1.0)
-    assert not steep.worth_expanding(probs[:2], 30.0, 2, gain=1.0)
+    assert flat.worth_expanding(probs[:2], 30.0, [0.9, 0.8], spread=0.9)
+    assert not steep.worth_expanding(probs[:2], 0.0, [0.9, 0.8], spread=0.9)
+    assert not flat.worth_expanding(probs[:2], 30.0, [1e-4, 1e-5], spread=0.9)  # no gain
+
+
+def test_budget_plans_with_the_cheapest_pass_over_at_least_n():
+    # one row costs more than four (bf16 kernels): a 1-node tree is priced like a 4-node one
+    b = TreeBudget(PassCost({1: 140.0, 4: 120.0, 8: 150.0}), PassCost({1: 50.0}))
+    assert b.verify_ms(1) == b.verify_ms(4) == 120.0 and b.verify_ms(6) == 135.0
 
 
 def test_budget_calibrates_to_what_is_accepted():

@@ -1,4 +1,5 @@
-"""Verifiers: exactness of speculative sampling by enumeration, and greedy verification.
+"""Verifiers: exactness of speculative sampling, SpecTr and RSD by enumeration, and greedy
+verification.
 
 The exactness tests use a synthetic language model over V = 5 tokens: the target
 ``P(prefix)`` and the drafter ``Q(prefix)`` are random distributions, one per
@@ -22,7 +23,9 @@ from specdec.errors import InvalidRequestError
 from specdec.spec.sampling import SamplingParams, probabilities
 from specdec.spec.tree import DraftTree
 from specdec.spec.verifiers.greedy import GreedyVerifier
+from specdec.spec.verifiers.spectr import SpecTrVerifier, beta, k_seq_residual, optimal_rho
 from specdec.spec.verifiers.speculative import SpeculativeSampler
+from specdec.spec.without_replacement import beam_level, conditionals, gumbel_top_k
 
 V = 5  # vocabulary size
 LENGTH = 3  # tokens whose joint distribution is checked
@@ -74,7 +77,10 @@ def exact_joint() -> np.ndarray:
 
 
 # Tree shapes, one entry per depth: ("sample", m) = m i.i.d. draws from Q of the path
-# (with replacement, sharing that q); ("top", k) = Q's top-k tokens, chosen (q None).
+# (with replacement, sharing that q); ("top", k) = Q's top-k tokens, chosen (q None);
+# ("wor", m) = m draws without replacement (Gumbel-Top-k), each with its conditional q
+# (RSD-C); ("beam", w) = one level of a stochastic beam search of width w over the whole
+# tree, each node with its conditional q (RSD-S; a beam shape is beam levels only).
 SHAPES = {
     "chain-1": [("sample", 1)],
     "chain-2": [("sample", 1)] * 2,
@@ -83,11 +89,18 @@ SHAPES = {
     "iid-3x2": [("sample", 3)] * 2,
     "top2-x2": [("top", 2)] * 2,
     "top2-then-iid2": [("top", 2), ("sample", 2)],
+    "rsd-c-3x2": [("wor", 3)] * 2,
+    "rsd-s-3x2": [("beam", 3)] * 2,
 }
 
 
-def draft(prefix: tuple[int, ...], shape, g: torch.Generator):
-    """A draft tree after ``prefix`` and the token sequence (prefix + path) of each node."""
+def draft(prefix: tuple[int, ...], shape, g: torch.Generator, renormalise: bool = True):
+    """A draft tree after ``prefix`` and the token sequence (prefix + path) of each node.
+
+    ``renormalise=False`` plants a bug in drafting without replacement: every sibling
+    reports the parent's q instead of q without the earlier siblings."""
+    if shape[0][0] == "beam":
+        return draft_beam(prefix, shape, g, renormalise)
     tree = DraftTree()
     seqs: list[tuple[int, ...]] = []
     frontier = [(-1, prefix)]
@@ -97,9 +110,14 @@ def draft(prefix: tuple[int, ...], shape, g: torch.Generator):
             if kind == "sample":
                 q = Q(seq)
                 tokens = torch.multinomial(q, width, replacement=True, generator=g).tolist()
+                qs = [q] * width
+            elif kind == "wor":
+                tokens, qs = gumbel_top_k(Q(seq), width, g)
+                qs = qs if renormalise else [Q(seq)] * len(tokens)
             else:
-                q, tokens = None, Q.top(seq, width)
-            for t in tokens:
+                tokens = Q.top(seq, width)
+                qs = [None] * width
+            for t, q in zip(tokens, qs, strict=True):
                 node = tree.add(t, parent, q)
                 seqs.append(seq + (t,))
                 nxt.append((node, seq + (t,)))
@@ -107,7 +125,32 @@ def draft(prefix: tuple[int, ...], shape, g: torch.Generator):
     return tree, seqs
 
 
-def simulate(verifier, shape, n: int = N, seed: int = 0) -> np.ndarray:
+def draft_beam(prefix: tuple[int, ...], shape, g: torch.Generator, renormalise: bool = True):
+    """RSD-S: the tree of a stochastic beam search over Q, one level per entry of ``shape``."""
+    tree = DraftTree()
+    seqs: list[tuple[int, ...]] = []
+    beam = [(-1, prefix)]
+    log_p, scores = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    for _, width in shape:
+        qs = [Q(seq) for _, seq in beam]
+        kept = sorted(
+            beam_level(torch.stack(qs).log(), log_p, scores, width, g), key=lambda c: c[0]
+        )
+        nxt = []
+        for b, (parent, seq) in enumerate(beam):
+            tokens = [t for i, t, _, _ in kept if i == b]
+            conds = conditionals(qs[b], tokens) if renormalise else [qs[b]] * len(tokens)
+            for t, q in zip(tokens, conds, strict=True):
+                node = tree.add(t, parent, q)
+                seqs.append(seq + (t,))
+                nxt.append((node, seq + (t,)))
+        beam = nxt
+        log_p = torch.tensor([c[2] for c in kept], dtype=torch.float64)
+        scores = torch.tensor([c[3] for c in kept], dtype=torch.float64)
+    return tree, seqs
+
+
+def simulate(verifier, shape, n: int = N, seed: int = 0, renormalise: bool = True) -> np.ndarray:
     """Counts of the first LENGTH generated tokens over ``n`` simulated generations."""
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(temperature=1.0)
@@ -115,7 +158,7 @@ def simulate(verifier, shape, n: int = N, seed: int = 0) -> np.ndarray:
     for _ in range(n):
         out: tuple[int, ...] = ()
         while len(out) < LENGTH:
-            tree, seqs = draft(out, shape, g)
+            tree, seqs = draft(out, shape, g, renormalise)
             p = torch.stack([P(out)] + [P(s) for s in seqs])
             outcome = verifier.verify(tree, p, params, g)
             out += tuple(outcome.tokens(tree))
@@ -165,7 +208,9 @@ def test_speculative_sampling_is_exact(shape):
 
     N = 20,000 simulated generations per tree shape (seeded), compared with the exact
     target probabilities of the 125 three-token sequences by Pearson's chi-square test
-    (cells with expected count < 5 pooled); passes if p > 0.001.
+    (cells with expected count < 5 pooled); passes if p > 0.001. The rsd-* shapes are
+    Recursive Speculative Decoding: siblings drawn without replacement, each node's q
+    its conditional, verified by this same sampler.
     """
     counts = simulate(SpeculativeSampler(), SHAPES[shape])
     pvalue, stat, df = chisquare(counts, exact_joint())
@@ -208,6 +253,171 @@ def test_sampler_is_reproducible():
     a = simulate(SpeculativeSampler(), SHAPES["iid-2x2"], n=200, seed=7)
     b = simulate(SpeculativeSampler(), SHAPES["iid-2x2"], n=200, seed=7)
     assert (a == b).all()
+
+
+# --- SpecTr and RSD ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["iid-2x2", "iid-3x2"])
+def test_spectr_is_exact(shape):
+    """SpecTr (K-SEQ over i.i.d. siblings, duplicate siblings merged) follows the target:
+    the same check as above, N = 20,000, chi-square p > 0.001."""
+    counts = simulate(SpecTrVerifier(), SHAPES[shape])
+    pvalue, stat, df = chisquare(counts, exact_joint())
+    print(f"SpecTr {shape}: chi-square {stat:.1f}, df {df}, p = {pvalue:.4g} (n {N})")
+    assert pvalue > ALPHA
+
+
+class SpecTrOneDraftResidual(SpecTrVerifier):
+    """Planted bug: K-SEQ's acceptance (with rho) but the residual of a single draft,
+    norm(max(p - q, 0)), without the rho / k correction."""
+
+    @staticmethod
+    def _k_seq_residual(p, q, rho, k):
+        return SpeculativeSampler._residual(p, q)
+
+
+class SpecTrWithoutRho(SpecTrVerifier):
+    """Planted bug: rho = 1 (each draft accepted with min(1, p / q) as if it were the only
+    one); K-SEQ's residual then goes negative and is clipped."""
+
+    @staticmethod
+    def _rho(p, q, k):
+        return 1.0
+
+
+PLANTED_N = 5_000  # every planted bug below gives p < 1e-15 at this size
+
+
+@pytest.mark.parametrize(
+    "verifier,shape,renormalise",
+    [
+        (SpecTrOneDraftResidual(), "iid-3x2", True),
+        (SpecTrWithoutRho(), "iid-2x2", True),
+        (SpeculativeSampler(), "rsd-c-3x2", False),
+        (SpeculativeSampler(), "rsd-s-3x2", False),
+    ],
+    ids=[
+        "spectr-one-draft-residual",
+        "spectr-without-rho",
+        "rsd-c-q-not-renormalised",
+        "rsd-s-q-not-renormalised",
+    ],
+)
+def test_multi_draft_planted_bug_is_detected(verifier, shape, renormalise):
+    """The chi-square check (5,000 runs) rejects a broken SpecTr or RSD with p < 0.001.
+    ``renormalise=False``: siblings drawn without replacement report the parent's q
+    instead of q without the earlier siblings."""
+    counts = simulate(verifier, SHAPES[shape], n=PLANTED_N, renormalise=renormalise)
+    pvalue, stat, df = chisquare(counts, exact_joint())
+    print(f"{shape}: chi-square {stat:.1f}, df {df}, p = {pvalue:.4g} (n {PLANTED_N})")
+    assert pvalue < ALPHA
+
+
+def validity(p, q, k, rho):
+    """``rho * beta - (1 - (1 - beta)^k)``: K-SEQ's residual is a distribution iff >= 0."""
+    b = beta(p, q, rho)
+    return rho * b - 1 + (1 - b) ** k
+
+
+def test_k_seq_gives_exactly_the_target():
+    """Enumerated, no sampling: K-SEQ's output distribution with the chosen rho,
+    ``min(q, p / rho) * (1 - (1 - beta)^k) / beta + (1 - beta)^k * p_res``, is ``p``; rho
+    is valid (p_res >= 0) and the smallest valid (a hair lower is not)."""
+    g = torch.Generator().manual_seed(5)
+    for trial in range(300):
+        vocab = int(torch.randint(2, 12, (), generator=g))
+        p = torch.rand(vocab, generator=g, dtype=torch.float64) ** 3
+        q = torch.rand(vocab, generator=g, dtype=torch.float64) ** 3
+        if trial % 3 == 0:
+            p[torch.randint(vocab, (2,), generator=g)] = 0  # disjoint supports happen too
+        if trial % 5 == 0:
+            q[torch.randint(vocab, (1,), generator=g)] = 0
+        if not (p.sum() > 0 and q.sum() > 0):
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        k = int(torch.randint(1, 6, (), generator=g))
+        rho = optimal_rho(p, q, k)
+
+        assert 1 <= rho <= k
+        assert validity(p, q, k, rho) >= -1e-15
+        assert rho == 1 or validity(p, q, k, rho * (1 - 1e-9)) < 0
+        b = beta(p, q, rho)
+        chosen = torch.minimum(q, p / rho) * ((1 - (1 - b) ** k) / b if b > 0 else k)
+        out = chosen + (1 - b) ** k * k_seq_residual(p, q, rho, k)
+        assert torch.allclose(out, p, atol=1e-12, rtol=0)
+    assert optimal_rho(p, p, 3) == 1.0  # q == p: the first draft is always accepted
+
+
+def test_gumbel_top_k_samples_without_replacement():
+    """The first two Gumbel-Top-k tokens have the probabilities of sequential sampling
+    without replacement, q(a) q(b) / (1 - q(a)) (10,000 draws, chi-square p > 0.001), and
+    each comes with its conditional distribution."""
+    q = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    n, counts = 10_000, Counter()
+    for _ in range(n):
+        tokens, qs = gumbel_top_k(q, 2, g)
+        counts[tuple(tokens)] += 1
+    pairs = list(itertools.permutations(range(V), 2))
+    probs = np.array([float(q[a] * q[b] / (1 - q[a])) for a, b in pairs])
+    pvalue, _, _ = chisquare(np.array([counts[pair] for pair in pairs]), probs)
+    assert pvalue > ALPHA
+    assert sum(counts[pair] for pair in pairs if 4 in pair) == 0
+    tokens, qs = gumbel_top_k(q, 9, g)
+    assert sorted(tokens) == [0, 1, 2, 3]  # only tokens with probability > 0
+    assert torch.equal(qs[0], q)
+    assert qs[1][tokens[0]] == 0 and float(qs[1].sum()) == pytest.approx(1.0)
+    assert torch.allclose(qs[3], torch.eye(V, dtype=torch.float64)[tokens[3]])
+
+
+def test_beam_level_keeps_each_parents_order():
+    """Without noise a beam level is beam search; with noise the kept children of each
+    parent are in its order of perturbed scores, and scores never exceed the parent's."""
+    log_q = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64).log()
+    log_p = torch.tensor([0.7, 0.3], dtype=torch.float64).log()
+    kept = beam_level(log_q, log_p, torch.zeros(2), 3, None, noise=False)
+    assert [(b, t) for b, t, _, _ in kept] == [(0, 0), (0, 1), (1, 2)]
+    assert kept[0][2] == pytest.approx(np.log(0.42))
+    g = torch.Generator().manual_seed(2)
+    scores = torch.tensor([-0.5, -1.5], dtype=torch.float64)
+    for _ in range(50):
+        kept = beam_level(log_q, log_p, scores, 4, g)
+        assert [s for _, _, _, s in kept] == sorted((s for _, _, _, s in kept), reverse=True)
+        for b, _, _, s in kept:
+            assert s <= float(scores[b]) + 1e-12
+        kept = beam_level(log_q[:1], log_p[:1], scores[:1], 3, g)
+        assert max(s for _, _, _, s in kept) == pytest.approx(-0.5)  # truncated to the parent
+
+
+def test_spectr_follows_greedy_on_one_hot_rows():
+    """Under sampling parameters but with one-hot target rows (a consistent target: the
+    argmax depends on the token path only), SpecTr commits exactly the target's tokens and
+    accepts at least as much as greedy verification; with greedy parameters it is greedy."""
+    g = torch.Generator().manual_seed(4)
+    sampling = SamplingParams(temperature=1.0)
+    best: dict[tuple[int, ...], int] = {}
+
+    def argmax(seq):
+        return best.setdefault(seq, int(torch.randint(V, (), generator=g)))
+
+    longer = 0
+    for _ in range(300):
+        tree, seqs = draft((), [("sample", int(torch.randint(1, 4, (), generator=g)))] * 2, g)
+        for seq in [(), *seqs]:  # make the target often agree with some drafts
+            if seq not in best and len(seq) < 2 and torch.rand((), generator=g) < 0.6:
+                kids = [s[-1] for s in seqs if s[:-1] == seq]
+                best[seq] = kids[int(torch.randint(len(kids), (), generator=g))]
+        p = one_hot_rows([argmax(s) for s in [(), *seqs]])
+        want = GreedyVerifier().verify(tree, p, GREEDY, None)
+        got = SpecTrVerifier().verify(tree, p, sampling, g)
+        toks = got.tokens(tree)
+        assert all(t == argmax(tuple(toks[:i])) for i, t in enumerate(toks))
+        assert len(got.path) >= len(want.path)
+        longer += len(got.path) > len(want.path)  # via a duplicate sibling's subtree
+        same = SpecTrVerifier().verify(tree, p, GREEDY, g)
+        assert (same.path, same.bonus) == (want.path, want.bonus)
+    assert longer > 0
 
 
 # --- greedy ------------------------------------------------------------------------------
@@ -308,7 +518,7 @@ def test_greedy_verifier_refuses_sampling_params():
         )
 
 
-@pytest.mark.parametrize("verifier", [GreedyVerifier(), SpeculativeSampler()])
+@pytest.mark.parametrize("verifier", [GreedyVerifier(), SpeculativeSampler(), SpecTrVerifier()])
 def test_wrong_number_of_rows(verifier):
     with pytest.raises(ValueError, match="rows"):
         verifier.verify(DraftTree.chain([1, 2]), one_hot_rows([1, 2]), GREEDY, None)

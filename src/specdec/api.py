@@ -79,21 +79,23 @@ class Generator:
             )
         return self._drafts[spec]
 
-    def pass_costs(self, draft_spec: str):
-        """Pass-cost curves (`specdec.models.pass_cost`) of the target and of a draft model,
-        measured once per machine and cached."""
+    def pass_cost(self):
+        """The target's pass-cost curve (`specdec.models.pass_cost`): measured once per
+        machine, model, dtype and device, then read from the cache."""
         from specdec.models.pass_cost import cached_pass_cost
 
         loaded = getattr(self, "loaded", None)
         source = str(loaded.source) if loaded is not None else type(self.target).__name__
-        setting = f"{self.dtype}|{self.device}"
-        target = cached_pass_cost(
-            self.target, f"{self.name}|{source}|{setting}", progress=self.progress
-        )
-        draft = cached_pass_cost(
-            self.load_draft(draft_spec), f"{draft_spec}|draft|{setting}", progress=self.progress
-        )
-        return target, draft
+        identity = f"{self.name}|{source}|{self.dtype}|{self.device}"
+        return cached_pass_cost(self.target, identity, progress=self.progress)
+
+    def pass_costs(self, draft_spec: str):
+        """Pass-cost curves of the target and of a draft model (same dtype and device)."""
+        from specdec.models.pass_cost import cached_pass_cost
+
+        identity = f"{draft_spec}|draft|{self.dtype}|{self.device}"
+        draft = cached_pass_cost(self.load_draft(draft_spec), identity, progress=self.progress)
+        return self.pass_cost(), draft
 
     def resolved_method(self, method: str) -> str:
         return resolve_auto(self.name)[0] if method == "auto" else method

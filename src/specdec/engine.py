@@ -31,6 +31,7 @@ class GenerationStats:
     wall_s: float = 0.0  # prefill and decoding
     drafted: int = 0  # tree nodes proposed
     accepted: int = 0  # drafted tokens the target kept
+    pass_tokens: int = 0  # tokens in the target passes after the prefill (root + tree each)
     draft_s: float = 0.0  # time in the drafter (propose and observe)
     verify_s: float = 0.0  # time in target passes after the prefill, and in verification
 
@@ -91,8 +92,9 @@ class Engine:
     ) -> Iterator[str]:
         """Yield text pieces as tokens are committed; ``result`` receives ids, text and stats.
 
-        ``drafter`` None decodes autoregressively. ``verifier`` None picks the
-        lossless one for ``sampling`` (greedy, or speculative sampling).
+        ``drafter`` None decodes autoregressively. ``verifier`` None takes the one the
+        drafter asks for (`Drafter.verifier`), else the lossless one for ``sampling``
+        (greedy, or speculative sampling).
         ``ignore_eos`` keeps going past end-of-sequence tokens (for benchmarks of fixed length).
         """
         out = result if result is not None else Generation()
@@ -107,7 +109,7 @@ class Engine:
             )
         max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
         drafter = drafter or NoDrafter()
-        verifier = verifier or default_verifier(sampling)
+        verifier = verifier or drafter.verifier(sampling) or default_verifier(sampling)
         rng = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         emit = _Emitter(self.tokenizer, out, max_new_tokens, stop, ignore_eos)
         stats = out.stats
@@ -145,6 +147,7 @@ class Engine:
             stats.verify_s += t2 - t1
             stats.target_passes += 1
             stats.drafted += len(tree)
+            stats.pass_tokens += len(tree) + 1
             stats.accepted += len(outcome.path)
             drafter.observe(state, tree, outcome)
             stats.draft_s += clock() - t2

@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help=f"comma-separated methods (default {DEFAULT_METHODS}): any of `specdec methods`, "
         "auto, and the peers hf-ar, hf-assisted, hf-pld, llamacpp-ar, llamacpp-pld; ar is "
-        "always run (the baseline)",
+        "always run (the baseline). METHOD@LABEL runs a variant with its own options "
+        "(--option draft@tree.tree=dynamic)",
     )
     p.add_argument(
         "--draft",
@@ -159,7 +160,7 @@ def parse_methods(text: str | None, server: bool) -> list[str]:
         raise InvalidRequestError("--methods is empty")
     known = ["auto", *METHODS, *PEERS]
     for m in names:
-        if m not in known:
+        if base_method(m) not in known or m.endswith("@") or (m != base_method(m) and m in PEERS):
             raise InvalidRequestError(
                 f"unknown method {m!r} (known: {', '.join(known)}; see `specdec methods`)"
             )
@@ -169,6 +170,12 @@ def parse_methods(text: str | None, server: bool) -> list[str]:
     return ["ar", *names]
 
 
+def base_method(name: str) -> str:
+    """``draft@wide`` is method ``draft`` under the label ``wide``: variants of one method,
+    each with its own ``--option draft@wide.KEY=VALUE``, can run side by side."""
+    return name.split("@", 1)[0]
+
+
 def parse_options(
     items: list[str], methods: list[str], draft: str | None, model: str
 ) -> dict[str, dict[str, Any]]:
@@ -176,9 +183,10 @@ def parse_options(
     from specdec.spec.registry import METHODS, get_method, resolve_auto
 
     def spec_of(m: str):
+        m = base_method(m)
         return get_method(resolve_auto(model)[0] if m == "auto" else m)
 
-    ours = [m for m in methods if m in METHODS or m == "auto"]
+    ours = [m for m in methods if base_method(m) in METHODS or base_method(m) == "auto"]
     opts: dict[str, dict[str, Any]] = {m: {} for m in ours}
     for item in items:
         key, sep, value = item.partition("=")
@@ -200,11 +208,11 @@ def parse_options(
                 opts[m][key] = value
     if draft is not None:
         for m in ours:
-            if m != "auto" and "draft_model" in spec_of(m).options:
+            if base_method(m) != "auto" and "draft_model" in spec_of(m).options:
                 opts[m].setdefault("draft_model", draft)
     for m in ours:
         spec = spec_of(m)
-        if m == "auto":
+        if base_method(m) == "auto":
             spec.validate({**resolve_auto(model)[1], **opts[m]})
         else:
             spec.validate(opts[m])
@@ -390,7 +398,24 @@ def first_difference(target: Any, prompt_ids: list[int], ref: list[int], got: li
     }
 
 
-def _row(method: str, q: Any, outs: list[Any], ar_outs: list[Any] | None, diffs, comparable):
+def predicted_ms(outs: list[Any], cost: Any) -> tuple[float, float] | None:
+    """The cost model: decode time of these turns predicted from the target's pass-cost
+    curve and the measured drafting time, and the time `ar` would take for the same tokens
+    (one one-token pass each). None where the runner does not report what it needs."""
+    method = ar = 0.0
+    for o in outs:
+        if cost is None or o.draft_s is None or o.pass_tokens is None or not o.target_passes:
+            return None
+        steps = o.target_passes - 1  # the prefill pass is the same for both
+        if steps:
+            method += o.draft_s * 1e3 + steps * cost(o.pass_tokens / steps)
+        ar += max(o.new_tokens - 1, 0) * cost(1)
+    return method, ar
+
+
+def _row(
+    method: str, q: Any, outs: list[Any], ar_outs: list[Any] | None, diffs, comparable, cost=None
+):
     new = sum(o.new_tokens for o in outs)
     wall = sum(o.wall_s for o in outs)
     passes = (
@@ -403,6 +428,7 @@ def _row(method: str, q: Any, outs: list[Any], ar_outs: list[Any] | None, diffs,
 
     ar_wall = sum(o.wall_s for o in ar_outs) if ar_outs else None
     first = next(({"turn": t, **d} for t, d in enumerate(diffs) if d), None)
+    predicted = predicted_ms(outs, cost)
     return {
         "method": method,
         "question_id": q.question_id,
@@ -419,6 +445,11 @@ def _row(method: str, q: Any, outs: list[Any], ar_outs: list[Any] | None, diffs,
         "tokens_per_s": round(new / wall, 6) if wall > 0 else None,
         "ar_wall_s": round(ar_wall, 6) if ar_wall is not None else None,
         "speedup": round(ar_wall / wall, 6) if ar_wall is not None and wall > 0 else None,
+        "predicted_ms": round(predicted[0], 3) if predicted else None,
+        "ar_predicted_ms": round(predicted[1], 3) if predicted else None,
+        "predicted_speedup": round(predicted[1] / predicted[0], 6)
+        if predicted and predicted[0] > 0
+        else None,
         "identical": (first is None) if comparable else None,
         "first_diff": first if comparable else None,
         "finish_reason": [o.finish_reason for o in outs],
@@ -478,6 +509,8 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
     gen, runners = build_runners(args, methods, options, skipped)
     greedy = args.temperature == 0
     ctx = gen.target.max_length if gen is not None else None
+    # the target's pass-cost curve, for the cost model's predicted speedups (cached)
+    cost = gen.pass_cost() if gen is not None and any(m != "ar" for m in options) else None
 
     # warm-up: every runner once on the first prompt that fits, before anything is timed
     budget = min(WARMUP_TOKENS, args.max_new_tokens)
@@ -530,7 +563,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
                                 gen.target, prompts[t], ar_outs[t].token_ids, o.token_ids
                             )
                         )
-                row = _row(m, q, outs[m], ar_outs, diffs, comparable)
+                row = _row(m, q, outs[m], ar_outs, diffs, comparable, cost)
                 rows.append(row)
                 results.write(json.dumps(row) + "\n")
                 s = sums[m]

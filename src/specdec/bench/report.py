@@ -47,10 +47,19 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "speedup_median": round(statistics.median(r["speedup"] for r in timed), 6)
         if timed
         else None,
+        "predicted_speedup": _predicted(rows),
         "identical": sum(compared) if compared else None,
         "compared": len(compared),
         "identical_share": round(sum(compared) / len(compared), 4) if compared else None,
     }
+
+
+def _predicted(rows: list[dict[str, Any]]) -> float | None:
+    """The cost model's speedup over these rows (ratio of summed predicted times)."""
+    pred = [r for r in rows if r.get("predicted_ms")]
+    if not pred or len(pred) < len(rows):
+        return None
+    return round(sum(r["ar_predicted_ms"] for r in pred) / sum(r["predicted_ms"] for r in pred), 6)
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -104,6 +113,7 @@ def overall_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "tokens/s",
         "speedup (Σ time)",
         "speedup (median)",
+        "predicted (cost model)",
         "identical to ar",
     ]
     body = []
@@ -117,6 +127,7 @@ def overall_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _f(s["tokens_per_s"], "{:.1f}"),
                 _f(s["speedup_sum"], suffix="×"),
                 _f(s["speedup_median"], suffix="×"),
+                _f(s.get("predicted_speedup"), suffix="×"),
                 _share(s),
             ]
         )
@@ -168,7 +179,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
         "Speedup is over `ar` in the same run, methods interleaved prompt by prompt after a "
         "warm-up: Σ ar time ÷ Σ method time, and the median of per-prompt ratios. "
-        "τ = tokens committed per target pass (the prefill counts as one).",
+        "τ = tokens committed per target pass (the prefill counts as one). "
+        "Predicted = the cost model: `ar`'s decode time (one-token passes) ÷ the method's "
+        "measured drafting time plus its target passes priced by the target's measured "
+        "pass-cost curve (`specdec.models.pass_cost`); far from the measured speedup means "
+        "time goes somewhere the model does not see.",
         "",
         "## Overall",
         "",

@@ -48,6 +48,8 @@ class TurnOutput:
     drafted: int | None = None
     accepted: int | None = None
     finish_reason: str | None = None
+    draft_s: float | None = None  # time in the drafter (specdec methods)
+    pass_tokens: int | None = None  # tokens in the target passes after the prefill
 
 
 class Runner:
@@ -81,13 +83,15 @@ class SpecdecRunner(Runner):
     def __init__(self, gen: Any, method: str, options: dict[str, Any]) -> None:
         from specdec.spec.registry import get_method, resolve_auto
 
+        # ``method`` may be a labelled variant, ``draft@wide``: the label names the results
         self.gen, self.name, self.options = gen, method, options
-        self.resolved = gen.resolved_method(method)
+        self.method = method.split("@", 1)[0]
+        self.resolved = gen.resolved_method(self.method)
         spec = get_method(self.resolved)
         self.lossless = spec.lossless
-        given = {**resolve_auto(gen.name)[1], **options} if method == "auto" else options
+        given = {**resolve_auto(gen.name)[1], **options} if self.method == "auto" else options
         self.validated = spec.validate(given)  # every option with its value, defaults included
-        gen.drafter(method, **options)  # build (and load any draft model) before timing
+        gen.drafter(self.method, **options)  # build (and load any draft model) before timing
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -100,7 +104,7 @@ class SpecdecRunner(Runner):
             max_new_tokens=budget,
             temperature=temperature,
             seed=seed if temperature > 0 else None,
-            method=self.name,
+            method=self.method,
             **self.options,
         )
         s = res.stats
@@ -114,6 +118,8 @@ class SpecdecRunner(Runner):
             drafted=s.drafted,
             accepted=s.accepted,
             finish_reason=res.finish_reason,
+            draft_s=s.draft_s,
+            pass_tokens=s.pass_tokens,
         )
 
 

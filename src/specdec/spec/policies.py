@@ -76,8 +76,11 @@ class TreeBudget:
         calibration: float = 1.0,
         smoothing: float = 0.1,
     ) -> None:
-        self.verify_ms = verify_ms  # n tokens -> ms of one target pass
-        self.draft_ms = draft_ms  # n tokens -> ms of one draft pass
+        # n tokens -> ms of one pass; a pass over more tokens that costs less (bf16 kernels
+        # are slower for one row than for four) could be had by drafting more: plan with
+        # the cheapest pass over at least n tokens
+        self.verify_ms = _cheapest_at_least(verify_ms)
+        self.draft_ms = _cheapest_at_least(draft_ms)
         self.max_nodes = max_nodes
         self.calibration = calibration
         self.smoothing = smoothing
@@ -94,16 +97,16 @@ class TreeBudget:
         return best_n, best_rate
 
     def worth_expanding(
-        self, probs: list[float], spent_ms: float, expand: int, gain: float
+        self, probs: list[float], spent_ms: float, expand: list[float], spread: float
     ) -> bool:
-        """Would one more level (a draft pass over ``expand`` nodes, adding about ``gain``
-        path probability, in ``expand`` to ``expand``² new nodes) beat the best tree so far?"""
-        n, rate = self.best_size(probs, spent_ms)
-        if n >= self.max_nodes:
-            return False
-        tokens = 1 + self.calibration * (sum(probs[:n]) + gain)
-        ms = spent_ms + self.draft_ms(expand) + self.verify_ms(min(n + expand, self.max_nodes) + 1)
-        return tokens / ms > rate
+        """Would one more level pay? ``expand``: path probabilities of the nodes a draft pass
+        would expand; each is expected to gain a child of about its probability times
+        ``spread`` (the share of a node's mass its best children have carried so far).
+        Compares the best tree after that pass with the best tree now."""
+        _, now = self.best_size(probs, spent_ms)
+        grown = sorted(probs + [p * spread for p in expand], reverse=True)
+        _, after = self.best_size(grown, spent_ms + self.draft_ms(len(expand)))
+        return after > now
 
     def observe(self, predicted: float, accepted: int) -> None:
         """The tree's path probabilities summed to ``predicted``; the target kept ``accepted``."""
@@ -112,3 +115,11 @@ class TreeBudget:
         self._accepted = (1 - a) * self._accepted + a * accepted
         if self._predicted > 0:
             self.calibration = min(max(self._accepted / self._predicted, 0.2), 2.0)
+
+
+def _cheapest_at_least(cost, limit: int = 128):
+    """n -> min over m >= n of cost(m): a non-decreasing cost (memoised up to ``limit``)."""
+    table = [cost(n) for n in range(limit + 1)]
+    for n in range(limit - 1, -1, -1):
+        table[n] = min(table[n], table[n + 1])
+    return lambda n: table[n] if n <= limit else cost(n)

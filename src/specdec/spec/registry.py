@@ -68,6 +68,19 @@ def _boolean(value: Any) -> bool:
     raise ValueError(value)
 
 
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    """An option type accepting one of ``choices`` (case and ``_`` / ``-`` insensitive)."""
+
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower().replace("_", "-")
+        if text not in choices:
+            raise ValueError(value)
+        return text
+
+    parse.__name__ = "one of " + ", ".join(choices)
+    return parse
+
+
 def _build_ar(ctx: Any, opts: dict[str, Any]) -> Drafter:
     return NoDrafter()
 
@@ -79,6 +92,18 @@ def _build_draft(ctx: Any, opts: dict[str, Any]) -> Drafter:
         raise InvalidRequestError("method 'draft' needs a draft model: --draft MODEL")
     from specdec.spec.policies import AdaptiveLength, FixedLength
 
+    siblings, verifier = opts["siblings"], opts["verifier"]
+    static = bool(opts["tree"]) and str(opts["tree"]).strip().lower() != "dynamic"
+    if (siblings != "iid" or verifier != "specinfer") and not static:
+        raise InvalidRequestError(
+            f"siblings={siblings} / verifier={verifier} apply to a static tree: add tree=3,2,1"
+        )
+    if verifier == "spectr" and siblings != "iid":
+        raise InvalidRequestError(
+            "verifier=spectr selects among i.i.d. siblings (siblings=iid); siblings drawn "
+            f"{'by beam search' if siblings == 'beam' else 'without replacement'} are verified "
+            "exactly by recursive rejection sampling (verifier=specinfer)"
+        )
     draft = ctx.load_draft(opts["draft_model"])
     kind = AdaptiveLength if opts["adaptive"] else FixedLength
     policy = kind(opts["num_draft_tokens"], confidence=opts["confidence"])
@@ -103,6 +128,8 @@ def _build_draft(ctx: Any, opts: dict[str, Any]) -> Drafter:
         tree_budget=budget,
         width=opts["tree_width"],
         max_depth=opts["tree_depth"],
+        sibling_sampling=siblings.replace("-", "_"),
+        verify=verifier,
     )
 
 
@@ -158,6 +185,19 @@ METHODS: dict[str, Method] = {
                 "tree_depth": Option(int, 8, "dynamic tree: most depths", minimum=1),
                 "tree_nodes": Option(
                     int, 32, "dynamic tree: most nodes verified in one pass", minimum=1
+                ),
+                "siblings": Option(
+                    _one_of("iid", "without-replacement", "beam"),
+                    "iid",
+                    "static tree under sampling: siblings drawn i.i.d. (SpecInfer, SpecTr), "
+                    "without replacement (RSD-C), or by stochastic beam search of width "
+                    "max(tree) (RSD-S); greedy drafts the top tokens (beam: beam search)",
+                ),
+                "verifier": Option(
+                    _one_of("specinfer", "spectr"),
+                    "specinfer",
+                    "static tree under sampling: recursive rejection sampling (specinfer) or "
+                    "SpecTr's k-sequential selection (spectr, needs siblings=iid)",
                 ),
                 "adaptive": Option(
                     _boolean,

@@ -8,7 +8,7 @@ import torch
 
 from specdec.spec.sampling import SamplingParams
 from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome
+from specdec.spec.verifiers.base import Outcome, Verifier
 
 
 @dataclass
@@ -39,6 +39,11 @@ class Drafter:
 
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
         """The target verified ``tree``; ``outcome`` says what it kept."""
+
+    def verifier(self, sampling: SamplingParams) -> Verifier | None:
+        """The verifier this drafter's trees need under ``sampling`` (e.g. SpecTr for i.i.d.
+        siblings); None leaves the choice to the engine (greedy or speculative sampling)."""
+        return None
 
 
 class NoDrafter(Drafter):

@@ -288,9 +288,9 @@ class DraftModelDrafter(Drafter):
                 break
             expand = sorted(new, key=lambda i: -logp[i])[:width]
             probs = sorted((math.exp(x) for x in logp), reverse=True)
-            gain = sum(math.exp(logp[i]) for i in expand) * sum(spread) / len(spread)
+            mass = [math.exp(logp[i]) for i in expand]
             if not self._room(state, len(slots) + len(expand)) or not budget.worth_expanding(
-                probs, spent, len(expand), gain
+                probs, spent, mass, sum(spread) / len(spread)
             ):
                 break
             out = self._run_nodes(tree, expand, slots, len(state.tokens))

@@ -24,6 +24,20 @@ drafter's top-k) are treated as draws from a point mass on their token: the
 acceptance probability is ``p[c]`` and the residual is ``p`` with ``c`` zeroed
 and renormalised, which is exact for any fixed set of distinct tokens.
 
+Recursive Speculative Decoding (Jeon et al. 2024, "Recursive Speculative
+Decoding: Accelerating LLM Inference via Sampling Without Replacement") is this
+same rule, with no verifier of its own: its siblings are drawn *without*
+replacement (RSD-C: Gumbel-Top-k; RSD-S: stochastic beam search), and each
+carries as its ``q`` the drafter's distribution with the earlier siblings
+removed and renormalised, the distribution it was drawn from given them
+(`specdec.spec.without_replacement`). The rule stays exact because what it
+needs holds: given the earlier siblings and their rejections, a child is a
+draw from its own ``q``, and the residual after a rejection does not depend on
+the rejected token. Whether one more sibling exists may depend on the earlier
+ones but not on its own token (beam search keeps a variable number per parent,
+by perturbed scores that are independent of which token comes next): stopping
+early only means drawing from the residual, which has the same distribution.
+
 Deviations from SpecInfer's pseudocode, none of which changes the output
 distribution: children are tried in tree order rather than in random order;
 deterministic children use the point mass above where SpecInfer divides by the
