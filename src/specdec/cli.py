@@ -287,7 +287,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print("auto  the fastest lossless method measured for the model (docs/BENCHMARKS.md)\n")
+    from specdec.spec.registry import AUTO
+
+    print("auto  the fastest lossless method measured for the model (docs/BENCHMARKS.md)")
+    for model, (method, opts) in AUTO.items():
+        shown = " ".join(f"{k}={v}" for k, v in opts.items())
+        print(f"    {model}: {method} {shown}")
+    print("    any other model: ar\n")
     for r in rows:
         kind = "lossless" if r["lossless"] else "LOSSY"
         needs = f", needs {', '.join(r['needs'])}" if r["needs"] else ""

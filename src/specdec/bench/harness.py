@@ -399,17 +399,19 @@ def first_difference(target: Any, prompt_ids: list[int], ref: list[int], got: li
 
 
 def predicted_ms(outs: list[Any], cost: Any) -> tuple[float, float] | None:
-    """The cost model: decode time of these turns predicted from the target's pass-cost
-    curve and the measured drafting time, and the time `ar` would take for the same tokens
-    (one one-token pass each). None where the runner does not report what it needs."""
+    """The cost model: the time of these turns predicted from the target's pass-cost curve
+    and the measured drafting time, and the time `ar` would take for the same tokens (one
+    one-token pass each). Both include the measured prefill, as the measured wall times
+    do. None where the runner does not report what it needs."""
     method = ar = 0.0
     for o in outs:
-        if cost is None or o.draft_s is None or o.pass_tokens is None or not o.target_passes:
+        if cost is None or None in (o.draft_s, o.pass_tokens, o.prefill_s) or not o.target_passes:
             return None
-        steps = o.target_passes - 1  # the prefill pass is the same for both
+        steps = o.target_passes - 1  # after the prefill
         if steps:
             method += o.draft_s * 1e3 + steps * cost(o.pass_tokens / steps)
-        ar += max(o.new_tokens - 1, 0) * cost(1)
+        method += o.prefill_s * 1e3
+        ar += max(o.new_tokens - 1, 0) * cost(1) + o.prefill_s * 1e3
     return method, ar
 
 

@@ -49,6 +49,7 @@ class TurnOutput:
     accepted: int | None = None
     finish_reason: str | None = None
     draft_s: float | None = None  # time in the drafter (specdec methods)
+    prefill_s: float | None = None  # time of the prompt's pass (specdec methods)
     pass_tokens: int | None = None  # tokens in the target passes after the prefill
 
 
@@ -119,6 +120,7 @@ class SpecdecRunner(Runner):
             accepted=s.accepted,
             finish_reason=res.finish_reason,
             draft_s=s.draft_s,
+            prefill_s=s.prefill_s,
             pass_tokens=s.pass_tokens,
         )
 

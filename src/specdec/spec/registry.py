@@ -162,8 +162,10 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "draft",
-            "a small draft model of the same vocabulary proposes a chain; the target verifies it "
-            "in one pass (Leviathan et al. 2023, Chen et al. 2023)",
+            "a small draft model of the same vocabulary proposes a chain or a tree (static, "
+            "multi-draft, or dynamic and sized by measured pass costs); the target verifies it "
+            "in one pass (Leviathan et al. 2023, Chen et al. 2023; SpecInfer, SpecTr, RSD, "
+            "EAGLE-2/DySpec trees)",
             lossless=True,
             needs=("draft_model",),
             build=_build_draft,
@@ -241,8 +243,9 @@ METHODS: dict[str, Method] = {
 # The fastest lossless method measured per target on a 2-core CPU (docs/BENCHMARKS.md).
 # Targets not listed decode with `ar` until a measurement says otherwise.
 AUTO: dict[str, tuple[str, dict[str, Any]]] = {
-    # 1.73x over ar (bfloat16, 8 prompts, 128 tokens, tau 3.85), stopgap bench.pair (now specdec bench)
-    "qwen2.5-coder-1.5b": ("draft", {"draft_model": "qwen2.5-coder-0.5b", "num_draft_tokens": 4}),
+    # dynamic tree 1.81x, chain k=4 1.35x over ar (bfloat16, `specdec bench --dataset mixed
+    # --limit 1 --max-new-tokens 128`); the 20-prompt, 256-token run is in docs/BENCHMARKS.md
+    "qwen2.5-coder-1.5b": ("draft", {"draft_model": "qwen2.5-coder-0.5b", "tree": "dynamic"}),
 }
 
 

@@ -42,3 +42,9 @@ class Verifier:
         rng: torch.Generator | None,
     ) -> Outcome:
         raise NotImplementedError
+
+
+def check_rows(tree: DraftTree, p: torch.Tensor) -> None:
+    """``p`` must have a row for the root and one for each node."""
+    if p.shape[0] != len(tree) + 1:
+        raise ValueError(f"p has {p.shape[0]} rows, expected {len(tree) + 1} ([root] + nodes)")

@@ -13,7 +13,7 @@ import torch
 from specdec.errors import InvalidRequestError
 from specdec.spec.sampling import SamplingParams
 from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome, Verifier
+from specdec.spec.verifiers.base import Outcome, Verifier, check_rows
 
 
 class GreedyVerifier(Verifier):
@@ -31,8 +31,7 @@ class GreedyVerifier(Verifier):
             raise InvalidRequestError(
                 f"the greedy verifier needs temperature 0, got {params.temperature}"
             )
-        if p.shape[0] != len(tree) + 1:
-            raise ValueError(f"p has {p.shape[0]} rows, expected {len(tree) + 1} ([root] + nodes)")
+        check_rows(tree, p)
         best = p.argmax(-1).tolist()  # target's token after the root (0) and after node i (i + 1)
         children = tree.children()
         path: list[int] = []

@@ -55,7 +55,7 @@ import torch
 
 from specdec.spec.sampling import SamplingParams, sample
 from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome, Verifier
+from specdec.spec.verifiers.base import Outcome, Verifier, check_rows
 from specdec.spec.verifiers.greedy import GreedyVerifier
 from specdec.spec.verifiers.speculative import SpeculativeSampler
 
@@ -135,8 +135,7 @@ class SpecTrVerifier(Verifier):
         params: SamplingParams,
         rng: torch.Generator | None,
     ) -> Outcome:
-        if p.shape[0] != len(tree) + 1:
-            raise ValueError(f"p has {p.shape[0]} rows, expected {len(tree) + 1} ([root] + nodes)")
+        check_rows(tree, p)
         if params.greedy:
             return GreedyVerifier().verify(tree, p, params, rng)
         p = p.detach().to("cpu", torch.float64)

@@ -52,7 +52,7 @@ import torch
 
 from specdec.spec.sampling import SamplingParams, sample
 from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome, Verifier
+from specdec.spec.verifiers.base import Outcome, Verifier, check_rows
 
 
 class SpeculativeSampler(Verifier):
@@ -66,8 +66,7 @@ class SpeculativeSampler(Verifier):
         params: SamplingParams,
         rng: torch.Generator | None,
     ) -> Outcome:
-        if p.shape[0] != len(tree) + 1:
-            raise ValueError(f"p has {p.shape[0]} rows, expected {len(tree) + 1} ([root] + nodes)")
+        check_rows(tree, p)
         p = p.detach().to("cpu", torch.float64)
         children = tree.children()
         path: list[int] = []
