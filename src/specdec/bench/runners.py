@@ -236,6 +236,9 @@ def load_hf_models(gen: Any, model: str, draft: str | None, dtype: str, device: 
 
 
 # --------------------------------------------------------------------------- llama.cpp
+LLAMACPP_PLD_CONTEXT = 4096  # llamacpp-pld keeps n_ctx x vocabulary float32 logits
+
+
 def llama_cpp_available() -> str | None:
     """None when ``llama_cpp`` imports, else why not (the note the report carries)."""
     try:
@@ -263,6 +266,10 @@ class LlamaCppRunner(Runner):
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
             kw["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=PLD_TOKENS)
+            # a draft model needs logits for every row, and llama-cpp-python sizes that
+            # buffer n_ctx x vocabulary only when asked (4 GB at 4096 x 152k x float32)
+            kw["logits_all"] = True
+            kw["n_ctx"] = min(n_ctx, LLAMACPP_PLD_CONTEXT)
         self.name, self.tokenizer = name, tokenizer
         self.llm = Llama(**kw)
         self.eos = set(tokenizer.eos_token_ids)
