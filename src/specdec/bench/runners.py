@@ -71,6 +71,18 @@ class Runner:
     ) -> TurnOutput:
         raise NotImplementedError
 
+    def _output(self, new: list[int], ids: list[int], wall: float, finish: str) -> TurnOutput:
+        """A peer's turn: its new token ids decoded with the target's tokenizer, its passes."""
+        return TurnOutput(
+            text=self.tokenizer.decode(new, skip_special_tokens=True),
+            token_ids=new,
+            new_tokens=len(new),
+            prompt_tokens=len(ids),
+            wall_s=wall,
+            target_passes=self.passes,
+            finish_reason=finish,
+        )
+
 
 def _sync(device: Any) -> None:
     if torch.device(device).type == "cuda":
@@ -196,15 +208,7 @@ class HFRunner(Runner):
         wall = time.perf_counter() - t0
         new = out[0, len(ids) :].tolist()
         finish = "stop" if new and new[-1] in self.eos else "length"
-        return TurnOutput(
-            text=self.tokenizer.decode(new, skip_special_tokens=True),
-            token_ids=new,
-            new_tokens=len(new),
-            prompt_tokens=len(ids),
-            wall_s=wall,
-            target_passes=self.passes,
-            finish_reason=finish,
-        )
+        return self._output(new, ids, wall, finish)
 
 
 def load_hf_models(gen: Any, model: str, draft: str | None, dtype: str, device: str):
@@ -309,15 +313,7 @@ class LlamaCppRunner(Runner):
             if len(new) >= budget:
                 break
         wall = time.perf_counter() - t0
-        return TurnOutput(
-            text=self.tokenizer.decode(new, skip_special_tokens=True),
-            token_ids=new,
-            new_tokens=len(new),
-            prompt_tokens=len(ids),
-            wall_s=wall,
-            target_passes=self.passes,
-            finish_reason=finish,
-        )
+        return self._output(new, ids, wall, finish)
 
 
 # --------------------------------------------------------------------------- server
