@@ -16,6 +16,12 @@ from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget
 from specdec.spec.drafters.base import NoDrafter
 from specdec.spec.drafters.draft_model import DraftModelDrafter
+from specdec.spec.drafters.lookahead import LookaheadDrafter
+from specdec.spec.drafters.merged import MergedDrafter
+from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
+from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
+from specdec.spec.drafters.stand import StandDrafter
+from specdec.spec.drafters.token_recycling import TokenRecyclingDrafter
 from specdec.spec.policies import AdaptiveLength, FixedLength, TreeBudget
 from specdec.spec.registry import METHODS
 from specdec.spec.sampling import SamplingParams
@@ -82,11 +88,120 @@ def make_cross_vocab(target_model, rng: random.Random):
     )
 
 
+def make_pld(target_model, rng: random.Random):
+    lo = rng.randint(1, 3)
+    return PromptLookupDrafter(
+        num_draft_tokens=rng.randint(1, 8),
+        min_ngram=lo,
+        max_ngram=lo + rng.randint(0, 2),
+        branches=rng.randint(1, 4),
+        max_nodes=rng.randint(1, 20),
+    )
+
+
+def make_recycle(target_model, rng: random.Random):
+    cost = rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})])
+    return TokenRecyclingDrafter(
+        target_model.config.vocab_size,
+        top_k=rng.randint(1, 8),
+        max_nodes=rng.randint(1, 30),
+        max_depth=rng.randint(1, 8),
+        pass_cost=cost,
+    )
+
+
+def make_ngram_cache(target_model, rng: random.Random):
+    lo = rng.randint(1, 3)
+    return NgramCacheDrafter(
+        num_draft_tokens=rng.randint(1, 8),
+        min_ngram=lo,
+        max_ngram=lo + rng.randint(0, 2),
+        branches=rng.randint(1, 3),
+        max_nodes=rng.randint(1, 20),
+        min_count=rng.randint(1, 2),
+        min_share=rng.choice([0.0, 0.3, 0.9]),
+        max_entries=rng.choice([5, 10_000]),
+    )
+
+
+def make_lookahead(target_model, rng: random.Random):
+    return LookaheadDrafter(
+        window=rng.randint(2, 5),
+        ngram=rng.randint(3, 5),
+        guesses=rng.randint(1, 5),
+        pool_from_prompt=rng.random() < 0.5,
+    )
+
+
+def make_stand(target_model, rng: random.Random):
+    lo = rng.randint(1, 2)
+    return StandDrafter(
+        target_model.config.vocab_size,
+        top_k=rng.randint(1, 10),
+        min_ngram=lo,
+        max_ngram=lo + rng.randint(0, 3),
+        max_nodes=rng.randint(1, 30),
+        max_depth=rng.randint(1, 8),
+        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0})]),
+        max_entries=rng.choice([3, 100_000]),
+    )
+
+
+_STORES: dict[int, object] = {}
+
+
+def make_rest(target_model, rng: random.Random):
+    """A datastore of random documents over the model's vocabulary (short spans match)."""
+    import tempfile
+
+    from specdec.spec import datastore as ds
+    from specdec.spec.drafters.retrieval import RetrievalDrafter
+
+    vocab = target_model.config.vocab_size
+    if vocab not in _STORES:
+        g = random.Random(vocab)
+        docs = [[g.randrange(vocab) for _ in range(g.randint(1, 60))] for _ in range(40)]
+        folder = tempfile.mkdtemp(prefix="specdec-test-store-")
+        ds.write(docs, folder, "test")
+        _STORES[vocab] = ds.Datastore(folder)
+    lo = rng.randint(1, 3)
+    return RetrievalDrafter(
+        _STORES[vocab],
+        max_nodes=rng.randint(1, 20),
+        continuation=rng.randint(1, 8),
+        min_span=lo,
+        max_span=lo + rng.randint(0, 4),
+        max_matches=rng.choice([1, 4, 512]),
+    )
+
+
+def make_merged(target_model, rng: random.Random):
+    """Model-free trees merged with each other or with a draft model's (sampled q nodes)."""
+    parts = [
+        make_pld,
+        make_recycle,
+        make_rest,
+        make_ngram_cache,
+        make_lookahead,
+        make_stand,
+        make_draft,
+    ]
+    first, second = rng.sample(parts, 2)
+    return MergedDrafter([first(target_model, rng), second(target_model, rng)])
+
+
 # method name -> factory(target_model, rng) -> drafter
 FACTORIES = {
     "ar": lambda model, rng: NoDrafter(),
     "draft": make_draft,
     "cross-vocab": make_cross_vocab,
+    "pld": make_pld,
+    "recycle": make_recycle,
+    "rest": make_rest,
+    "ngram-cache": make_ngram_cache,
+    "lookahead": make_lookahead,
+    "stand": make_stand,
+    "pld+recycle": make_merged,
 }
 
 

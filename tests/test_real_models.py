@@ -137,3 +137,92 @@ def test_models_lists_pulled_paths():
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     assert {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"} <= set(rows)
     assert Path(rows["smollm2-135m"]["path"]) == path
+
+
+def _generate_json(*args: str, stdin: str | None = None) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "specdec.cli", "generate", *args, "--json", "--quiet"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+COPY_PROMPT = (
+    "Repeat this code exactly, then stop:\n\n"
+    "def merge(a, b):\n    out = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
+    "        if a[i] <= b[j]:\n            out.append(a[i])\n            i += 1\n"
+    "        else:\n            out.append(b[j])\n            j += 1\n"
+    "    return out + a[i:] + b[j:]\n"
+)
+
+
+@pytest.mark.parametrize("method", ["pld", "recycle", "ngram-cache", "pld+recycle"])
+def test_model_free_methods_on_a_real_model_are_exact_and_draft(method):
+    """SmolLM2-135M in float32 asked to repeat code: same tokens as ar, more than one token
+    per target pass for the copying methods."""
+    out = _generate_json(
+        "-",
+        "--model",
+        "smollm2-135m",
+        "--dtype",
+        "float32",
+        "--max-new-tokens",
+        "64",
+        "--method",
+        method,
+        "--compare",
+        stdin=COPY_PROMPT,
+    )
+    assert out["identical"] is True
+    assert out["stats"]["drafted"] > 0
+    if method in ("pld", "pld+recycle"):
+        assert out["stats"]["tau"] > 1.5
+
+
+def test_rest_with_a_datastore_built_from_the_command_line(tmp_path):
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    store = tmp_path / "store"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specdec.cli",
+            "datastore",
+            "build",
+            "--model",
+            "smollm2-135m",
+            "--input",
+            str(stdlib / "heapq.py"),
+            str(stdlib / "bisect.py"),
+            "--out",
+            str(store),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == store and (store / "meta.json").exists()
+    out = _generate_json(
+        "Write a Python function heappush(heap, item) that pushes onto a heap.",
+        "--model",
+        "smollm2-135m",
+        "--dtype",
+        "float32",
+        "--max-new-tokens",
+        "48",
+        "--method",
+        "rest",
+        "--option",
+        f"datastore={store}",
+        "--compare",
+    )
+    assert out["identical"] is True
+    assert out["stats"]["drafted"] > 0

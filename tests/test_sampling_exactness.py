@@ -18,6 +18,11 @@ from specdec.engine import Engine, Generation
 from specdec.models.target import NativeTarget
 from specdec.spec.drafters.base import NoDrafter
 from specdec.spec.drafters.draft_model import DraftModelDrafter
+from specdec.spec.drafters.lookahead import LookaheadDrafter
+from specdec.spec.drafters.merged import MergedDrafter
+from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
+from specdec.spec.drafters.stand import StandDrafter
+from specdec.spec.drafters.token_recycling import TokenRecyclingDrafter
 from specdec.spec.sampling import SamplingParams, probabilities
 
 V, N, RUNS = 6, 3, 20_000
@@ -103,6 +108,17 @@ CASES = {
             NativeTarget(perturbed_copy(m, 0.3)), V, branching=[3, 2], sibling_sampling="beam"
         )
     ),
+    # model-free drafters: deterministic tree nodes (point masses), the matrix and the
+    # n-gram index carried from run to run
+    "recycle": lambda m: lambda: TokenRecyclingDrafter(V, top_k=3, max_nodes=6),
+    "lookahead": lambda m: lambda: LookaheadDrafter(window=2, ngram=3, guesses=2),
+    # stochastic children without replacement, q = the stored entry minus earlier siblings
+    "stand": lambda m: lambda: StandDrafter(V, top_k=4, max_ngram=2, max_nodes=6),
+    "pld+recycle": lambda m: (
+        lambda: MergedDrafter(
+            [PromptLookupDrafter(3, branches=2), TokenRecyclingDrafter(V, top_k=2, max_nodes=4)]
+        )
+    ),
     "draft-k3-unrelated": lambda m: (
         lambda: DraftModelDrafter(
             NativeTarget(random_transformer("llama", seed=9, vocab=V, layers=1)), V, 3
@@ -152,11 +168,26 @@ MULTI_DRAFT_RUNS = 4_000  # fewer runs than above, to keep the suite short
         ("draft-tree-2,2-spectr", T1),
         ("draft-tree-3,2-rsd-c", SHAPED),
         ("draft-tree-3,2-rsd-s", T1),
+        ("recycle", T1),
+        ("pld+recycle", SHAPED),
+        ("lookahead", T1),
+        ("stand", T1),
+        ("stand", SHAPED),
     ],
-    ids=["spectr-2,2-t1", "rsd-c-3,2-t1.2-k4-p0.95", "rsd-s-3,2-t1"],
+    ids=[
+        "spectr-2,2-t1",
+        "rsd-c-3,2-t1.2-k4-p0.95",
+        "rsd-s-3,2-t1",
+        "recycle-t1",
+        "pld+recycle-t1.2-k4-p0.95",
+        "lookahead-2,3,2-t1",
+        "stand-t1",
+        "stand-t1.2-k4-p0.95",
+    ],
 )
 def test_engine_multi_draft_sampling_matches_target_distribution(case, params):
-    """SpecTr and Recursive Speculative Decoding through the engine: 4,000 seeded runs,
+    """SpecTr, Recursive Speculative Decoding and the model-free trees through the engine:
+    4,000 seeded runs,
     chi-square p > 0.001 against the enumerated target distribution."""
     torch.manual_seed(0)
     model = random_transformer("qwen2", seed=3, vocab=V, layers=2)

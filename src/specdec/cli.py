@@ -1,4 +1,4 @@
-"""Command line: `specdec generate | methods | bench | models | pull`.
+"""Command line: `specdec generate | methods | bench | models | pull | datastore build`.
 
 Errors a user can cause print one line (no traceback) and exit non-zero.
 """
@@ -152,6 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even if present")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pull)
+
+    d = sub.add_parser(
+        "datastore",
+        help="build a retrieval datastore for --method rest",
+        description="Retrieval datastores for REST (--method rest): a corpus tokenised by the "
+        "model's tokenizer, with a suffix array over it, read memory-mapped.",
+    )
+    dsub = d.add_subparsers(dest="datastore_command", required=True, metavar="ACTION")
+    db = dsub.add_parser(
+        "build",
+        help="tokenise files and index them",
+        description="Tokenise the input files with the model's tokenizer and write a datastore "
+        "folder. Without --out it goes where `--method rest` looks by default, so it becomes "
+        "the default datastore for models with this tokenizer.",
+    )
+    db.add_argument("--model", default=DEFAULT_MODEL, metavar="M", help="whose tokenizer")
+    db.add_argument(
+        "--input",
+        nargs="+",
+        default=["stdlib"],
+        metavar="FILE",
+        help="files, folders (their .py .md .txt .rst .json .jsonl files), or stdlib: the "
+        "Python standard library's source (default)",
+    )
+    db.add_argument("--out", default=None, metavar="PATH", help="datastore folder to write")
+    db.add_argument("--quiet", action="store_true", help="no progress bar")
+    db.set_defaults(func=cmd_datastore_build)
     return parser
 
 
@@ -301,6 +328,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
         for k, o in r["options"].items():
             print(f"    --option {k}=<{o['type']}>  {o['help']} (default {o['default']})")
         print()
+    print(
+        "A+B  (e.g. pld+recycle) the trees of several drafting methods merged into one and "
+        "verified in one pass;\n    an option goes to every part that takes it"
+    )
     return 0
 
 
@@ -351,6 +382,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     path = pull(args.name, progress=not args.quiet, force=args.force)
     print(path)
+    return 0
+
+
+def cmd_datastore_build(args: argparse.Namespace) -> int:
+    from specdec.models.loading import load_tokenizer
+    from specdec.spec.datastore import build, default_path, input_files
+
+    tokenizer = load_tokenizer(args.model, progress=not args.quiet)
+    files = input_files(args.input)
+    out = args.out or default_path(tokenizer)
+    meta = build(tokenizer, files, out, progress=not args.quiet)
+    print(
+        f"{meta['tokens']:,} tokens from {meta['documents']} files, "
+        f"{meta['bytes'] / 2**20:.1f} MiB, in {meta['build_s']} s",
+        file=sys.stderr,
+    )
+    print(out)
     return 0
 
 

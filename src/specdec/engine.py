@@ -172,6 +172,7 @@ class Engine:
             mask = None if tree.is_chain() else mask  # a chain is causal: no mask needed
             logits = self.target.forward([root] + tree.tokens, positions=positions, attn_mask=mask)
         outcome = verifier.verify(tree, probabilities(logits, sampling), sampling, rng)
+        outcome.logits = logits
         if len(tree):
             self.target.keep([0] + [i + 1 for i in outcome.path])
         return outcome

@@ -149,7 +149,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 def parse_methods(text: str | None, server: bool) -> list[str]:
     """Method names, validated, `ar` first (added if missing)."""
     from specdec.bench.runners import PEERS
-    from specdec.spec.registry import METHODS
+    from specdec.spec.registry import METHODS, is_method
 
     if server:
         if text is not None:
@@ -160,7 +160,9 @@ def parse_methods(text: str | None, server: bool) -> list[str]:
         raise InvalidRequestError("--methods is empty")
     known = ["auto", *METHODS, *PEERS]
     for m in names:
-        if base_method(m) not in known or m.endswith("@") or (m != base_method(m) and m in PEERS):
+        base = base_method(m)
+        ok = base in known or is_method(base)
+        if not ok or m.endswith("@") or (m != base and m in PEERS):
             raise InvalidRequestError(
                 f"unknown method {m!r} (known: {', '.join(known)}; see `specdec methods`)"
             )
@@ -180,13 +182,13 @@ def parse_options(
     items: list[str], methods: list[str], draft: str | None, model: str
 ) -> dict[str, dict[str, Any]]:
     """Per specdec method, its options (validated by the method registry)."""
-    from specdec.spec.registry import METHODS, get_method, resolve_auto
+    from specdec.spec.registry import get_method, is_method, resolve_auto
 
     def spec_of(m: str):
         m = base_method(m)
         return get_method(resolve_auto(model)[0] if m == "auto" else m)
 
-    ours = [m for m in methods if base_method(m) in METHODS or base_method(m) == "auto"]
+    ours = [m for m in methods if is_method(base_method(m)) or base_method(m) == "auto"]
     opts: dict[str, dict[str, Any]] = {m: {} for m in ours}
     for item in items:
         key, sep, value = item.partition("=")

@@ -89,6 +89,19 @@ def load_model(
     return _load_converted(folder, str(spec), torch_dtype, dev, progress)
 
 
+def load_tokenizer(spec: str | Path, *, progress: bool = True) -> Tokenizer:
+    """The tokenizer of a model, without loading its weights (converting a GGUF once)."""
+    from specdec.models.registry import resolve_model_file
+
+    where = resolve_model_file(str(spec), auto_pull=True, progress=progress)
+    if isinstance(where, str):
+        where = _download_from_hub(where)
+    folder = where if where.is_dir() else converted_folder(where, progress=progress)
+    if not (folder / "tokenizer.json").exists():
+        raise ModelNotFoundError(f"{folder}: no tokenizer.json")
+    return Tokenizer(folder)
+
+
 def _check_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UnsupportedModelError("--device cuda was asked for but no CUDA device is available")

@@ -6,10 +6,16 @@
 - Either can stop a draft early when the drafter's confidence in its next token
   (its top probability) drops under a threshold, as transformers'
   ``assistant_confidence_threshold`` and DEL-style confidence stopping do.
+- `TreeBudget`: the size of a dynamic draft-model tree, from measured pass costs.
+- `RankAcceptance`: a tree shape learnt online from which ranked candidates get accepted.
 The policy only decides lengths, so every policy is lossless with every verifier.
 """
 
 from __future__ import annotations
+
+import heapq
+
+import torch
 
 from specdec.errors import InvalidRequestError
 
@@ -123,3 +129,79 @@ def _cheapest_at_least(cost, limit: int = 128):
     for n in range(limit - 1, -1, -1):
         table[n] = min(table[n], table[n + 1])
     return lambda n: table[n] if n <= limit else cost(n)
+
+
+# Prior chance that a node's rank-r candidate is the target's next token, given the node was
+# accepted (a guess in the spirit of Token Recycling's template, which gives rank 0 the deepest
+# subtree); replaced by counts as the drafter observes verifications.
+_RANK_PRIOR = (0.45, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)
+_PRIOR_WEIGHT = 20.0  # the prior counts as this many observations
+
+
+class RankAcceptance:
+    """Online acceptance rates of a ranked tree: P(the rank-``r`` child at depth ``d`` is
+    accepted | its parent was), counted from every verification (with a weak prior).
+
+    A node's score is the product of these along its path: the chance it is accepted,
+    i.e. the tokens it adds in expectation. Drafters whose children come ranked
+    (Token Recycling's matrix, STAND's stored distributions) grow their trees best-first
+    by this score and size them with the target's pass-cost curve (`best_size`): the
+    tree shape is learnt from data, online.
+    """
+
+    def __init__(self, max_depth: int, ranks: int) -> None:
+        prior = torch.tensor([_RANK_PRIOR[min(r, len(_RANK_PRIOR) - 1)] for r in range(ranks)])
+        self.hits = (prior * _PRIOR_WEIGHT).repeat(max_depth, 1).double()
+        self.trials = torch.full((max_depth, ranks), _PRIOR_WEIGHT, dtype=torch.float64)
+        self.max_depth, self.ranks = max_depth, ranks
+
+    def probs(self) -> list[list[float]]:
+        return (self.hits / self.trials).tolist()
+
+    def count(self, parents: list[int], ranks: list[int], path: list[int]) -> None:
+        """Every child of the root or of an accepted node was a trial of its (depth, rank)."""
+        depth: list[int] = []
+        for p in parents:
+            depth.append(0 if p < 0 else depth[p] + 1)
+        on_path, accepted = {-1, *path}, set(path)
+        for i, p in enumerate(parents):
+            if p in on_path:
+                d, r = depth[i], ranks[i]
+                self.trials[d, r] += 1
+                if i in accepted:
+                    self.hits[d, r] += 1
+
+    def template(self, max_nodes: int) -> list[tuple[int, int, int, float]]:
+        """The ``max_nodes`` best-scoring nodes of the full ranked tree, best first:
+        (parent index or -1, depth, rank, score). A child's rank-``r + 1`` sibling is
+        considered only once the rank-``r`` one is in, so ranks under a parent are
+        contiguous from 0."""
+        probs = self.probs()
+        out: list[tuple[int, int, int, float]] = []
+        heap = [
+            (-probs[0][0], 0, -1, 0, 0, 1.0)
+        ]  # (-score, tie, parent, depth, rank, parent score)
+        tie = 1
+        while heap and len(out) < max_nodes:
+            neg, _, parent, d, r, base = heapq.heappop(heap)
+            node = len(out)
+            out.append((parent, d, r, -neg))
+            if r + 1 < self.ranks:  # the next sibling
+                heapq.heappush(heap, (-base * probs[d][r + 1], tie, parent, d, r + 1, base))
+                tie += 1
+            if d + 1 < self.max_depth:  # the first child
+                heapq.heappush(heap, (neg * probs[d + 1][0], tie, node, d + 1, 0, -neg))
+                tie += 1
+        return out
+
+
+def best_size(scores: list[float], cost) -> int:
+    """How many of the nodes (best first, ``scores`` = chance each is accepted) maximise
+    expected tokens per unit of pass time under the pass-cost curve ``cost``."""
+    best_n, best_rate, expected = 0, 1.0 / cost(1), 1.0
+    for n, s in enumerate(scores, start=1):
+        expected += s
+        rate = expected / cost(n + 1)
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    return best_n

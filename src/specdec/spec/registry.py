@@ -150,6 +150,56 @@ def _build_cross_vocab(ctx: Any, opts: dict[str, Any]) -> Drafter:
     )
 
 
+def _build_pld(ctx: Any, opts: dict[str, Any]) -> Drafter:
+    from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
+
+    return PromptLookupDrafter(**opts)
+
+
+def _build_ngram_cache(ctx: Any, opts: dict[str, Any]) -> Drafter:
+    from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
+
+    return NgramCacheDrafter(**opts)
+
+
+def _build_lookahead(ctx: Any, opts: dict[str, Any]) -> Drafter:
+    from specdec.spec.drafters.lookahead import LookaheadDrafter
+
+    return LookaheadDrafter(**opts)
+
+
+def _build_stand(ctx: Any, opts: dict[str, Any]) -> Drafter:
+    from specdec.spec.drafters.stand import StandDrafter
+
+    opts = dict(opts)
+    by_cost = opts.pop("size_by_cost")
+    cost = ctx.pass_cost() if by_cost and hasattr(ctx, "pass_cost") else None
+    return StandDrafter(ctx.vocab_size, pass_cost=cost, **opts)
+
+
+def _build_recycle(ctx: Any, opts: dict[str, Any]) -> Drafter:
+    from specdec.spec.drafters.token_recycling import TokenRecyclingDrafter
+
+    cost = ctx.pass_cost() if opts["size_by_cost"] and hasattr(ctx, "pass_cost") else None
+    return TokenRecyclingDrafter(
+        ctx.vocab_size,
+        top_k=opts["top_k"],
+        max_nodes=opts["max_nodes"],
+        max_depth=opts["max_depth"],
+        pass_cost=cost,
+        matrix_file=opts["matrix_file"],
+    )
+
+
+def _build_rest(ctx: Any, opts: dict[str, Any]) -> Drafter:
+    from specdec.spec.datastore import open_datastore
+    from specdec.spec.drafters.retrieval import RetrievalDrafter
+
+    opts = dict(opts)
+    store = open_datastore(opts.pop("datastore"), ctx.tokenizer, getattr(ctx, "progress", False))
+    return RetrievalDrafter(store, **opts)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -237,6 +287,128 @@ METHODS: dict[str, Method] = {
                 ),
             },
         ),
+        Method(
+            "pld",
+            "prompt lookup decoding: the last n-gram's earlier occurrences in the prompt and "
+            "output propose what followed them, several matches as one tree (Saxena 2023)",
+            lossless=True,
+            needs=(),
+            build=_build_pld,
+            options={
+                "num_draft_tokens": Option(int, 10, "tokens copied per match", minimum=1),
+                "min_ngram": Option(int, 1, "shortest n-gram matched", minimum=1),
+                "max_ngram": Option(int, 3, "longest n-gram matched (tried first)", minimum=1),
+                "branches": Option(int, 3, "most matches merged into the tree", minimum=1),
+                "max_nodes": Option(int, 16, "most tree nodes verified in one pass", minimum=1),
+            },
+        ),
+        Method(
+            "ngram-cache",
+            "an n-gram cache across requests: the most frequent continuations of the longest "
+            "n-gram seen in earlier prompts and outputs (llama.cpp's lookup cache, OmniDraft)",
+            lossless=True,
+            needs=(),
+            build=_build_ngram_cache,
+            options={
+                "num_draft_tokens": Option(int, 8, "most tokens per branch", minimum=1),
+                "min_ngram": Option(int, 1, "shortest n-gram looked up", minimum=1),
+                "max_ngram": Option(int, 4, "longest n-gram looked up (tried first)", minimum=1),
+                "branches": Option(int, 2, "next tokens tried at the first level", minimum=1),
+                "max_nodes": Option(int, 16, "most tree nodes verified in one pass", minimum=1),
+                "min_count": Option(int, 1, "observations needed to extend a branch", minimum=1),
+                "min_share": Option(
+                    float, 0.3, "share of the n-gram's observations needed to extend", minimum=0
+                ),
+                "max_entries": Option(int, 2_000_000, "most n-grams kept", minimum=1),
+            },
+        ),
+        Method(
+            "stand",
+            "STAND: an n-gram model of the target's own top-10 distributions (running means), "
+            "drafted stochastically without replacement (Gumbel-Top-k) in a tree whose shape "
+            "is learnt from acceptance (Song et al. 2025)",
+            lossless=True,
+            needs=(),
+            build=_build_stand,
+            options={
+                "top_k": Option(int, 10, "tokens kept per n-gram", minimum=1),
+                "min_ngram": Option(int, 1, "shortest n-gram looked up", minimum=1),
+                "max_ngram": Option(int, 4, "longest n-gram looked up (tried first)", minimum=1),
+                "max_nodes": Option(int, 24, "most tree nodes verified in one pass", minimum=1),
+                "max_depth": Option(int, 8, "deepest tree level", minimum=1),
+                "size_by_cost": Option(
+                    _boolean,
+                    True,
+                    "pick the tree size that maximises expected tokens per unit of the "
+                    "target's measured pass time (else always max_nodes)",
+                ),
+                "max_entries": Option(int, 2_000_000, "most n-grams kept", minimum=1),
+            },
+        ),
+        Method(
+            "lookahead",
+            "Lookahead decoding: Jacobi iterations over a window of future positions, run in "
+            "the same pass, fill an n-gram pool whose n-grams starting with the last token are "
+            "verified (Fu et al. 2024)",
+            lossless=True,
+            needs=(),
+            build=_build_lookahead,
+            options={
+                "window": Option(int, 4, "positions looked ahead (W)", minimum=2),
+                "ngram": Option(int, 4, "n-gram size (N): N - 1 Jacobi levels", minimum=3),
+                "guesses": Option(int, 4, "n-grams verified per pass (G)", minimum=1),
+                "pool_from_prompt": Option(
+                    _boolean, True, "seed the pool with the prompt's and the output's n-grams"
+                ),
+            },
+        ),
+        Method(
+            "rest",
+            "REST, retrieval drafting: the longest suffix of the context (16 down to 2 tokens) "
+            "looked up in a datastore (suffix array over a corpus); the continuations found "
+            "form a frequency-weighted tree (He et al. 2023)",
+            lossless=True,
+            needs=(),
+            build=_build_rest,
+            options={
+                "datastore": Option(
+                    str,
+                    "stdlib",
+                    "datastore folder (`specdec datastore build`); stdlib: the Python standard "
+                    "library's source, built for the model's tokenizer on first use",
+                ),
+                "max_nodes": Option(int, 16, "most tree nodes verified in one pass", minimum=1),
+                "continuation": Option(int, 10, "tokens retrieved after each match", minimum=1),
+                "max_span": Option(int, 16, "longest suffix looked up", minimum=1),
+                "min_span": Option(int, 2, "shortest suffix looked up", minimum=1),
+                "max_matches": Option(int, 512, "most matches used per step", minimum=1),
+            },
+        ),
+        Method(
+            "recycle",
+            "Token Recycling: the target's own top-k tokens after each token, kept in an "
+            "adjacency matrix and updated by every pass, drafted as a tree (Luo et al. 2024)",
+            lossless=True,
+            needs=(),
+            build=_build_recycle,
+            options={
+                "top_k": Option(int, 8, "candidates kept per token", minimum=1),
+                "max_nodes": Option(int, 24, "most tree nodes verified in one pass", minimum=1),
+                "max_depth": Option(int, 8, "deepest tree level", minimum=1),
+                "size_by_cost": Option(
+                    _boolean,
+                    True,
+                    "pick the tree size that maximises expected tokens per unit of the "
+                    "target's measured pass time (else always max_nodes)",
+                ),
+                "matrix_file": Option(
+                    str,
+                    None,
+                    "safetensors file the matrix starts from (if it exists) and is saved to "
+                    "(before each request and at exit)",
+                ),
+            },
+        ),
     )
 }
 
@@ -250,11 +422,55 @@ AUTO: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def get_method(name: str) -> Method:
+    if "+" in name:
+        return _merged_method(name)
     if name not in METHODS:
         raise InvalidRequestError(
             f"unknown method {name!r} (known: auto, {', '.join(METHODS)}; see `specdec methods`)"
         )
     return METHODS[name]
+
+
+def is_method(name: str) -> bool:
+    """A registered method, or a valid merge of them (``pld+recycle``)."""
+    try:
+        get_method(name)
+    except InvalidRequestError:
+        return False
+    return True
+
+
+def _merged_method(name: str) -> Method:
+    """``pld+recycle``: the parts' trees merged into one (`MergedDrafter`); an option goes
+    to every part that takes it."""
+    parts = [get_method(p.strip()) for p in name.split("+")]
+    if len(parts) < 2 or any(p.name == "ar" for p in parts):
+        raise InvalidRequestError(f"{name!r}: merge two or more drafting methods, e.g. pld+recycle")
+    # no defaults here: a part gets only the options given, and its own defaults for the rest
+    options: dict[str, Option] = {}
+    for p in parts:
+        for key, opt in p.options.items():
+            options.setdefault(key, Option(opt.type, None, opt.help, opt.minimum))
+
+    def build(ctx: Any, opts: dict[str, Any]) -> Drafter:
+        from specdec.spec.drafters.merged import MergedDrafter
+
+        given = {k: v for k, v in opts.items() if v is not None}
+        return MergedDrafter(
+            [
+                p.build(ctx, p.validate({k: v for k, v in given.items() if k in p.options}))
+                for p in parts
+            ]
+        )
+
+    return Method(
+        name,
+        "one tree from several drafters: " + ", ".join(p.name for p in parts),
+        lossless=all(p.lossless for p in parts),
+        needs=tuple(sorted({n for p in parts for n in p.needs})),
+        options=options,
+        build=build,
+    )
 
 
 def resolve_auto(model: str) -> tuple[str, dict[str, Any]]:

@@ -100,3 +100,39 @@ class DraftTree:
             depth[row] = depth[p + 1] + 1
         mask[0, 0] = True
         return mask, depth
+
+    @classmethod
+    def from_paths(cls, paths: list[list[int]], weights: list[float], max_nodes: int) -> DraftTree:
+        """The trie of token sequences, pruned to the ``max_nodes`` heaviest nodes.
+
+        A node weighs the sum of the weights of the sequences through it, so a
+        child never outweighs its parent: keeping the heaviest nodes (ties to
+        the shallower one, then to the earlier sequence) keeps every kept
+        node's parent. Deterministic proposals (``q`` None) from retrieval-style
+        drafters: siblings are distinct tokens by construction.
+        """
+        key_of: dict[tuple[int, ...], int] = {}  # prefix -> node id in build order
+        weight: list[float] = []
+        parent: list[int] = []
+        token: list[int] = []
+        depth: list[int] = []
+        for path, w in zip(paths, weights, strict=True):
+            prev = -1
+            for d, t in enumerate(path):
+                key = tuple(path[: d + 1])
+                node = key_of.get(key)
+                if node is None:
+                    node = key_of[key] = len(token)
+                    token.append(t)
+                    parent.append(prev)
+                    weight.append(0.0)
+                    depth.append(d)
+                weight[node] += w
+                prev = node
+        keep = sorted(range(len(token)), key=lambda i: (-weight[i], depth[i], i))[:max_nodes]
+        keep.sort(key=lambda i: (depth[i], i))  # parents first
+        index = {old: new for new, old in enumerate(keep)}
+        return cls(
+            [token[i] for i in keep],
+            [index[parent[i]] if parent[i] >= 0 else -1 for i in keep],
+        )

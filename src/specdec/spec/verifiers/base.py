@@ -21,6 +21,9 @@ class Outcome:
 
     path: list[int] = field(default_factory=list)
     bonus: int = -1
+    # the target's logits of the pass (row 0 after the root, row i + 1 after node i), for
+    # drafters that learn from them (Token Recycling); set by the engine
+    logits: torch.Tensor | None = None
 
     def tokens(self, tree: DraftTree) -> list[int]:
         return [tree.tokens[i] for i in self.path] + [self.bonus]

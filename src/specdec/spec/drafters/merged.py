@@ -1,0 +1,83 @@
+"""Several drafters feeding one tree: e.g. prompt lookup's branches beside Token Recycling's.
+
+Each drafter proposes its own tree; the trees are overlaid from the root, in
+the order the drafters are given; each keeps its own size limit, so the
+merged tree has at most the sum of their sizes. A deterministic node (``q`` None) whose
+parent already has a deterministic child with the same token is that child;
+any other node is added as it is. Nodes drawn from a distribution are never
+merged: whether a sampled sibling exists must not depend on its own token
+(see `specdec.spec.verifiers.speculative`), so a sampled duplicate stays a
+sibling of its own; under greedy the verifier takes the first match anyway.
+The verifier is the first drafter's (the others must not ask for another).
+
+After verification each drafter observes its own tree and the outcome in its
+own node indices: the longest prefix of the accepted path made of its nodes,
+followed by the next committed token, and the logits rows of its nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.errors import InvalidRequestError
+from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.sampling import SamplingParams
+from specdec.spec.tree import DraftTree
+from specdec.spec.verifiers.base import Outcome, Verifier
+
+
+class MergedDrafter(Drafter):
+    def __init__(self, drafters: list[Drafter]) -> None:
+        if len(drafters) < 2:
+            raise InvalidRequestError("merging drafters needs at least two")
+        self.drafters = drafters
+        self.name = "+".join(d.name for d in drafters)
+        self.needs = frozenset().union(*(d.needs for d in drafters))
+        self._parts: list[tuple[DraftTree, list[int]]] = []
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        for d in self.drafters:
+            d.reset(prompt_ids)
+
+    def verifier(self, sampling: SamplingParams) -> Verifier | None:
+        chosen = [d.verifier(sampling) for d in self.drafters]
+        if any(v is not None for v in chosen[1:]):
+            raise InvalidRequestError(
+                f"{self.name}: only the first drafter may bring its own verifier"
+            )
+        return chosen[0]
+
+    def propose(self, state: DraftState) -> DraftTree:
+        merged = DraftTree()
+        # (parent in merged, token) -> merged node, for deterministic nodes only
+        by_token: dict[tuple[int, int], int] = {}
+        self._parts = []
+        for drafter in self.drafters:
+            tree = drafter.propose(state)
+            where: list[int] = []  # this tree's node -> merged node
+            for token, parent, q in zip(tree.tokens, tree.parents, tree.q, strict=True):
+                up = where[parent] if parent >= 0 else -1
+                node = by_token.get((up, token)) if q is None else None
+                if node is None:
+                    node = merged.add(token, up, q)
+                    if q is None:
+                        by_token[(up, token)] = node
+                where.append(node)
+            self._parts.append((tree, where))
+        return merged
+
+    def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
+        committed = outcome.tokens(tree)
+        for drafter, (own, where) in zip(self.drafters, self._parts, strict=True):
+            back = {m: i for i, m in enumerate(where)}
+            path: list[int] = []
+            for m in outcome.path:
+                i = back.get(m)
+                if i is None or (own.parents[i] != (path[-1] if path else -1)):
+                    break
+                path.append(i)
+            sub = Outcome(path, committed[len(path)])
+            if outcome.logits is not None:
+                rows = [0] + [m + 1 for m in where]
+                sub.logits = outcome.logits[torch.tensor(rows)]
+            drafter.observe(state, own, sub)

@@ -1,0 +1,117 @@
+"""An n-gram cache across requests: what followed each n-gram in every sequence seen so far.
+
+The idea of llama.cpp's lookup decoding (its "dynamic" n-gram cache) and of
+the cross-request caches in OmniDraft and SuffixDecoding: count, for each
+n-gram of ``min_ngram``..``max_ngram`` tokens, the tokens that followed it in
+the prompts and outputs of all requests this drafter has served; draft by
+following the most frequent next token of the longest n-gram that has been
+seen often enough.
+
+Drafting: the ``branches`` most frequent next tokens after the longest known
+n-gram start the branches; each is extended greedily (longest n-gram first,
+its most frequent next token, if it has at least ``min_count`` observations
+and a share of at least ``min_share``) up to ``num_draft_tokens`` tokens.
+Branches weigh their first token's count, and the trie is cut to
+``max_nodes`` (`DraftTree.from_paths`). Nodes are deterministic: exact under
+greedy and speculative sampling. Memory is bounded: past ``max_entries``
+distinct n-grams, new ones are no longer added (existing counts still grow).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from specdec.errors import InvalidRequestError
+from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.tree import DraftTree
+
+
+class NgramCacheDrafter(Drafter):
+    name = "ngram-cache"
+
+    def __init__(
+        self,
+        num_draft_tokens: int = 8,
+        min_ngram: int = 1,
+        max_ngram: int = 4,
+        branches: int = 2,
+        max_nodes: int = 16,
+        min_count: int = 1,
+        min_share: float = 0.3,
+        max_entries: int = 2_000_000,
+    ) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise InvalidRequestError(
+                f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram}, "
+                f"{max_ngram}"
+            )
+        if min(num_draft_tokens, branches, max_nodes, min_count) < 1:
+            raise InvalidRequestError(
+                "num_draft_tokens, branches, max_nodes and min_count must be >= 1"
+            )
+        self.k = num_draft_tokens
+        self.ngrams = range(max_ngram, min_ngram - 1, -1)  # longest first
+        self.branches = branches
+        self.max_nodes = max_nodes
+        self.min_count = min_count
+        self.min_share = min_share
+        self.max_entries = max_entries
+        self.next: dict[tuple[int, ...], Counter[int]] = {}  # n-gram -> next-token counts
+        self.counted = 0  # positions of the current sequence already counted
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        self.counted = 0  # the counts stay: they are the cache across requests
+
+    def _count(self, tokens: list[int]) -> None:
+        for end in range(max(self.counted, 1), len(tokens)):
+            nxt = tokens[end]
+            for n in self.ngrams:
+                if end < n:
+                    continue
+                key = tuple(tokens[end - n : end])
+                c = self.next.get(key)
+                if c is None:
+                    if len(self.next) >= self.max_entries:
+                        continue
+                    c = self.next[key] = Counter()
+                c[nxt] += 1
+        self.counted = max(self.counted, len(tokens))
+
+    def _candidates(self, context: list[int]) -> Counter[int] | None:
+        for n in self.ngrams:
+            if len(context) >= n:
+                c = self.next.get(tuple(context[-n:]))
+                if c:
+                    return c
+        return None
+
+    def _confident(self, c: Counter[int]) -> int | None:
+        token, count = c.most_common(1)[0]
+        if count >= self.min_count and count >= self.min_share * c.total():
+            return token
+        return None
+
+    def propose(self, state: DraftState) -> DraftTree:
+        tokens = state.tokens
+        self._count(tokens)
+        k = min(self.k, state.budget)
+        first = self._candidates(tokens) if k > 0 else None
+        if not first:
+            return DraftTree()
+        tail = tokens[-max(self.ngrams) :]
+        paths, weights = [], []
+        for token, count in first.most_common(self.branches):
+            if count < self.min_count:
+                break
+            path = [token]
+            while len(path) < k:
+                c = self._candidates(tail + path)
+                nxt = self._confident(c) if c else None
+                if nxt is None:
+                    break
+                path.append(nxt)
+            paths.append(path)
+            weights.append(float(count))
+        if not paths:
+            return DraftTree()
+        return DraftTree.from_paths(paths, weights, min(self.max_nodes, state.budget))

@@ -1,0 +1,91 @@
+"""Prompt lookup decoding: copy what followed the last n-gram where it appeared before.
+
+Saxena 2023, "Prompt Lookup Decoding" (the method behind `transformers`'
+``prompt_lookup_num_tokens`` and llama.cpp's lookup): find the last ``n``
+tokens of the sequence (prompt and generated text) earlier in the sequence,
+longest ``n`` first, and propose the tokens that followed there.
+
+Deviation from the original, which proposes one continuation (the first
+match): up to ``branches`` different matches become one trie, weighted by
+match length (a longer n-gram counts ``2**n``) and by how many matches agree,
+pruned to ``max_nodes`` nodes (`DraftTree.from_paths`); a single match is
+the original chain. The n-gram index is updated incrementally as tokens are
+committed, so a step costs a few dictionary lookups, not a scan of the text.
+Every node is a deterministic proposal (``q`` None): exact under greedy and
+under speculative sampling alike.
+"""
+
+from __future__ import annotations
+
+from specdec.errors import InvalidRequestError
+from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.tree import DraftTree
+
+
+class PromptLookupDrafter(Drafter):
+    name = "pld"
+
+    def __init__(
+        self,
+        num_draft_tokens: int = 10,
+        min_ngram: int = 1,
+        max_ngram: int = 3,
+        branches: int = 3,
+        max_nodes: int = 16,
+    ) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise InvalidRequestError(
+                f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram}, "
+                f"{max_ngram}"
+            )
+        if min(num_draft_tokens, branches, max_nodes) < 1:
+            raise InvalidRequestError("num_draft_tokens, branches and max_nodes must be >= 1")
+        self.k = num_draft_tokens
+        self.ngrams = range(max_ngram, min_ngram - 1, -1)  # longest first
+        self.branches = branches
+        self.max_nodes = max_nodes
+        self.reset([])
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        # n -> n-gram -> positions right after each of its occurrences (oldest first)
+        self.index: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in self.ngrams}
+        self.indexed = 1  # occurrences ending before this position are indexed
+
+    def _index(self, tokens: list[int]) -> None:
+        # The sequence only grows within a request (the engine resets between requests).
+        # Only n-grams with at least one token after them: the continuation is non-empty.
+        for end in range(self.indexed, len(tokens)):
+            for n in self.ngrams:
+                if end >= n:
+                    self.index[n].setdefault(tuple(tokens[end - n : end]), []).append(end)
+        self.indexed = max(len(tokens), self.indexed)
+
+    def propose(self, state: DraftState) -> DraftTree:
+        tokens = state.tokens
+        self._index(tokens)
+        k = min(self.k, state.budget)
+        if k <= 0:
+            return DraftTree()
+        paths: list[list[int]] = []
+        weights: list[float] = []
+        used: set[int] = set()  # a match of n tokens is also one of every shorter n-gram
+        for n in self.ngrams:
+            if len(tokens) < n:
+                continue
+            for end in reversed(self.index[n].get(tuple(tokens[-n:]), ())):
+                if end in used:
+                    continue
+                used.add(end)
+                path = tokens[end : end + k]
+                if path in paths:
+                    weights[paths.index(path)] += 2.0**n
+                    continue
+                if len(paths) == self.branches:
+                    break
+                paths.append(path)
+                weights.append(2.0**n)
+            if len(paths) == self.branches:
+                break
+        if not paths:
+            return DraftTree()
+        return DraftTree.from_paths(paths, weights, min(self.max_nodes, state.budget))

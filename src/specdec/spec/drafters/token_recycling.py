@@ -1,0 +1,151 @@
+"""Token Recycling: the target's own runner-up tokens, kept per token, drafted as a tree.
+
+Luo et al. 2024/2025, "Turning Trash into Treasure: Accelerating Inference of
+Large Language Models with Token Recycling". Every target pass computes a
+distribution after each of its input tokens; its top-k tokens are what tends
+to follow that token. An adjacency matrix (vocabulary × k token ids) keeps,
+for every token, the top-k of the most recent row the target produced after
+it; a verification pass overwrites the rows of all its input tokens (the
+root and every drafted node, accepted or not). A draft is a tree grown from
+the last committed token through the matrix: the child of rank ``r`` of a
+node with token ``t`` is ``matrix[t, r]``. The matrix lives as long as the
+drafter (across requests: the paper's "hot start"); with ``matrix_file`` it
+starts from that safetensors file and is saved back to it before each new
+request and at exit, so what one run learnt warms the next.
+
+Deviation from the paper, which verifies one fixed 80-node template: on a
+CPU a pass over 80 tokens costs several one-token passes (docs/BENCHMARKS.md),
+so the tree here is the template's most likely part. The chance that the
+child of rank ``r`` at depth ``d`` is accepted, given its parent was, is
+counted online (`RankAcceptance`, a prior of a few observations to start); a
+node's score is the product along its path, the expected number of tokens it
+adds. The tree
+is the ``max_nodes`` best-scoring nodes (best-first over the matrix), and
+with a measured pass-cost curve the size that maximises expected tokens per
+unit of pass time. Nodes are deterministic proposals (``q`` None): exact
+under greedy and speculative sampling.
+"""
+
+from __future__ import annotations
+
+import atexit
+import heapq
+from pathlib import Path
+
+import torch
+
+from specdec.errors import InvalidRequestError
+from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.policies import RankAcceptance, best_size
+from specdec.spec.tree import DraftTree
+from specdec.spec.verifiers.base import Outcome
+
+
+class TokenRecyclingDrafter(Drafter):
+    name = "recycle"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        top_k: int = 8,
+        max_nodes: int = 24,
+        max_depth: int = 8,
+        pass_cost=None,
+        matrix_file: str | None = None,
+    ) -> None:
+        if not 1 <= top_k <= 64:
+            raise InvalidRequestError(f"top_k must be in 1..64, got {top_k}")
+        if min(max_nodes, max_depth) < 1:
+            raise InvalidRequestError("max_nodes and max_depth must be >= 1")
+        self.vocab_size = vocab_size
+        self.top_k = top_k
+        self.max_nodes = max_nodes
+        self.max_depth = max_depth
+        self.pass_cost = pass_cost  # PassCost of the target, or None: always max_nodes
+        self.matrix_file = matrix_file
+        self.matrix = torch.full((vocab_size, top_k), -1, dtype=torch.int32)  # -1: unknown
+        self._dirty = False  # learnt since the last save
+        if matrix_file:
+            if Path(matrix_file).exists():
+                self.load(matrix_file)
+            atexit.register(self._save_if_dirty)
+        self.acceptance = RankAcceptance(max_depth, top_k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.numel() * self.matrix.element_size()
+
+    def load(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        m = load_file(path).get("matrix")
+        if m is None or m.dtype != torch.int32 or tuple(m.shape) != tuple(self.matrix.shape):
+            raise InvalidRequestError(
+                f"{path} holds no Token Recycling matrix of shape {tuple(self.matrix.shape)}"
+            )
+        self.matrix = m
+
+    def save(self, path: str | None = None) -> None:
+        from safetensors.torch import save_file
+
+        path = path or self.matrix_file
+        if not path:
+            raise InvalidRequestError("no file to save the Token Recycling matrix to")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp"
+        save_file({"matrix": self.matrix.contiguous()}, tmp)
+        Path(tmp).replace(path)  # never a half-written file
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        self._save_if_dirty()  # what the previous request taught, before this one starts
+
+    def _save_if_dirty(self) -> None:
+        if self.matrix_file and self._dirty:
+            self.save()
+            self._dirty = False
+
+    def propose(self, state: DraftState) -> DraftTree:
+        limit = min(self.max_nodes, state.budget)
+        if limit <= 0:
+            return DraftTree()
+        probs = self.acceptance.probs()
+        matrix = self.matrix
+        tree = DraftTree()
+        scores: list[float] = []
+        ranks: list[int] = []
+        # best-first: (-score, tie-break, parent node, parent token, depth, rank)
+        heap: list[tuple[float, int, int, int, int, int]] = []
+        counter = 0
+
+        def push_children(node: int, token: int, score: float, depth: int) -> None:
+            nonlocal counter
+            if depth >= self.max_depth or depth >= state.budget:
+                return
+            for r in range(self.top_k):
+                counter += 1
+                heapq.heappush(heap, (-score * probs[depth][r], counter, node, token, depth, r))
+
+        push_children(-1, state.tokens[-1], 1.0, 0)
+        while heap and len(tree) < limit:
+            neg, _, parent, parent_token, depth, rank = heapq.heappop(heap)
+            token = int(matrix[parent_token, rank])
+            if token < 0:
+                continue  # nothing recycled yet for this token
+            node = tree.add(token, parent)
+            scores.append(-neg)
+            ranks.append(rank)
+            push_children(node, token, -neg, depth + 1)
+        if self.pass_cost is not None and len(tree):
+            tree = tree.subtree(list(range(best_size(scores, self.pass_cost))))
+        self._ranks = ranks[: len(tree)]  # the rank each node was drafted at, for observe
+        return tree
+
+    def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
+        if len(tree):
+            self.acceptance.count(tree.parents, self._ranks, outcome.path)
+        logits = outcome.logits
+        if logits is not None:
+            inputs = torch.tensor([state.tokens[-1]] + tree.tokens)
+            top = torch.topk(logits[:, : self.vocab_size], self.top_k, dim=-1).indices
+            self.matrix[inputs] = top.to(torch.int32)
+            self._dirty = True

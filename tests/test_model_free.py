@@ -1,0 +1,366 @@
+"""Model-free drafters: prompt lookup, Token Recycling, and trees merged from several drafters.
+
+Their greedy exactness is in the conformance suite (test_contract.py) and their
+sampling exactness in test_sampling_exactness.py; here: what they propose.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from specdec.errors import InvalidRequestError
+from specdec.models.pass_cost import PassCost
+from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.drafters.merged import MergedDrafter
+from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
+from specdec.spec.drafters.token_recycling import TokenRecyclingDrafter
+from specdec.spec.registry import get_method
+from specdec.spec.sampling import SamplingParams
+from specdec.spec.tree import DraftTree
+from specdec.spec.verifiers.base import Outcome
+
+
+def state(tokens, budget=100):
+    return DraftState(list(tokens), len(tokens), SamplingParams(), None, budget)
+
+
+def paths(tree: DraftTree) -> set[tuple[int, ...]]:
+    """Root-to-leaf token sequences of a tree."""
+    kids = tree.children()
+    return {tuple(tree.tokens[i] for i in tree.path_to(n)) for n in range(len(tree)) if not kids[n]}
+
+
+def test_trie_from_paths_merges_prefixes_and_keeps_the_heaviest_prefix_closed_nodes():
+    tree = DraftTree.from_paths([[1, 2, 3], [1, 2, 4], [5, 6]], [1.0, 1.0, 1.5], max_nodes=10)
+    assert paths(tree) == {(1, 2, 3), (1, 2, 4), (5, 6)}
+    assert len(tree) == 6  # 1 and 2 shared
+    pruned = DraftTree.from_paths([[1, 2, 3], [1, 2, 4], [5, 6]], [1.0, 1.0, 1.5], max_nodes=3)
+    # weights: 1:2, 2:2, 5:1.5, 6:1.5, 3:1, 4:1 -> the three heaviest
+    assert paths(pruned) == {(1, 2), (5,)}
+    for i, p in enumerate(pruned.parents):
+        assert p < i
+
+
+def test_prompt_lookup_copies_what_followed_the_last_ngram():
+    d = PromptLookupDrafter(num_draft_tokens=3, min_ngram=1, max_ngram=2, branches=1)
+    d.reset([])
+    tree = d.propose(state([7, 8, 9, 10, 11, 5, 7, 8]))
+    assert tree.tokens == [9, 10, 11] and tree.is_chain()
+    # the longest n-gram wins over a more recent shorter match
+    d.reset([])
+    tree = d.propose(state([1, 2, 3, 9, 2, 4, 1, 2]))
+    assert tree.tokens == [3, 9, 2]
+
+
+def test_prompt_lookup_merges_matches_into_a_tree_and_indexes_incrementally():
+    d = PromptLookupDrafter(num_draft_tokens=2, min_ngram=1, max_ngram=1, branches=3)
+    seq = [4, 1, 2, 4, 3, 5, 4]
+    d.reset([])
+    assert paths(d.propose(state(seq))) == {(3, 5), (1, 2)}  # after "4": "3 5", "1 2"
+    seq += [1, 6, 4]
+    # the same drafter, three tokens later: the new occurrence "4 1 6" is indexed too
+    tree = d.propose(state(seq))
+    assert paths(tree) == {(1, 6), (3, 5), (1, 2)} and len(tree) == 5  # "1" shared
+    d.reset([])
+    assert d.propose(state([1, 2, 3])).tokens == []  # nothing matches
+
+
+def test_prompt_lookup_respects_budget_and_node_limit():
+    d = PromptLookupDrafter(num_draft_tokens=8, max_nodes=5)
+    d.reset([])
+    seq = list(range(20)) + [3]
+    assert d.propose(state(seq, budget=2)).tokens == [4, 5]
+    assert len(d.propose(state(seq))) == 5
+    with pytest.raises(InvalidRequestError):
+        PromptLookupDrafter(min_ngram=3, max_ngram=2)
+
+
+def recycled(vocab=10, **kw) -> TokenRecyclingDrafter:
+    d = TokenRecyclingDrafter(vocab, **kw)
+    d.reset([])
+    return d
+
+
+def logits_ranking(rows: list[list[int]], vocab: int) -> torch.Tensor:
+    """Logit rows whose top tokens are ``rows[i]``, best first."""
+    out = torch.zeros(len(rows), vocab)
+    for i, ranked in enumerate(rows):
+        for r, t in enumerate(ranked):
+            out[i, t] = 10.0 - r
+    return out
+
+
+def test_token_recycling_learns_candidates_from_the_targets_logits_and_drafts_them():
+    d = recycled(top_k=2, max_nodes=10, max_depth=3)
+    assert len(d.propose(state([1]))) == 0  # nothing recycled yet
+    # a pass over [root 1] + tree [2]: the target ranked 2,3 after 1 and 4,5 after 2
+    tree = DraftTree.chain([2])
+    d._ranks = [0]
+    d.observe(state([1]), tree, Outcome([0], 4, logits_ranking([[2, 3], [4, 5]], 10)))
+    assert d.matrix[1].tolist() == [2, 3] and d.matrix[2].tolist() == [4, 5]
+    assert (d.matrix[0] == -1).all()
+    tree = d.propose(state([1]))
+    # from 1: children 2 (rank 0) and 3 (rank 1); from 2: 4 and 5; 3, 4, 5 have no row yet
+    assert paths(tree) == {(2, 4), (2, 5), (3,)}
+    assert tree.tokens[0] == 2  # best first
+
+
+def test_token_recycling_counts_acceptance_per_depth_and_rank():
+    d = recycled(top_k=2, max_nodes=10, max_depth=3)
+    d.matrix[1] = torch.tensor([2, 3], dtype=torch.int32)
+    d.matrix[2] = torch.tensor([4, 5], dtype=torch.int32)
+    acc = d.acceptance
+    before = (acc.hits / acc.trials).clone()
+    for _ in range(50):
+        tree = d.propose(state([1]))
+        # the target always continues 1 -> 3 (rank 1): rank 0 at depth 0 keeps failing
+        path = [tree.tokens.index(3)]
+        d.observe(state([1]), tree, Outcome(path, 9))
+    after = acc.hits / acc.trials
+    assert after[0, 1] > before[0, 1] and after[0, 0] < before[0, 0]
+    assert d.propose(state([1])).tokens[0] == 3  # now the better guess comes first
+
+
+def test_token_recycling_sizes_its_tree_by_the_pass_cost():
+    def full(cost):
+        d = recycled(vocab=50, top_k=4, max_nodes=40, pass_cost=cost)
+        d.matrix[:] = torch.arange(50).remainder(50).view(-1, 1).repeat(1, 4)  # any tokens
+        d.matrix[:, 1:] = (d.matrix[:, 1:] + torch.tensor([1, 2, 3])).remainder(50)
+        return len(d.propose(state([0])))
+
+    assert full(PassCost({1: 1.0, 64: 1.0})) == 40  # flat cost: everything pays
+    assert full(PassCost({1: 1.0, 64: 64.0})) < 5  # linear cost: only the likeliest nodes
+    assert full(None) == 40
+
+
+def test_token_recycling_matrix_fits_in_8_mb_and_round_trips(tmp_path):
+    d = TokenRecyclingDrafter(151_936)
+    assert d.nbytes < 8 * 2**20
+    d.matrix[5] = torch.arange(8, dtype=torch.int32)
+    f = tmp_path / "m.safetensors"
+    d.save(str(f))
+    e = TokenRecyclingDrafter(151_936, matrix_file=str(f))
+    assert torch.equal(e.matrix, d.matrix)
+    with pytest.raises(InvalidRequestError, match="no Token Recycling matrix"):
+        TokenRecyclingDrafter(1000, matrix_file=str(f))
+    # with a matrix file, what one request learnt is saved before the next one starts
+    g = tmp_path / "g.safetensors"
+    warm = TokenRecyclingDrafter(16, top_k=2, matrix_file=str(g))
+    warm.reset([])
+    warm.observe(state([1]), DraftTree(), Outcome([], 3, logits_ranking([[3, 4]], 16)))
+    assert not g.exists()
+    warm.reset([])
+    assert TokenRecyclingDrafter(16, top_k=2, matrix_file=str(g)).matrix[1].tolist() == [3, 4]
+
+
+class Fixed(Drafter):
+    """Proposes a given tree; remembers what it observed."""
+
+    def __init__(self, tree, name="fixed"):
+        self.tree, self.name, self.seen = tree, name, []
+
+    def propose(self, state):
+        return DraftTree(list(self.tree.tokens), list(self.tree.parents), list(self.tree.q))
+
+    def observe(self, state, tree, outcome):
+        self.seen.append(outcome)
+
+
+def test_merged_tree_shares_equal_deterministic_nodes_and_keeps_sampled_ones():
+    q = torch.tensor([0.5, 0.5])
+    a = Fixed(DraftTree([1, 2, 3], [-1, 0, -1]))
+    b = Fixed(DraftTree([1, 4, 3], [-1, 0, -1], [None, None, q]))
+    m = MergedDrafter([a, b])
+    tree = m.propose(state([0]))
+    assert tree.tokens == [1, 2, 3, 4, 3] and tree.parents == [-1, 0, -1, 0, -1]
+    assert tree.q[4] is q  # a sampled duplicate stays a sibling of its own
+    # the target accepts 1 then 4, then says 7: a sees [1] then 4; b sees [1, 4] then 7
+    logits = torch.arange(6 * 3, dtype=torch.float32).view(6, 3)
+    m.observe(state([0]), tree, Outcome([0, 3], 7, logits))
+    (oa,), (ob,) = a.seen, b.seen
+    assert (oa.path, oa.bonus) == ([0], 4)
+    assert (ob.path, ob.bonus) == ([0, 1], 7)
+    assert torch.equal(ob.logits, logits[[0, 1, 4, 5]])  # rows of b's nodes: 1, 4, 3
+
+
+def test_merged_methods_from_the_registry():
+    method = get_method("pld+recycle")
+    assert method.lossless and "max_nodes" in method.options
+
+    class Context:
+        vocab_size = 32
+
+    drafter = method.build(Context(), method.validate({"max_nodes": 5, "size_by_cost": False}))
+    assert isinstance(drafter, MergedDrafter) and drafter.name == "pld+recycle"
+    assert [d.max_nodes for d in drafter.drafters] == [5, 5]
+    for bad in ["ar+pld", "pld+nope", "pld+"]:
+        with pytest.raises(InvalidRequestError):
+            get_method(bad)
+
+
+class WordTokenizer:
+    """A stand-in tokenizer for datastores: one id per character of 'abcdefgh '."""
+
+    chars = "abcdefgh "
+
+    def vocab(self):
+        return {c: i for i, c in enumerate(self.chars)}
+
+    def encode_many(self, texts):
+        return [[self.chars.index(c) for c in t if c in self.chars] for t in texts]
+
+
+def test_suffix_array_sorts_positions_by_their_first_16_tokens():
+    from specdec.spec import datastore as ds
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(-1, 4, size=500).astype(np.int32)
+    sa = ds.suffix_array(tokens)
+    padded = list(tokens) + [-1] * ds.SPAN
+    keys = [tuple(padded[p : p + ds.SPAN]) for p in sa]
+    assert keys == sorted(keys) and sorted(sa.tolist()) == list(range(500))
+
+
+def test_datastore_build_lookup_and_continuations(tmp_path):
+    from specdec.spec import datastore as ds
+
+    for i, text in enumerate(["abc abd abc", "hab abc", "xyz"]):
+        (tmp_path / "in" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{i}.txt").write_text(text)
+    tok = WordTokenizer()
+    files = ds.input_files([str(tmp_path / "in")])
+    meta = ds.build(tok, files, tmp_path / "store", progress=False)
+    assert meta["documents"] == 3 and meta["tokens"] == 11 + 1 + 7 + 1 + 0 + 1
+    store = ds.Datastore(tmp_path / "store", tok)
+    a, b, c, d, sp = (tok.chars.index(x) for x in "abcd ")
+    starts = store.lookup([a, b])
+    assert len(starts) == 5  # "ab" three times in the first document, twice in the second
+    conts = store.continuations(starts, 3)
+    # no continuation runs past the end of its document
+    assert sorted(conts) == sorted([(c, sp, a), (d, sp, a), (c,), (sp, a, b), (c,)])
+    assert len(store.lookup([d, d])) == 0
+    with pytest.raises(InvalidRequestError, match="another tokenizer"):
+
+        class Other(WordTokenizer):
+            chars = "hgfedcba "
+
+        ds.Datastore(tmp_path / "store", Other())
+    with pytest.raises(InvalidRequestError, match="no datastore"):
+        ds.Datastore(tmp_path / "nothing", tok)
+    with pytest.raises(InvalidRequestError, match="no such file"):
+        ds.input_files([str(tmp_path / "missing.txt")])
+
+
+def test_rest_drafts_the_longest_matching_suffixes_continuations_by_frequency(tmp_path):
+    from specdec.spec import datastore as ds
+    from specdec.spec.drafters.retrieval import RetrievalDrafter
+
+    docs = [[1, 2, 3, 4, 5]] * 3 + [[1, 2, 3, 6]] + [[9, 2, 3, 7, 7]] * 5
+    ds.write(docs, tmp_path / "s", "fp")
+    store = ds.Datastore(tmp_path / "s")
+    d = RetrievalDrafter(store, max_nodes=10, continuation=3)
+    # the context ends "1 2 3": the 3-token span matches 4 times (not "9 2 3", a shorter span)
+    tree = d.propose(state([8, 1, 2, 3]))
+    assert paths(tree) == {(4, 5), (6,)}
+    assert tree.tokens[0] == 4  # 3 of 4 continuations: the heaviest first
+    tree = d.propose(state([5, 2, 3]))  # only "2 3" matches: all nine
+    assert paths(tree) == {(4, 5), (6,), (7, 7)}
+    assert d.propose(state([0, 0])).tokens == []
+    assert len(RetrievalDrafter(store, max_nodes=2).propose(state([2, 3]))) == 2
+
+
+def test_ngram_cache_learns_across_requests_and_drafts_confident_continuations():
+    from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
+
+    d = NgramCacheDrafter(num_draft_tokens=4, min_ngram=1, max_ngram=2, branches=2)
+    d.reset([1, 2, 3, 4])
+    assert d.propose(state([1, 2, 3, 4])).tokens == []  # "4" never seen followed by anything
+    d.reset([9])  # a new request: the counts of the first one stay
+    tree = d.propose(state([9, 2]))
+    # after "2": 3 (seen once); then after "2 3": 4 -> the chain 3 4
+    assert paths(tree) == {(3, 4)}
+    d.reset([2, 5, 2])
+    tree = d.propose(state([2, 5, 2]))  # now "2" was followed by 3 and by 5
+    assert {p[0] for p in paths(tree)} == {3, 5}
+    with pytest.raises(InvalidRequestError):
+        NgramCacheDrafter(min_ngram=2, max_ngram=1)
+    capped = NgramCacheDrafter(max_entries=3)
+    capped.reset([])
+    capped.propose(state(list(range(50))))
+    assert len(capped.next) == 3
+
+
+def test_lookahead_runs_its_window_as_a_tree_and_pools_the_columns():
+    from specdec.spec.drafters.lookahead import LookaheadDrafter
+
+    d = LookaheadDrafter(window=3, ngram=3, guesses=2, pool_from_prompt=False)
+    d.reset([])
+    d.levels = [[10, 11], [20, 21, 22]]  # level 0: W - 1 tokens; level 1: W
+    tree = d.propose(state([5]))
+    # no guesses yet: the trunk 10 -> 11 after the root, then column j's level-1 token
+    # hangs from the root (j = 0), from 10 (j = 1) and from 11 (j = 2)
+    assert tree.tokens == [10, 11, 20, 21, 22]
+    assert tree.parents == [-1, 0, -1, 0, 1]
+    assert tree.depths == [0, 1, 0, 1, 2]  # positions p + 1 + depth: p+1, p+2, p+1, ...
+    logits = torch.zeros(6, 40)
+    for node, best in [(2, 30), (3, 31), (4, 32)]:  # after each level-1 token
+        logits[node + 1, best] = 1.0
+    d.observe(state([5]), tree, Outcome([], 7, logits))
+    assert d.levels == [[21, 22], [30, 31, 32]]  # slid one level; the new one from the target
+    # one n-gram per column: (level-0 token or root) -> (level-1 token, new token)
+    assert list(d.pool[5]) == [(20, 30)]
+    assert list(d.pool[10]) == [(21, 31)] and list(d.pool[11]) == [(22, 32)]
+    tree = d.propose(state([5, 7, 10]))  # the last token is 10: its n-gram is a guess
+    assert tree.tokens[:2] == [21, 31] and tree.parents[:2] == [-1, 0]
+    assert len(tree) == 2 + 5
+
+
+def test_lookahead_pool_keeps_the_most_recent_guesses_and_fits_the_budget():
+    from specdec.spec.drafters.lookahead import LookaheadDrafter
+
+    d = LookaheadDrafter(window=2, ngram=3, guesses=2)
+    d.reset([])
+    tree = d.propose(state([1, 2, 3, 1, 4, 5, 1, 6, 7, 1]))  # prompt n-grams after "1"
+    assert paths(tree.subtree(list(range(4)))) == {(6, 7), (4, 5)}  # two newest of three
+    assert len(d.propose(state([1, 2, 3, 1, 4, 5, 1, 6, 7, 1], budget=3))) <= 3
+    with pytest.raises(InvalidRequestError):
+        LookaheadDrafter(ngram=2)
+
+
+def test_stand_keeps_running_means_of_the_targets_distributions():
+    from specdec.spec.drafters.stand import StandDrafter
+
+    d = StandDrafter(10, top_k=3, min_ngram=1, max_ngram=2)
+    d._record([1, 2], [5, 6, 7], [0.7, 0.2, 0.05])
+    d._record([9, 2], [5, 6, 8], [0.3, 0.6, 0.05])
+    one = d.memory[(2,)]  # both observations end in "2": averaged
+    assert one.ids[:2] == [5, 6] and one.probs[:2] == pytest.approx([0.5, 0.4])
+    assert one.count == 2 and len(one.ids) == 3  # cut back to top_k
+    assert d.memory[(1, 2)].probs == [0.7, 0.2, 0.05]  # the longer n-gram saw one
+    assert d._entry([4, 1, 2]) is d.memory[(1, 2)]  # longest first
+    assert d._entry([4, 3, 2]) is one
+
+
+def test_stand_drafts_ranked_children_greedily_and_samples_them_without_replacement():
+    from specdec.spec.drafters.stand import StandDrafter
+
+    d = StandDrafter(10, top_k=3, min_ngram=1, max_ngram=1, max_nodes=6, max_depth=2)
+    d._record([2], [5, 6, 7], [0.6, 0.3, 0.1])
+    d._record([5], [8, 9], [0.5, 0.4])
+    tree = d.propose(state([1, 2]))
+    roots = [tree.tokens[i] for i, p in enumerate(tree.parents) if p == -1]
+    assert roots == [5, 6, 7] and tree.q[0] is None  # greedy: the likeliest, in order
+    assert (8,) in {tuple(tree.tokens[j] for j in tree.path_to(i))[1:] for i in range(len(tree))}
+    sampled = DraftState([1, 2], 2, SamplingParams(temperature=1.0), torch.Generator(), 100)
+    firsts = set()
+    for _ in range(200):
+        t = d.propose(sampled)
+        kids = [i for i, p in enumerate(t.parents) if p == -1]
+        toks = [t.tokens[i] for i in kids]
+        assert len(set(toks)) == len(toks)  # without replacement
+        q0 = t.q[kids[0]]
+        assert q0 is not None and q0[[5, 6, 7]].tolist() == pytest.approx([0.6, 0.3, 0.1])
+        if len(kids) > 1:  # the second sibling's q: the first one removed
+            assert t.q[kids[1]][toks[0]] == 0
+        firsts.add(toks[0])
+    assert firsts == {5, 6, 7}
