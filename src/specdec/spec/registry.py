@@ -81,6 +81,25 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _ngram_options(longest: int, looked: str = "looked up") -> dict[str, Option]:
+    return {
+        "min_ngram": Option(int, 1, f"shortest n-gram {looked}", minimum=1),
+        "max_ngram": Option(int, longest, f"longest n-gram {looked} (tried first)", minimum=1),
+    }
+
+
+def _max_nodes(default: int) -> dict[str, Option]:
+    return {"max_nodes": Option(int, default, "most tree nodes verified in one pass", minimum=1)}
+
+
+_SIZE_BY_COST = Option(
+    _boolean,
+    True,
+    "pick the tree size that maximises expected tokens per unit of the target's measured "
+    "pass time (else always max_nodes)",
+)
+
+
 def _build_ar(ctx: Any, opts: dict[str, Any]) -> Drafter:
     return NoDrafter()
 
@@ -296,10 +315,9 @@ METHODS: dict[str, Method] = {
             build=_build_pld,
             options={
                 "num_draft_tokens": Option(int, 10, "tokens copied per match", minimum=1),
-                "min_ngram": Option(int, 1, "shortest n-gram matched", minimum=1),
-                "max_ngram": Option(int, 3, "longest n-gram matched (tried first)", minimum=1),
+                **_ngram_options(3, "matched"),
                 "branches": Option(int, 3, "most matches merged into the tree", minimum=1),
-                "max_nodes": Option(int, 16, "most tree nodes verified in one pass", minimum=1),
+                **_max_nodes(16),
             },
         ),
         Method(
@@ -311,10 +329,9 @@ METHODS: dict[str, Method] = {
             build=_build_ngram_cache,
             options={
                 "num_draft_tokens": Option(int, 8, "most tokens per branch", minimum=1),
-                "min_ngram": Option(int, 1, "shortest n-gram looked up", minimum=1),
-                "max_ngram": Option(int, 4, "longest n-gram looked up (tried first)", minimum=1),
+                **_ngram_options(4),
                 "branches": Option(int, 2, "next tokens tried at the first level", minimum=1),
-                "max_nodes": Option(int, 16, "most tree nodes verified in one pass", minimum=1),
+                **_max_nodes(16),
                 "min_count": Option(int, 1, "observations needed to extend a branch", minimum=1),
                 "min_share": Option(
                     float, 0.3, "share of the n-gram's observations needed to extend", minimum=0
@@ -332,16 +349,10 @@ METHODS: dict[str, Method] = {
             build=_build_stand,
             options={
                 "top_k": Option(int, 10, "tokens kept per n-gram", minimum=1),
-                "min_ngram": Option(int, 1, "shortest n-gram looked up", minimum=1),
-                "max_ngram": Option(int, 4, "longest n-gram looked up (tried first)", minimum=1),
-                "max_nodes": Option(int, 24, "most tree nodes verified in one pass", minimum=1),
+                **_ngram_options(4),
+                **_max_nodes(24),
                 "max_depth": Option(int, 8, "deepest tree level", minimum=1),
-                "size_by_cost": Option(
-                    _boolean,
-                    True,
-                    "pick the tree size that maximises expected tokens per unit of the "
-                    "target's measured pass time (else always max_nodes)",
-                ),
+                "size_by_cost": _SIZE_BY_COST,
                 "max_entries": Option(int, 2_000_000, "most n-grams kept", minimum=1),
             },
         ),
@@ -377,7 +388,7 @@ METHODS: dict[str, Method] = {
                     "datastore folder (`specdec datastore build`); stdlib: the Python standard "
                     "library's source, built for the model's tokenizer on first use",
                 ),
-                "max_nodes": Option(int, 16, "most tree nodes verified in one pass", minimum=1),
+                **_max_nodes(16),
                 "continuation": Option(int, 10, "tokens retrieved after each match", minimum=1),
                 "max_span": Option(int, 16, "longest suffix looked up", minimum=1),
                 "min_span": Option(int, 2, "shortest suffix looked up", minimum=1),
@@ -393,14 +404,9 @@ METHODS: dict[str, Method] = {
             build=_build_recycle,
             options={
                 "top_k": Option(int, 8, "candidates kept per token", minimum=1),
-                "max_nodes": Option(int, 24, "most tree nodes verified in one pass", minimum=1),
+                **_max_nodes(24),
                 "max_depth": Option(int, 8, "deepest tree level", minimum=1),
-                "size_by_cost": Option(
-                    _boolean,
-                    True,
-                    "pick the tree size that maximises expected tokens per unit of the "
-                    "target's measured pass time (else always max_nodes)",
-                ),
+                "size_by_cost": _SIZE_BY_COST,
                 "matrix_file": Option(
                     str,
                     None,

@@ -26,6 +26,17 @@ class DraftState:
     budget: int  # most nodes worth drafting (tokens left to generate, tree limits)
 
 
+def ngram_orders(min_ngram: int, max_ngram: int) -> range:
+    """The n-gram sizes an n-gram drafter looks up, longest first (validated)."""
+    if not 1 <= min_ngram <= max_ngram:
+        from specdec.errors import InvalidRequestError
+
+        raise InvalidRequestError(
+            f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}"
+        )
+    return range(max_ngram, min_ngram - 1, -1)
+
+
 class Drafter:
     name: str = ""
     #: what the method needs beyond tokens and logits: "draft_model", "hidden_states", ...

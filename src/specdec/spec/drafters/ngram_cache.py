@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.drafters.base import Drafter, DraftState, ngram_orders
 from specdec.spec.tree import DraftTree
 
 
@@ -40,17 +40,12 @@ class NgramCacheDrafter(Drafter):
         min_share: float = 0.3,
         max_entries: int = 2_000_000,
     ) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise InvalidRequestError(
-                f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram}, "
-                f"{max_ngram}"
-            )
         if min(num_draft_tokens, branches, max_nodes, min_count) < 1:
             raise InvalidRequestError(
                 "num_draft_tokens, branches, max_nodes and min_count must be >= 1"
             )
         self.k = num_draft_tokens
-        self.ngrams = range(max_ngram, min_ngram - 1, -1)  # longest first
+        self.ngrams = ngram_orders(min_ngram, max_ngram)
         self.branches = branches
         self.max_nodes = max_nodes
         self.min_count = min_count

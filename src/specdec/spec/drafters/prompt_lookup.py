@@ -18,7 +18,7 @@ under speculative sampling alike.
 from __future__ import annotations
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.drafters.base import Drafter, DraftState, ngram_orders
 from specdec.spec.tree import DraftTree
 
 
@@ -33,15 +33,10 @@ class PromptLookupDrafter(Drafter):
         branches: int = 3,
         max_nodes: int = 16,
     ) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise InvalidRequestError(
-                f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram}, "
-                f"{max_ngram}"
-            )
         if min(num_draft_tokens, branches, max_nodes) < 1:
             raise InvalidRequestError("num_draft_tokens, branches and max_nodes must be >= 1")
         self.k = num_draft_tokens
-        self.ngrams = range(max_ngram, min_ngram - 1, -1)  # longest first
+        self.ngrams = ngram_orders(min_ngram, max_ngram)
         self.branches = branches
         self.max_nodes = max_nodes
         self.reset([])

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.drafters.base import Drafter, DraftState, ngram_orders
 from specdec.spec.policies import RankAcceptance, best_size
 from specdec.spec.tree import DraftTree
 from specdec.spec.verifiers.base import Outcome
@@ -59,16 +59,11 @@ class StandDrafter(Drafter):
         pass_cost=None,
         max_entries: int = 2_000_000,
     ) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise InvalidRequestError(
-                f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram}, "
-                f"{max_ngram}"
-            )
         if min(top_k, max_nodes, max_depth, max_entries) < 1:
             raise InvalidRequestError("top_k, max_nodes, max_depth and max_entries must be >= 1")
         self.vocab_size = vocab_size
         self.top_k = top_k
-        self.ngrams = range(max_ngram, min_ngram - 1, -1)  # longest first
+        self.ngrams = ngram_orders(min_ngram, max_ngram)
         self.max_nodes = max_nodes
         self.pass_cost = pass_cost
         self.max_entries = max_entries
