@@ -143,6 +143,9 @@ def test_token_recycling_matrix_fits_in_8_mb_and_round_trips(tmp_path):
     assert torch.equal(e.matrix, d.matrix)
     with pytest.raises(InvalidRequestError, match="no Token Recycling matrix"):
         TokenRecyclingDrafter(1000, matrix_file=str(f))
+    (tmp_path / "junk").write_text("not safetensors")
+    with pytest.raises(InvalidRequestError, match="no Token Recycling matrix"):
+        TokenRecyclingDrafter(1000, matrix_file=str(tmp_path / "junk"))
     # with a matrix file, what one request learnt is saved before the next one starts
     g = tmp_path / "g.safetensors"
     warm = TokenRecyclingDrafter(16, top_k=2, matrix_file=str(g))
@@ -249,6 +252,11 @@ def test_datastore_build_lookup_and_continuations(tmp_path):
         ds.Datastore(tmp_path / "nothing", tok)
     with pytest.raises(InvalidRequestError, match="no such file"):
         ds.input_files([str(tmp_path / "missing.txt")])
+    # a rebuild replaces a datastore; any other existing folder is refused, left untouched
+    assert ds.build(tok, files, tmp_path / "store", progress=False)["tokens"] == 21
+    with pytest.raises(InvalidRequestError, match="is not a datastore"):
+        ds.build(tok, files, tmp_path / "in", progress=False)
+    assert len(list((tmp_path / "in").iterdir())) == 3
 
 
 def test_rest_drafts_the_longest_matching_suffixes_continuations_by_frequency(tmp_path):

@@ -124,6 +124,9 @@ def write(
     """Index tokenised documents into a datastore folder at ``out`` (replaced atomically)."""
     t0 = time.perf_counter()
     out = Path(out)
+    if out.exists() and not (out / "meta.json").is_file():
+        # never delete what is not ours: only a datastore folder is replaced
+        raise InvalidRequestError(f"{out} exists and is not a datastore; choose another --out")
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     parts = [np.append(np.asarray(d, dtype=np.int32), np.int32(SEPARATOR)) for d in documents]
@@ -147,9 +150,9 @@ def write(
     meta["build_s"] = round(time.perf_counter() - t0 + extra.get("build_s", 0.0), 1)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if out.exists():
-        for f in out.iterdir():
-            f.unlink()
-        out.rmdir()
+        import shutil
+
+        shutil.rmtree(out)
     tmp.rename(out)
     return meta
 

@@ -78,7 +78,10 @@ class TokenRecyclingDrafter(Drafter):
     def load(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        m = load_file(path).get("matrix")
+        try:
+            m = load_file(path).get("matrix")
+        except Exception:  # safetensors raises its own error types for unreadable files
+            m = None
         if m is None or m.dtype != torch.int32 or tuple(m.shape) != tuple(self.matrix.shape):
             raise InvalidRequestError(
                 f"{path} holds no Token Recycling matrix of shape {tuple(self.matrix.shape)}"
