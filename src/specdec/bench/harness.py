@@ -161,7 +161,7 @@ def parse_methods(text: str | None, server: bool) -> list[str]:
     known = ["auto", *METHODS, *PEERS]
     for m in names:
         base = base_method(m)
-        ok = base in known or is_method(base)
+        ok = base in ("auto", *PEERS) or is_method(base)  # is_method: merges (pld+recycle) too
         if not ok or m.endswith("@") or (m != base and m in PEERS):
             raise InvalidRequestError(
                 f"unknown method {m!r} (known: {', '.join(known)}; see `specdec methods`)"
