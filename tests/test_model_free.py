@@ -257,6 +257,8 @@ def test_datastore_build_lookup_and_continuations(tmp_path):
     with pytest.raises(InvalidRequestError, match="is not a datastore"):
         ds.build(tok, files, tmp_path / "in", progress=False)
     assert len(list((tmp_path / "in").iterdir())) == 3
+    (tmp_path / "empty").mkdir()  # an empty folder (e.g. from mkdtemp) is taken
+    assert ds.build(tok, files, tmp_path / "empty", progress=False)["tokens"] == 21
 
 
 def test_rest_drafts_the_longest_matching_suffixes_continuations_by_frequency(tmp_path):

@@ -113,6 +113,10 @@ def build(
     return write(chunks, out, tokenizer_fingerprint(tokenizer), progress=progress, **extra)
 
 
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def write(
     documents: list[np.ndarray] | list[list[int]],
     out: str | Path,
@@ -124,8 +128,8 @@ def write(
     """Index tokenised documents into a datastore folder at ``out`` (replaced atomically)."""
     t0 = time.perf_counter()
     out = Path(out)
-    if out.exists() and not (out / "meta.json").is_file():
-        # never delete what is not ours: only a datastore folder is replaced
+    if out.exists() and not (out / "meta.json").is_file() and not _is_empty_dir(out):
+        # never delete what is not ours: only a datastore folder (or an empty one) is replaced
         raise InvalidRequestError(f"{out} exists and is not a datastore; choose another --out")
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
