@@ -407,11 +407,11 @@ def predicted_ms(outs: list[Any], cost: Any) -> tuple[float, float] | None:
     do. None where the runner does not report what it needs."""
     method = ar = 0.0
     for o in outs:
-        if cost is None or None in (o.draft_s, o.pass_tokens, o.prefill_s) or not o.target_passes:
+        if cost is None or None in (o.draft_s, o.pass_sizes, o.prefill_s) or not o.target_passes:
             return None
-        steps = o.target_passes - 1  # after the prefill
-        if steps:
-            method += o.draft_s * 1e3 + steps * cost(o.pass_tokens / steps)
+        # each pass priced by its own size: the curve is not linear (nor even monotone in
+        # bfloat16), so the cost at the mean size mis-prices a mix of 1-token and tree passes
+        method += o.draft_s * 1e3 + sum(n * cost(size) for size, n in o.pass_sizes.items())
         method += o.prefill_s * 1e3
         ar += max(o.new_tokens - 1, 0) * cost(1) + o.prefill_s * 1e3
     return method, ar
