@@ -156,6 +156,30 @@ def test_token_recycling_matrix_fits_in_8_mb_and_round_trips(tmp_path):
     assert TokenRecyclingDrafter(16, top_k=2, matrix_file=str(g)).matrix[1].tolist() == [3, 4]
 
 
+def test_token_recycling_learns_the_prompts_tokens_from_the_prefill():
+    from random_models import CharTokenizer, random_transformer
+
+    from specdec.engine import Engine
+    from specdec.models.target import NativeTarget
+
+    d = recycled(vocab=48, top_k=3, prompt_rows=2)
+    d.matrix[7] = torch.tensor([1, 2, 3], dtype=torch.int32)  # known: not asked again
+    prompt = [5, 7, 9, 5, 9, 11, 5, 4]
+    # unknown tokens by count in the prompt (5 three times, 9 twice), each at its last place
+    assert d.prompt_rows(prompt) == [6, 4]
+    assert recycled(vocab=48, prompt_rows=0).prompt_rows(prompt) == []
+
+    model = random_transformer("qwen2", seed=3, vocab=48)
+    list(Engine(NativeTarget(model, capacity=8), CharTokenizer(vocab=48)).stream(
+        prompt, max_new_tokens=1, drafter=d))  # one token: only the prefill ran
+    target = NativeTarget(model, capacity=8)
+    logits = target.forward(prompt)  # every row, for reference
+    for pos in (6, 4, 7):  # the rows asked for and the last one, which comes free
+        want = torch.topk(logits[pos], 3).indices.tolist()
+        assert d.matrix[prompt[pos]].tolist() == want
+    assert d.matrix[7].tolist() == [1, 2, 3] and (d.matrix[11] == -1).all()
+
+
 class Fixed(Drafter):
     """Proposes a given tree; remembers what it observed."""
 

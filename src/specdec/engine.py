@@ -32,6 +32,9 @@ class GenerationStats:
     drafted: int = 0  # tree nodes proposed
     accepted: int = 0  # drafted tokens the target kept
     pass_tokens: int = 0  # tokens in the target passes after the prefill (root + tree each)
+    # tokens in one pass -> passes of that size (after the prefill): the cost model prices
+    # each pass by its own size (the cost curve is not linear, so a mean size would mislead)
+    pass_sizes: dict[int, int] = field(default_factory=dict)
     draft_s: float = 0.0  # time in the drafter (propose and observe)
     verify_s: float = 0.0  # time in target passes after the prefill, and in verification
 
@@ -117,15 +120,20 @@ class Engine:
         clock = time.perf_counter
 
         t0 = clock()
+        last = len(prompt_ids) - 1
+        rows = sorted({r for r in drafter.prompt_rows(list(prompt_ids)) if 0 <= r < last})
+        rows.append(last)
         self.target.reset()
-        logits = self.target.forward(prompt_ids, logits_rows=slice(-1, None))
+        prompt_logits = self.target.forward(prompt_ids, logits_rows=rows)
         stats.target_passes += 1
+        logits = prompt_logits[-1:]
         first = verifier.verify(DraftTree(), probabilities(logits, sampling), sampling, rng).bonus
         stats.prefill_s = clock() - t0
         tokens = list(prompt_ids)
         new = [first]
         t = clock()
         drafter.reset(list(prompt_ids))
+        drafter.observe_prompt(list(prompt_ids), rows, prompt_logits)
         stats.draft_s += clock() - t
         while True:
             tokens += new
@@ -148,6 +156,7 @@ class Engine:
             stats.target_passes += 1
             stats.drafted += len(tree)
             stats.pass_tokens += len(tree) + 1
+            stats.pass_sizes[len(tree) + 1] = stats.pass_sizes.get(len(tree) + 1, 0) + 1
             stats.accepted += len(outcome.path)
             drafter.observe(state, tree, outcome)
             stats.draft_s += clock() - t2

@@ -207,6 +207,7 @@ def _build_recycle(ctx: Any, opts: dict[str, Any]) -> Drafter:
         max_depth=opts["max_depth"],
         pass_cost=cost,
         matrix_file=opts["matrix_file"],
+        prompt_rows=opts["prompt_rows"],
     )
 
 
@@ -412,6 +413,13 @@ METHODS: dict[str, Method] = {
                     None,
                     "safetensors file the matrix starts from (if it exists) and is saved to "
                     "(before each request and at exit)",
+                ),
+                "prompt_rows": Option(
+                    int,
+                    128,
+                    "prompt tokens without a row learnt from the prefill's logits (the LM "
+                    "head once per row); 0: only from verification passes, as in the paper",
+                    minimum=0,
                 ),
             },
         ),

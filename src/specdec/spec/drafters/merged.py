@@ -39,6 +39,13 @@ class MergedDrafter(Drafter):
         for d in self.drafters:
             d.reset(prompt_ids)
 
+    def prompt_rows(self, prompt_ids: list[int]) -> list[int]:
+        return sorted({r for d in self.drafters for r in d.prompt_rows(prompt_ids)})
+
+    def observe_prompt(self, prompt_ids: list[int], rows: list[int], logits: torch.Tensor) -> None:
+        for d in self.drafters:  # the union of what they asked: rows are the same context
+            d.observe_prompt(prompt_ids, rows, logits)
+
     def verifier(self, sampling: SamplingParams) -> Verifier | None:
         chosen = [d.verifier(sampling) for d in self.drafters]
         if any(v is not None for v in chosen[1:]):
