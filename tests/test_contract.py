@@ -172,6 +172,7 @@ def make_rest(target_model, rng: random.Random):
         min_span=lo,
         max_span=lo + rng.randint(0, 4),
         max_matches=rng.choice([1, 4, 512]),
+        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]),
     )
 
 

@@ -14,7 +14,7 @@ from specdec.spec.drafters.base import Drafter, DraftState
 from specdec.spec.drafters.merged import MergedDrafter
 from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
 from specdec.spec.drafters.token_recycling import TokenRecyclingDrafter
-from specdec.spec.registry import get_method
+from specdec.spec.registry import effective_options, get_method
 from specdec.spec.sampling import SamplingParams
 from specdec.spec.tree import DraftTree
 from specdec.spec.verifiers.base import Outcome
@@ -220,6 +220,11 @@ def test_merged_methods_from_the_registry():
     drafter = method.build(Context(), method.validate({"max_nodes": 5, "size_by_cost": False}))
     assert isinstance(drafter, MergedDrafter) and drafter.name == "pld+recycle"
     assert [d.max_nodes for d in drafter.drafters] == [5, 5]
+    # what each part runs with, its own defaults for what was not given (bench reports it)
+    opts = effective_options("pld+recycle", {"max_nodes": 5})
+    assert opts["pld"]["max_nodes"] == opts["recycle"]["max_nodes"] == 5
+    assert opts["pld"]["branches"] == 3 and opts["recycle"]["top_k"] == 8
+    assert effective_options("pld", {})["max_nodes"] == 16
     for bad in ["ar+pld", "pld+nope", "pld+"]:
         with pytest.raises(InvalidRequestError):
             get_method(bad)
@@ -303,6 +308,26 @@ def test_rest_drafts_the_longest_matching_suffixes_continuations_by_frequency(tm
     assert len(RetrievalDrafter(store, max_nodes=2).propose(state([2, 3]))) == 2
 
 
+def test_rest_sizes_its_tree_by_the_pass_cost_and_learns_what_a_match_is_worth(tmp_path):
+    from specdec.spec import datastore as ds
+    from specdec.spec.drafters.retrieval import RetrievalDrafter
+
+    docs = [[1, 2, 3, 4, 5, 6, 7]] * 3 + [[1, 2, 3, 8, 9]]
+    ds.write(docs, tmp_path / "s", "fp")
+    store = ds.Datastore(tmp_path / "s")
+    assert len(RetrievalDrafter(store, pass_cost=PassCost({1: 1.0, 64: 1.0})).propose(
+        state([2, 3]))) == 6  # a flat cost: the whole trie pays
+    d = RetrievalDrafter(store, pass_cost=PassCost({1: 1.0, 2: 1.5, 64: 32.5}))
+    full = d.propose(state([2, 3]))
+    assert 0 < len(full) < 6  # a steep cost: only the heaviest nodes (3 of 4 matches)
+    assert full.tokens[0] == 4
+    for _ in range(20):  # the target never follows what is retrieved after "2 3"
+        tree = d.propose(state([2, 3]))
+        d.observe(state([2, 3]), tree, Outcome([], 0))
+    assert len(d.propose(state([2, 3]))) == 0  # no longer worth a pass over more tokens
+    assert len(d.propose(state([1, 2, 3]))) > 0  # a longer match is judged on its own
+
+
 def test_ngram_cache_learns_across_requests_and_drafts_confident_continuations():
     from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
 
@@ -373,6 +398,18 @@ def test_stand_keeps_running_means_of_the_targets_distributions():
     assert d.memory[(1, 2)].probs == [0.7, 0.2, 0.05]  # the longer n-gram saw one
     assert d._entry([4, 1, 2]) is d.memory[(1, 2)]  # longest first
     assert d._entry([4, 3, 2]) is one
+    # the prefill's rows seed entries: unknown tokens, most frequent first, last place each
+    prompt = [2, 4, 3, 4, 7]
+    assert d.prompt_rows(prompt) == [3, 4, 2]  # 2 is known already
+    d.observe_prompt(prompt, [3, 4], logits_ranking([[8, 9], [1]], 10))
+    assert d.memory[(3, 4)].ids[:2] == [8, 9] and d.memory[(4,)].ids[:2] == [8, 9]
+    assert d.memory[(4, 7)].ids[0] == 1
+    under = StandDrafter(10, top_k=3)
+    shaped = SamplingParams(temperature=1.0, top_k=2)
+    under.observe(DraftState([4], 1, shaped, None, 9), DraftTree(),
+                  Outcome([], 8, logits_ranking([[8, 9, 1]], 10)))
+    assert under.memory[(4,)].ids == [8, 9]  # what top-k sampling rules out is not stored
+    assert sum(under.memory[(4,)].probs) == pytest.approx(1.0)
 
 
 def test_stand_drafts_ranked_children_greedily_and_samples_them_without_replacement():

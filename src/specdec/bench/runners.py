@@ -95,7 +95,7 @@ class SpecdecRunner(Runner):
     kind = "specdec"
 
     def __init__(self, gen: Any, method: str, options: dict[str, Any]) -> None:
-        from specdec.spec.registry import get_method, resolve_auto
+        from specdec.spec.registry import effective_options, get_method, resolve_auto
 
         # ``method`` may be a labelled variant, ``draft@wide``: the label names the results
         self.gen, self.name, self.options = gen, method, options
@@ -104,7 +104,9 @@ class SpecdecRunner(Runner):
         spec = get_method(self.resolved)
         self.lossless = spec.lossless
         given = {**resolve_auto(gen.name)[1], **options} if self.method == "auto" else options
-        self.validated = spec.validate(given)  # every option with its value, defaults included
+        spec.validate(given)
+        # every option with its value, defaults included (per part for a merge)
+        self.validated = effective_options(self.resolved, given)
         gen.drafter(self.method, **options)  # build (and load any draft model) before timing
 
     def describe(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@
   ``assistant_confidence_threshold`` and DEL-style confidence stopping do.
 - `TreeBudget`: the size of a dynamic draft-model tree, from measured pass costs.
 - `RankAcceptance`: a tree shape learnt online from which ranked candidates get accepted.
+- `ShareCalibration`: how many tokens a retrieved trie's share of matches is worth, learnt
+  online, so that retrieval trees can be sized by the pass-cost curve too.
 The policy only decides lengths, so every policy is lossless with every verifier.
 """
 
@@ -205,3 +207,30 @@ def best_size(scores: list[float], cost) -> int:
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n
+
+
+class ShareCalibration:
+    """Accepted tokens per unit of retrieved share, learnt per kind of match (e.g. the length
+    of the suffix that matched).
+
+    A node of a retrieved trie carries the share of the retrieved continuations that
+    pass through it; if the target followed what was retrieved, that share would be the
+    chance the node is accepted. How far it does is measured: ``factor(key)`` is the
+    tokens accepted per unit of share predicted, counted over every verified tree of that
+    key (with a prior of ``prior`` over ``weight`` units), so ``factor * share`` is a
+    node's expected contribution, ready for `best_size`.
+    """
+
+    def __init__(self, prior: float = 1.0, weight: float = 4.0) -> None:
+        self.prior, self.weight = prior, weight
+        self._predicted: dict[object, float] = {}
+        self._accepted: dict[object, float] = {}
+
+    def factor(self, key: object) -> float:
+        w = self.weight
+        return (self._accepted.get(key, 0.0) + self.prior * w) / (self._predicted.get(key, 0.0) + w)
+
+    def observe(self, key: object, predicted: float, accepted: int) -> None:
+        """A tree whose shares summed to ``predicted`` had ``accepted`` tokens accepted."""
+        self._predicted[key] = self._predicted.get(key, 0.0) + predicted
+        self._accepted[key] = self._accepted.get(key, 0.0) + accepted

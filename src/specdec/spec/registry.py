@@ -99,6 +99,14 @@ _SIZE_BY_COST = Option(
     "pass time (else always max_nodes)",
 )
 
+_PROMPT_ROWS = Option(
+    int,
+    128,
+    "prompt tokens not yet known learnt from the prefill's logits (the LM head once per "
+    "row); 0: learn only from verification passes, as in the paper",
+    minimum=0,
+)
+
 
 def _build_ar(ctx: Any, opts: dict[str, Any]) -> Drafter:
     return NoDrafter()
@@ -217,7 +225,9 @@ def _build_rest(ctx: Any, opts: dict[str, Any]) -> Drafter:
 
     opts = dict(opts)
     store = open_datastore(opts.pop("datastore"), ctx.tokenizer, getattr(ctx, "progress", False))
-    return RetrievalDrafter(store, **opts)
+    by_cost = opts.pop("size_by_cost")
+    cost = ctx.pass_cost() if by_cost and hasattr(ctx, "pass_cost") else None
+    return RetrievalDrafter(store, pass_cost=cost, **opts)
 
 
 METHODS: dict[str, Method] = {
@@ -355,6 +365,7 @@ METHODS: dict[str, Method] = {
                 "max_depth": Option(int, 8, "deepest tree level", minimum=1),
                 "size_by_cost": _SIZE_BY_COST,
                 "max_entries": Option(int, 2_000_000, "most n-grams kept", minimum=1),
+                "prompt_rows": _PROMPT_ROWS,
             },
         ),
         Method(
@@ -394,6 +405,7 @@ METHODS: dict[str, Method] = {
                 "max_span": Option(int, 16, "longest suffix looked up", minimum=1),
                 "min_span": Option(int, 2, "shortest suffix looked up", minimum=1),
                 "max_matches": Option(int, 512, "most matches used per step", minimum=1),
+                "size_by_cost": _SIZE_BY_COST,
             },
         ),
         Method(
@@ -414,13 +426,7 @@ METHODS: dict[str, Method] = {
                     "safetensors file the matrix starts from (if it exists) and is saved to "
                     "(before each request and at exit)",
                 ),
-                "prompt_rows": Option(
-                    int,
-                    128,
-                    "prompt tokens without a row learnt from the prefill's logits (the LM "
-                    "head once per row); 0: only from verification passes, as in the paper",
-                    minimum=0,
-                ),
+                "prompt_rows": _PROMPT_ROWS,
             },
         ),
     )
@@ -485,6 +491,19 @@ def _merged_method(name: str) -> Method:
         options=options,
         build=build,
     )
+
+
+def effective_options(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Every option ``name`` runs with, defaults included; for a merge (``pld+recycle``)
+    one such dict per part, since each part keeps its own defaults."""
+    if "+" not in name:
+        return get_method(name).validate(given)
+    get_method(name)  # the merge itself is valid
+    parts = [get_method(p.strip()) for p in name.split("+")]
+    return {
+        p.name: p.validate({k: v for k, v in given.items() if k in p.options and v is not None})
+        for p in parts
+    }
 
 
 def resolve_auto(model: str) -> tuple[str, dict[str, Any]]:

@@ -103,13 +103,23 @@ class DraftTree:
 
     @classmethod
     def from_paths(cls, paths: list[list[int]], weights: list[float], max_nodes: int) -> DraftTree:
-        """The trie of token sequences, pruned to the ``max_nodes`` heaviest nodes.
+        """The trie of token sequences, pruned to the ``max_nodes`` heaviest nodes
+        (`weighted_trie` without the weights)."""
+        return cls.weighted_trie(paths, weights, max_nodes)[0]
+
+    @classmethod
+    def weighted_trie(
+        cls, paths: list[list[int]], weights: list[float], max_nodes: int
+    ) -> tuple[DraftTree, list[float]]:
+        """The trie of token sequences, pruned to the ``max_nodes`` heaviest nodes, heaviest
+        first, and each node's weight.
 
         A node weighs the sum of the weights of the sequences through it, so a
         child never outweighs its parent: keeping the heaviest nodes (ties to
         the shallower one, then to the earlier sequence) keeps every kept
-        node's parent. Deterministic proposals (``q`` None) from retrieval-style
-        drafters: siblings are distinct tokens by construction.
+        node's parent, and in that order every prefix of the nodes is a tree.
+        Deterministic proposals (``q`` None) from retrieval-style drafters:
+        siblings are distinct tokens by construction.
         """
         key_of: dict[tuple[int, ...], int] = {}  # prefix -> node id in build order
         weight: list[float] = []
@@ -130,9 +140,9 @@ class DraftTree:
                 weight[node] += w
                 prev = node
         keep = sorted(range(len(token)), key=lambda i: (-weight[i], depth[i], i))[:max_nodes]
-        keep.sort(key=lambda i: (depth[i], i))  # parents first
         index = {old: new for new, old in enumerate(keep)}
-        return cls(
+        tree = cls(
             [token[i] for i in keep],
             [index[parent[i]] if parent[i] >= 0 else -1 for i in keep],
         )
+        return tree, [weight[i] for i in keep]

@@ -16,7 +16,13 @@ span's matches are not added) and the retrieved set is the first
 for a CPU, where a pass over 64 tokens costs about three one-token passes
 (REST verifies 64 nodes; here 16) and the matches are capped at 512 (REST:
 5,000) to keep the Python trie cheap; the suffix array is sorted on the first
-16 tokens only (all a lookup compares).
+16 tokens only (all a lookup compares). And REST always verifies its full
+tree; here, given the target's pass-cost curve, the tree is cut to the size
+that maximises expected tokens per unit of pass time, a node's chance of
+acceptance taken as its share of the retrieved continuations times how many
+tokens per unit of share were accepted so far after matches of the same
+length (`ShareCalibration`): a short match in a corpus unlike the text
+(code retrieved for prose) soon drafts a few nodes instead of a full tree.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from collections import Counter
 from specdec.errors import InvalidRequestError
 from specdec.spec.datastore import Datastore
 from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.policies import ShareCalibration, best_size
 from specdec.spec.tree import DraftTree
+from specdec.spec.verifiers.base import Outcome
 
 
 class RetrievalDrafter(Drafter):
@@ -40,6 +48,7 @@ class RetrievalDrafter(Drafter):
         max_span: int = 16,
         min_span: int = 2,
         max_matches: int = 512,
+        pass_cost=None,
     ) -> None:
         if not 1 <= min_span <= max_span <= datastore.span:
             raise InvalidRequestError(
@@ -53,8 +62,12 @@ class RetrievalDrafter(Drafter):
         self.continuation = continuation
         self.spans = range(max_span, min_span - 1, -1)
         self.max_matches = max_matches
+        self.pass_cost = pass_cost  # PassCost of the target, or None: always max_nodes
+        self.calibration = ShareCalibration()
+        self._drafted: tuple[int, float] | None = None  # (span, predicted tokens) of the tree
 
     def propose(self, state: DraftState) -> DraftTree:
+        self._drafted = None
         limit = min(self.max_nodes, state.budget)
         if limit <= 0:
             return DraftTree()
@@ -72,4 +85,17 @@ class RetrievalDrafter(Drafter):
         if not counts:
             return DraftTree()
         paths = list(counts)
-        return DraftTree.from_paths([list(p) for p in paths], [counts[p] for p in paths], limit)
+        total = sum(counts.values())
+        tree, weights = DraftTree.weighted_trie(
+            [list(p) for p in paths], [counts[p] / total for p in paths], limit
+        )
+        if self.pass_cost is not None:  # heaviest first: every prefix of the nodes is a tree
+            factor = self.calibration.factor(span)
+            n = best_size([factor * w for w in weights], self.pass_cost)
+            tree, weights = tree.subtree(list(range(n))), weights[:n]
+        self._drafted = (span, sum(weights))
+        return tree
+
+    def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
+        if self._drafted is not None and len(tree):
+            self.calibration.observe(*self._drafted, len(outcome.path))

@@ -22,8 +22,15 @@ any token is drawn; a slot whose parent's n-gram has no entry, or fewer
 tokens than its rank, stays empty with its subtree. So whether a sibling
 exists never depends on its own token, which the without-replacement rule
 requires. Every verified row (accepted or not) updates the model, as in
-Token Recycling; the paper does not say which rows it records. Stored
-probabilities are the target's softmax at temperature 1.
+Token Recycling; the paper does not say which rows it records. As in
+`token_recycling`, the prefill also gives the target's distributions at up
+to ``prompt_rows`` prompt places (a deviation: the paper learns from
+verification only). Stored
+probabilities are what the target samples from: the distribution shaped by
+the request's temperature, top-k and top-p (tokens they rule out are not
+stored), so a draft drawn from them is accepted as often as the target's
+own shaping allows; under greedy decoding, where only the ranking matters,
+the softmax at temperature 1.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch
 from specdec.errors import InvalidRequestError
 from specdec.spec.drafters.base import Drafter, DraftState, ngram_orders
 from specdec.spec.policies import RankAcceptance, best_size
+from specdec.spec.sampling import SamplingParams, probabilities
 from specdec.spec.tree import DraftTree
 from specdec.spec.verifiers.base import Outcome
 from specdec.spec.without_replacement import conditionals, gumbel
@@ -58,6 +66,7 @@ class StandDrafter(Drafter):
         max_depth: int = 8,
         pass_cost=None,
         max_entries: int = 2_000_000,
+        prompt_rows: int = 128,
     ) -> None:
         if min(top_k, max_nodes, max_depth, max_entries) < 1:
             raise InvalidRequestError("top_k, max_nodes, max_depth and max_entries must be >= 1")
@@ -67,6 +76,9 @@ class StandDrafter(Drafter):
         self.max_nodes = max_nodes
         self.pass_cost = pass_cost
         self.max_entries = max_entries
+        if prompt_rows < 0:
+            raise InvalidRequestError(f"prompt_rows must be >= 0, got {prompt_rows}")
+        self.max_prompt_rows = prompt_rows
         self.memory: dict[tuple[int, ...], _Entry] = {}
         self.acceptance = RankAcceptance(max_depth, top_k)
         self._ranks: list[int] = []
@@ -145,14 +157,44 @@ class StandDrafter(Drafter):
         self._ranks = ranks
         return tree
 
+    def prompt_rows(self, prompt_ids: list[int]) -> list[int]:
+        """As Token Recycling's: the last place of each prompt token no n-gram entry starts
+        from yet (most frequent first), up to ``prompt_rows``: the prefill's logits there
+        seed the entries of the n-grams ending at it."""
+        if not self.max_prompt_rows:
+            return []
+        last: dict[int, int] = {}
+        count: dict[int, int] = {}
+        for i, token in enumerate(prompt_ids):
+            if (token,) not in self.memory:
+                last[token] = i
+                count[token] = count.get(token, 0) + 1
+        ranked = sorted(last, key=lambda t: (-count[t], -last[t]))
+        return [last[t] for t in ranked[: self.max_prompt_rows]]
+
+    def observe_prompt(self, prompt_ids: list[int], rows: list[int], logits: torch.Tensor) -> None:
+        # the request's sampling is not known yet: temperature-1 entries, as under greedy
+        ids, ps = self._top(logits, SamplingParams())
+        for i, r in enumerate(rows):
+            self._record(prompt_ids[max(0, r + 1 - self.ngrams[0]) : r + 1], ids[i], ps[i])
+
+    def _top(self, logits: torch.Tensor, sampling: SamplingParams):
+        """Each row's top-k tokens and their probabilities under ``sampling``'s shaping."""
+        logits = logits[:, : self.vocab_size].float()
+        probs = logits.softmax(-1) if sampling.greedy else probabilities(logits, sampling)
+        top = torch.topk(probs, min(self.top_k, probs.shape[-1]), dim=-1)
+        ids, ps = top.indices.tolist(), top.values.tolist()
+        for i, row in enumerate(ps):  # tokens the shaping ruled out are never drafted
+            kept = sum(1 for p in row if p > 0)
+            ids[i], ps[i] = ids[i][:kept], row[:kept]
+        return ids, ps
+
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
         if len(tree):
             self.acceptance.count(tree.parents, self._ranks, outcome.path)
         if outcome.logits is None:
             return
-        probs = outcome.logits[:, : self.vocab_size].float().softmax(-1)
-        top = torch.topk(probs, min(self.top_k, probs.shape[-1]), dim=-1)
-        ids, ps = top.indices.tolist(), top.values.tolist()
+        ids, ps = self._top(outcome.logits, state.sampling)
         tail = state.tokens[-self.ngrams[0] :]
         self._record(tail, ids[0], ps[0])
         for i in range(len(tree)):
