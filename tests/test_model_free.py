@@ -170,8 +170,11 @@ def test_token_recycling_learns_the_prompts_tokens_from_the_prefill():
     assert recycled(vocab=48, prompt_rows=0).prompt_rows(prompt) == []
 
     model = random_transformer("qwen2", seed=3, vocab=48)
-    list(Engine(NativeTarget(model, capacity=8), CharTokenizer(vocab=48)).stream(
-        prompt, max_new_tokens=1, drafter=d))  # one token: only the prefill ran
+    list(
+        Engine(NativeTarget(model, capacity=8), CharTokenizer(vocab=48)).stream(
+            prompt, max_new_tokens=1, drafter=d
+        )
+    )  # one token: only the prefill ran
     target = NativeTarget(model, capacity=8)
     logits = target.forward(prompt)  # every row, for reference
     for pos in (6, 4, 7):  # the rows asked for and the last one, which comes free
@@ -315,8 +318,10 @@ def test_rest_sizes_its_tree_by_the_pass_cost_and_learns_what_a_match_is_worth(t
     docs = [[1, 2, 3, 4, 5, 6, 7]] * 3 + [[1, 2, 3, 8, 9]]
     ds.write(docs, tmp_path / "s", "fp")
     store = ds.Datastore(tmp_path / "s")
-    assert len(RetrievalDrafter(store, pass_cost=PassCost({1: 1.0, 64: 1.0})).propose(
-        state([2, 3]))) == 6  # a flat cost: the whole trie pays
+    assert (
+        len(RetrievalDrafter(store, pass_cost=PassCost({1: 1.0, 64: 1.0})).propose(state([2, 3])))
+        == 6
+    )  # a flat cost: the whole trie pays
     d = RetrievalDrafter(store, pass_cost=PassCost({1: 1.0, 2: 1.5, 64: 32.5}))
     full = d.propose(state([2, 3]))
     assert 0 < len(full) < 6  # a steep cost: only the heaviest nodes (3 of 4 matches)
@@ -406,8 +411,11 @@ def test_stand_keeps_running_means_of_the_targets_distributions():
     assert d.memory[(4, 7)].ids[0] == 1
     under = StandDrafter(10, top_k=3)
     shaped = SamplingParams(temperature=1.0, top_k=2)
-    under.observe(DraftState([4], 1, shaped, None, 9), DraftTree(),
-                  Outcome([], 8, logits_ranking([[8, 9, 1]], 10)))
+    under.observe(
+        DraftState([4], 1, shaped, None, 9),
+        DraftTree(),
+        Outcome([], 8, logits_ranking([[8, 9, 1]], 10)),
+    )
     assert under.memory[(4,)].ids == [8, 9]  # what top-k sampling rules out is not stored
     assert sum(under.memory[(4,)].probs) == pytest.approx(1.0)
 
