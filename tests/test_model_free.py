@@ -329,7 +329,9 @@ def test_rest_sizes_its_tree_by_the_pass_cost_and_learns_what_a_match_is_worth(t
     for _ in range(20):  # the target never follows what is retrieved after "2 3"
         tree = d.propose(state([2, 3]))
         d.observe(state([2, 3]), tree, Outcome([], 0))
-    assert len(d.propose(state([2, 3]))) == 0  # no longer worth a pass over more tokens
+    sizes = [len(d.propose(state([2, 3]))) for _ in range(32)]
+    assert sizes.count(0) >= 30  # no longer worth a pass over more tokens ...
+    assert sizes.count(1) >= 1  # ... but still tried now and then, to learn if that changes
     assert len(d.propose(state([1, 2, 3]))) > 0  # a longer match is judged on its own
 
 

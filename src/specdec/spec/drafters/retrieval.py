@@ -39,6 +39,7 @@ from specdec.spec.verifiers.base import Outcome
 
 class RetrievalDrafter(Drafter):
     name = "rest"
+    EXPLORE_EVERY = 16  # a span whose tree is cut to nothing still drafts once in this many
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class RetrievalDrafter(Drafter):
         self.pass_cost = pass_cost  # PassCost of the target, or None: always max_nodes
         self.calibration = ShareCalibration()
         self._drafted: tuple[int, float] | None = None  # (span, predicted tokens) of the tree
+        self._skipped: dict[int, int] = {}  # span -> times its tree was cut to nothing
 
     def propose(self, state: DraftState) -> DraftTree:
         self._drafted = None
@@ -92,6 +94,12 @@ class RetrievalDrafter(Drafter):
         if self.pass_cost is not None:  # heaviest first: every prefix of the nodes is a tree
             factor = self.calibration.factor(span)
             n = best_size([factor * w for w in weights], self.pass_cost)
+            if n == 0:
+                # a span judged worthless is still tried now and then (its heaviest node),
+                # or what it is worth could never be learnt again (e.g. when the text changes)
+                self._skipped[span] = self._skipped.get(span, 0) + 1
+                if self._skipped[span] % self.EXPLORE_EVERY == 0:
+                    n = 1
             tree, weights = tree.subtree(list(range(n))), weights[:n]
         self._drafted = (span, sum(weights))
         return tree
