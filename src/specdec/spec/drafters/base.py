@@ -37,6 +37,19 @@ def ngram_orders(min_ngram: int, max_ngram: int) -> range:
     return range(max_ngram, min_ngram - 1, -1)
 
 
+def unseen_token_rows(prompt_ids: list[int], unseen: list[bool], limit: int) -> list[int]:
+    """Prompt positions to learn from: the last occurrence of each token marked ``unseen``,
+    the tokens most frequent in the prompt first (likeliest to come back), at most ``limit``."""
+    last: dict[int, int] = {}
+    count: dict[int, int] = {}
+    for i, (token, new) in enumerate(zip(prompt_ids, unseen, strict=True)):
+        if new:
+            last[token] = i
+            count[token] = count.get(token, 0) + 1
+    ranked = sorted(last, key=lambda t: (-count[t], -last[t]))
+    return [last[t] for t in ranked[:limit]]
+
+
 class Drafter:
     name: str = ""
     #: what the method needs beyond tokens and logits: "draft_model", "hidden_states", ...

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, DraftState, ngram_orders
+from specdec.spec.drafters.base import Drafter, DraftState, ngram_orders, unseen_token_rows
 from specdec.spec.policies import RankAcceptance, best_size
 from specdec.spec.sampling import SamplingParams, probabilities
 from specdec.spec.tree import DraftTree
@@ -161,16 +161,8 @@ class StandDrafter(Drafter):
         """As Token Recycling's: the last place of each prompt token no n-gram entry starts
         from yet (most frequent first), up to ``prompt_rows``: the prefill's logits there
         seed the entries of the n-grams ending at it."""
-        if not self.max_prompt_rows:
-            return []
-        last: dict[int, int] = {}
-        count: dict[int, int] = {}
-        for i, token in enumerate(prompt_ids):
-            if (token,) not in self.memory:
-                last[token] = i
-                count[token] = count.get(token, 0) + 1
-        ranked = sorted(last, key=lambda t: (-count[t], -last[t]))
-        return [last[t] for t in ranked[: self.max_prompt_rows]]
+        unseen = [(token,) not in self.memory for token in prompt_ids]
+        return unseen_token_rows(prompt_ids, unseen, self.max_prompt_rows)
 
     def observe_prompt(self, prompt_ids: list[int], rows: list[int], logits: torch.Tensor) -> None:
         # the request's sampling is not known yet: temperature-1 entries, as under greedy

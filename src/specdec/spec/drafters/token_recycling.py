@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.drafters.base import Drafter, DraftState, unseen_token_rows
 from specdec.spec.policies import RankAcceptance, best_size
 from specdec.spec.tree import DraftTree
 from specdec.spec.verifiers.base import Outcome
@@ -119,16 +119,8 @@ class TokenRecyclingDrafter(Drafter):
         frequent in the prompt first (likeliest to be roots again), at most ``prompt_rows``."""
         if not self.max_prompt_rows or not prompt_ids:
             return []
-        ids = torch.tensor(prompt_ids, dtype=torch.long)
-        unknown = (self.matrix[ids, 0] < 0).tolist()
-        last: dict[int, int] = {}
-        count: dict[int, int] = {}
-        for i, (token, new) in enumerate(zip(prompt_ids, unknown, strict=True)):
-            if new:
-                last[token] = i
-                count[token] = count.get(token, 0) + 1
-        ranked = sorted(last, key=lambda t: (-count[t], -last[t]))
-        return [last[t] for t in ranked[: self.max_prompt_rows]]
+        unseen = (self.matrix[torch.tensor(prompt_ids), 0] < 0).tolist()
+        return unseen_token_rows(prompt_ids, unseen, self.max_prompt_rows)
 
     def observe_prompt(self, prompt_ids: list[int], rows: list[int], logits: torch.Tensor) -> None:
         self._learn(torch.tensor([prompt_ids[r] for r in rows]), logits)
