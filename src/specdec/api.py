@@ -17,7 +17,7 @@ from typing import Any
 
 from specdec.engine import Engine, Generation
 from specdec.errors import InvalidRequestError
-from specdec.models.loading import load_model
+from specdec.models.loading import load_model, resolve_dtype
 from specdec.models.registry import DEFAULT_MODEL
 from specdec.models.target import NativeTarget, Target
 from specdec.models.tokenizer import Tokenizer
@@ -41,11 +41,12 @@ class Generator:
         dtype: str = "bfloat16",
         device: str = "cpu",
         progress: bool = True,
+        quant: str = "none",
     ) -> None:
         self.target = target
         self.tokenizer = tokenizer
         self.name = name
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.quant = dtype, device, quant
         self.engine = Engine(self.target, self.tokenizer)
         self.last: Generation | None = None
         self.progress = progress  # progress bars when loading draft models
@@ -65,7 +66,13 @@ class Generator:
         returns ``(target, tokenizer)`` of a draft with any tokenizer.
         """
         if spec not in self._drafts:
-            loaded = load_model(spec, dtype=self.dtype, device=self.device, progress=self.progress)
+            loaded = load_model(
+                spec,
+                dtype=self.dtype,
+                device=self.device,
+                progress=self.progress,
+                quant=self.quant,
+            )
             self._drafts[spec] = NativeTarget(loaded.model)
             same = loaded.tokenizer.vocab() == self.tokenizer.vocab()
             self._draft_tokenizers[spec] = (loaded.tokenizer, same)
@@ -86,14 +93,14 @@ class Generator:
 
         loaded = getattr(self, "loaded", None)
         source = str(loaded.source) if loaded is not None else type(self.target).__name__
-        identity = f"{self.name}|{source}|{self.dtype}|{self.device}"
+        identity = f"{self.name}|{source}|{self.dtype}|{self.device}|{self.quant}"
         return cached_pass_cost(self.target, identity, progress=self.progress)
 
     def pass_costs(self, draft_spec: str):
         """Pass-cost curves of the target and of a draft model (same dtype and device)."""
         from specdec.models.pass_cost import cached_pass_cost
 
-        identity = f"{draft_spec}|draft|{self.dtype}|{self.device}"
+        identity = f"{draft_spec}|draft|{self.dtype}|{self.device}|{self.quant}"
         draft = cached_pass_cost(self.load_draft(draft_spec), identity, progress=self.progress)
         return self.pass_cost(), draft
 
@@ -117,18 +124,32 @@ class Generator:
         cls,
         model: str = DEFAULT_MODEL,
         *,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         device: str = "cpu",
         backend: str = "native",
         progress: bool = True,
+        quant: str = "none",
     ) -> Generator:
         """`backend` "native" is specdec's runtime; "hf" runs the model through transformers
-        (any architecture transformers knows, slower)."""
+        (any architecture transformers knows, slower). ``quant``: none, gguf (the GGUF
+        file's own blocks), int8 or int4 (`specdec.models.quant_linear`); ``dtype`` auto
+        is float32 beside quantised linears and bfloat16 otherwise."""
+        dtype = resolve_dtype(dtype, quant)
         if backend == "native":
-            loaded = load_model(model, dtype=dtype, device=device, progress=progress)
-            gen = cls(NativeTarget(loaded.model), loaded.tokenizer, model, dtype, device, progress)
+            loaded = load_model(model, dtype=dtype, device=device, progress=progress, quant=quant)
+            gen = cls(
+                NativeTarget(loaded.model),
+                loaded.tokenizer,
+                model,
+                dtype,
+                device,
+                progress,
+                quant,
+            )
             gen.loaded = loaded
             return gen
+        if quant != "none":
+            raise InvalidRequestError(f"--quant {quant} needs the native backend")
         if backend == "hf":
             from specdec.models.hf_adapter import load_hf_target
 

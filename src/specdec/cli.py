@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
+    from specdec.models.quant_linear import QUANTS
+
     p.add_argument(
         "--model",
         default=default_model,
@@ -191,9 +193,17 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16"],
-        default="bfloat16",
-        help="compute dtype (default bfloat16: faster on CPUs with bf16 support)",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="compute dtype (default auto: bfloat16, or float32 around quantised linears)",
+    )
+    p.add_argument(
+        "--quant",
+        choices=list(QUANTS),
+        default="none",
+        help="weights of the linear layers: none (float, default), gguf (the GGUF file's own "
+        "blocks, e.g. Q4_K/Q6_K, exactly), int8 or int4 (per-32 blocks); quantised "
+        "layers run specdec's native kernel",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument(
@@ -233,7 +243,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.quiet:
         _enable_info_logging()
     gen = Generator.load(
-        args.model, dtype=args.dtype, device=args.device, backend=args.backend, progress=progress
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        backend=args.backend,
+        progress=progress,
+        quant=args.quant,
     )
     method_opts = _method_options(args)
     method = args.method

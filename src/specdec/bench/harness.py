@@ -331,6 +331,7 @@ def build_runners(args, methods, options, skipped) -> tuple[Any, dict[str, Any]]
     if args.server:
         return None, {"server": R.ServerRunner(args.server, args.model)}
     from specdec.api import Generator
+    from specdec.models.loading import resolve_dtype
 
     gen = Generator.load(
         args.model,
@@ -338,6 +339,7 @@ def build_runners(args, methods, options, skipped) -> tuple[Any, dict[str, Any]]
         device=args.device,
         backend=args.backend,
         progress=not args.quiet and sys.stderr.isatty(),
+        quant=args.quant,
     )
     out: dict[str, Any] = {}
     hf = [m for m in methods if m.startswith("hf-")]
@@ -345,7 +347,11 @@ def build_runners(args, methods, options, skipped) -> tuple[Any, dict[str, Any]]
     if hf:
         draft = args.draft or options.get("draft", {}).get("draft_model")
         target_hf, draft_hf = R.load_hf_models(
-            gen, args.model, draft if "hf-assisted" in hf else None, args.dtype, args.device
+            gen,
+            args.model,
+            draft if "hf-assisted" in hf else None,
+            resolve_dtype(args.dtype),  # the transformers peers stay in float (bf16 by default)
+            args.device,
         )
     for m in methods:
         if m in options:
@@ -594,6 +600,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
             "model": args.model,
             "draft": args.draft,
             "dtype": args.dtype,
+            "quant": args.quant,
             "device": args.device,
             "backend": args.backend,
             "server": args.server,

@@ -63,9 +63,13 @@ def pack_linears(model: nn.Module) -> int:
 
 def step_weight_bytes(model: nn.Module) -> int:
     """Weight bytes one decode step reads: every linear and norm (an embedding is only indexed)."""
+    from specdec.models.quant_linear import QuantLinear
+
     total = 0
     for module in model.modules():
-        if isinstance(module, PackedLinear):
+        if isinstance(module, QuantLinear):
+            total += module.weight_nbytes + (module.bias.nbytes if module.bias is not None else 0)
+        elif isinstance(module, PackedLinear):
             total += module.weight_nbytes + (module.bias.nbytes if module.bias is not None else 0)
         elif isinstance(module, nn.Linear) or type(module).__name__ == "RMSNorm":
             total += sum(p.nbytes for p in module.parameters(recurse=False))

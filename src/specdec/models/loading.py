@@ -61,19 +61,35 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_dtype(dtype: str | torch.dtype, quant: str = "none") -> str | torch.dtype:
+    """``auto``: float32 around quantised linears (the kernel computes in float32),
+    bfloat16 otherwise."""
+    if dtype == "auto":
+        return "float32" if quant != "none" else "bfloat16"
+    return dtype
+
+
 def load_model(
     spec: str | Path,
     *,
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     device: str = "cpu",
     progress: bool = True,
     auto_pull: bool = True,
+    quant: str = "none",
 ) -> LoadedModel:
-    """Load what a user named: a known model name, a GGUF file, a safetensors folder or a hub id."""
+    """Load what a user named: a known model name, a GGUF file, a safetensors folder or a hub id.
+
+    ``quant`` (`specdec.models.quant_linear.QUANTS`) swaps the linears for the
+    quantised kernel's; ``dtype`` is then the dtype of everything else."""
+    from specdec.models.quant_linear import check_quant
     from specdec.models.registry import resolve_model_file
 
-    torch_dtype = parse_dtype(dtype)
+    check_quant(quant)
+    torch_dtype = parse_dtype(resolve_dtype(dtype, quant))
     dev = _check_device(device)
+    if quant != "none" and dev.type != "cpu":
+        raise UnsupportedModelError(f"--quant {quant} runs on the CPU only; use --quant none")
     where = resolve_model_file(str(spec), auto_pull=auto_pull, progress=progress)
     if isinstance(where, str):
         where = _download_from_hub(where)
@@ -81,12 +97,12 @@ def load_model(
         if (where / "specdec.json").exists():
             folder = where
         elif (where / "config.json").exists():
-            return _load_hf_folder(where, str(spec), torch_dtype, dev)
+            return _load_hf_folder(where, str(spec), torch_dtype, dev, quant)
         else:
             raise ModelNotFoundError(f"{where}: no config.json or specdec.json in this folder")
     else:
         folder = converted_folder(where, progress=progress)
-    return _load_converted(folder, str(spec), torch_dtype, dev, progress)
+    return _load_converted(folder, str(spec), torch_dtype, dev, progress, quant)
 
 
 def load_tokenizer(spec: str | Path, *, progress: bool = True) -> Tokenizer:
@@ -134,8 +150,17 @@ def _fuse(cfg: ModelConfig, raw: dict[str, Any], dtype: torch.dtype) -> dict[str
     return out
 
 
-def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
-    tied = "lm_head.weight" not in state
+def _build(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    device: torch.device,
+    packed: dict[str, list] | None = None,
+) -> Transformer:
+    """The model from its state dict; ``packed`` (module name → packed parts) replaces
+    those linears by quantised ones, whose float weights ``state`` may then lack."""
+    from specdec.models.quant_linear import quantise_linears
+
+    tied = cfg.tie_word_embeddings if packed is not None else "lm_head.weight" not in state
     if tied != cfg.tie_word_embeddings:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_word_embeddings": tied})
     with torch.device("meta"):
@@ -143,12 +168,16 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.devic
     if tied:
         state = {**state, "lm_head.weight": state["embed.weight"]}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    replaced = {f"{name}.weight" for name in packed or ()}
+    missing = [k for k in missing if k not in replaced]
     if missing or unexpected:
         raise ModelFormatError(
             f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     if tied:
         model.lm_head.weight = model.embed.weight
+    if packed is not None:
+        quantise_linears(model, packed.get)
     model.to(device)
     model.requires_grad_(False)
     if packing_available(model.dtype, device):
@@ -340,7 +369,12 @@ def _save_gguf_tokenizer(path: Path, out: Path) -> None:
 
 
 def _load_converted(
-    folder: Path, name: str, dtype: torch.dtype, device: torch.device, progress: bool
+    folder: Path,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool,
+    quant: str = "none",
 ) -> LoadedModel:
     info = json.loads((folder / "specdec.json").read_text())
     if info.get("format_version") != FORMAT_VERSION:
@@ -348,14 +382,37 @@ def _load_converted(
             f"{folder}: converted with another specdec version; delete the folder"
         )
     cfg = ModelConfig.from_dict(info["config"])
+    source = Path(info["source"])
     from safetensors import safe_open
 
-    # One tensor at a time, so the float32 file never sits in memory beside its cast.
     with safe_open(str(folder / "weights.safetensors"), framework="pt") as st:
-        state = {k: st.get_tensor(k).to(dtype) for k in st.keys()}
-    return LoadedModel(
-        name, Path(info["source"]), cfg, _build(cfg, state, device), Tokenizer(folder)
-    )
+        packed = None
+        if quant != "none":
+            packed = _packed_for(folder, source, cfg, quant, st.get_tensor, progress)
+        skip = {f"{n}.weight" for n in packed or ()}
+        # One tensor at a time, so the float32 file never sits in memory beside its cast.
+        state = {k: st.get_tensor(k).to(dtype) for k in st.keys() if k not in skip}
+    return LoadedModel(name, source, cfg, _build(cfg, state, device, packed), Tokenizer(folder))
+
+
+def _packed_for(
+    folder: Path, source: Path, cfg: ModelConfig, quant: str, tensor: Any, progress: bool
+) -> dict[str, list]:
+    """Packed linears of a converted GGUF model, built once and cached in its folder."""
+    from specdec.models.quant_linear import load_packed, pack_gguf_model, save_packed
+
+    cache = folder / f"packed-{quant}.safetensors"
+    packed = load_packed(cache, quant)
+    if packed is None:
+        if quant == "gguf" and not source.exists():
+            raise ModelNotFoundError(
+                f"--quant gguf reads the GGUF file's blocks, but {source} is gone; "
+                "restore it or use --quant int8/int4"
+            )
+        log.info("packing the linears for --quant %s once into %s", quant, cache)
+        packed = pack_gguf_model(source, cfg, quant, tensor, progress=progress)
+        save_packed(cache, packed, quant)
+    return packed
 
 
 # --------------------------------------------------------------------------- safetensors folders
@@ -374,7 +431,7 @@ def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _load_hf_folder(
-    folder: Path, name: str, dtype: torch.dtype, device: torch.device
+    folder: Path, name: str, dtype: torch.dtype, device: torch.device, quant: str = "none"
 ) -> LoadedModel:
     cfg = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
     w = {k.removeprefix("model."): v for k, v in _iter_safetensors(folder)}
@@ -403,8 +460,15 @@ def _load_hf_folder(
         if cfg.attention_bias:
             layer.update({f"{x}_b": take(f"{p}self_attn.{x}_proj.bias") for x in "qkv"})
         raw["layers"].append(layer)
+    if quant == "gguf":
+        raise UnsupportedModelError(f"{folder}: --quant gguf needs a GGUF model; try int8 or int4")
+    packed = None
+    if quant != "none":  # quantised at each load: only GGUF conversions are cached
+        from specdec.models.quant_linear import pack_float_model
+
+        packed = pack_float_model(_fuse(cfg, raw, torch.float32), cfg, quant)
     state = _fuse(cfg, raw, dtype)
-    return LoadedModel(name, folder, cfg, _build(cfg, state, device), Tokenizer(folder))
+    return LoadedModel(name, folder, cfg, _build(cfg, state, device, packed), Tokenizer(folder))
 
 
 def _download_from_hub(repo_id: str) -> Path:

@@ -1,0 +1,26 @@
+"""Build the native kernel (specdec/kernels/qgemm.cpp) as a plain shared library.
+
+It has a C ABI and is loaded with ctypes, so it needs neither torch nor Python
+headers at build time (torch inside pip's isolated build would pull a CUDA
+build). No -march flags: the AVX-512 VNNI path is chosen at run time.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "specdec.kernels._qgemm",
+            sources=["src/specdec/kernels/qgemm.cpp"],
+            extra_compile_args=[
+                "-O3",
+                "-std=c++17",
+                "-fopenmp",
+                "-fno-math-errno",
+                "-ffp-contract=off",
+            ],
+            extra_link_args=["-fopenmp"],
+            language="c++",
+        )
+    ]
+)

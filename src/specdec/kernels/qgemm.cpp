@@ -1,0 +1,331 @@
+// Y[M, N] = X[M, K] . W[N, K]^T with W in block-quantised form and X quantised per
+// row and per 32 values to int8, for the small M of a decode step or a verified draft.
+//
+// Why this kernel: a decode step of a 4-bit model on two cores is bound by memory at
+// one row, and by multiply-adds soon after. Each weight tile is unpacked once and then
+// multiplied against every activation row with AVX-512 VNNI (vpdpbusd: 64 u8 x s8
+// multiply-adds per instruction), so a pass over k rows costs little more than one
+// until compute runs out. Weights sit in the unsigned operand (4-bit nibbles or 8-bit
+// codes need no sign handling); activations are the broadcast signed operand.
+//
+// Weight format (packed by specdec/kernels/packing.py):
+//   w[n, k] = D[sb] * sc[g] * u[n, k] - DM[sb] * m[g]
+// with u the unsigned code (4 or 8 bits), g the group of G (16 or 32) values along K
+// and sb the super-block of S groups; D and DM are fp16; sc and m are int8 (absent
+// when S == 1, then 1). Every GGUF type we read (Q4_K, Q4_1, Q6_K, Q8_0, Q5_0) maps
+// onto this exactly. Columns are in tiles of 16; per tile and per 32 values of K the
+// codes fill 256 bytes (4 bits: byte 4j+b of chunk i holds k = 8i+b in its low nibble
+// and k = 8i+4+b in its high one, for column j) or 512 bytes (8 bits: byte 4j+b of
+// chunk s holds k = 4s+b).
+//
+// Every row goes through the same float operations in the same order whatever M is,
+// and integer sums are exact, so a row's result does not depend on the other rows:
+// verifying k tokens gives bit-identical rows to k one-token passes. The portable
+// path performs the same operations one lane at a time and matches bit for bit.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <immintrin.h>
+
+extern "C" {
+
+struct QWeight {
+    const uint8_t* qs;   // [tiles][K/32][64 * bits / 8 * ... ] codes, see above
+    const uint16_t* d;   // fp16 [tiles][K/(G*S)][16]
+    const uint16_t* dm;  // fp16 [tiles][K/(G*S)][16]
+    const int8_t* sc;    // [tiles][K/G][16] or null (S == 1)
+    const int8_t* m;     // [tiles][K/G][16] or null (then m = sc)
+    int64_t K;
+    int64_t N;           // real columns; tiles = ceil(N / 16)
+    int32_t bits;        // 4 or 8
+    int32_t group;       // G: 16 or 32
+    int32_t sb_groups;   // S
+};
+
+}  // extern "C"
+
+namespace {
+
+struct Act {
+    const int8_t* xq;   // [M][K]
+    const float* da;    // [M][K/32]   scale of each 32 values
+    const float* bs16;  // [M][K/16]   da * sum of the codes over each 16
+    const float* bs32;  // [M][K/32]   da * sum of the codes over each 32
+};
+
+float half_to_float(uint16_t h) {
+    // exact conversion (the same value vcvtph2ps gives)
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            int e = -1;
+            do {
+                man <<= 1;
+                e++;
+            } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// ---------------------------------------------------------------- activations
+void quantise_rows(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* xq, float* da,
+                   float* bs16, float* bs32) {
+    const int64_t nc = K / 32;
+    for (int64_t r = 0; r < M; r++) {
+        const float* xr = x + r * ldx;
+        for (int64_t c = 0; c < nc; c++) {
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) amax = std::fmax(amax, std::fabs(xr[c * 32 + i]));
+            float d = amax / 127.0f;
+            float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int sum[2] = {0, 0};
+            for (int i = 0; i < 32; i++) {
+                int q = (int)std::nearbyint(xr[c * 32 + i] * iscale);
+                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                xq[r * K + c * 32 + i] = (int8_t)q;
+                sum[i / 16] += q;
+            }
+            da[r * nc + c] = d;
+            bs16[r * 2 * nc + 2 * c] = d * (float)sum[0];
+            bs16[r * 2 * nc + 2 * c + 1] = d * (float)sum[1];
+            bs32[r * nc + c] = d * (float)(sum[0] + sum[1]);
+        }
+    }
+}
+
+inline int64_t code_bytes_per_chunk(int bits) { return 64 * bits; }  // 32 values x 16 columns
+
+// ---------------------------------------------------------------- portable path
+// The same float operations as the AVX-512 path, lane by lane.
+void tile_portable(const QWeight& w, int64_t t, const Act& a, int64_t r0, int64_t rows, float* y,
+                   int64_t ldy, const float* bias) {
+    const int64_t K = w.K, nc = K / 32, G = w.group, S = w.sb_groups;
+    const int64_t ng = K / G, nsb = ng / S, gpc = 32 / G, spg = 8 / gpc;
+    const uint8_t* qs = w.qs + t * nc * code_bytes_per_chunk(w.bits);
+    const uint16_t* dp = w.d + t * nsb * 16;
+    const uint16_t* dmp = w.dm + t * nsb * 16;
+    const int8_t* scp = w.sc ? w.sc + t * ng * 16 : nullptr;
+    const int8_t* mp = w.m ? w.m + t * ng * 16 : scp;
+    const int64_t n0 = t * 16;
+    const int nvalid = (int)(w.N - n0 < 16 ? w.N - n0 : 16);
+    for (int64_t r = r0; r < r0 + rows; r++) {
+        float facc[16] = {0};
+        for (int64_t c = 0; c < nc; c++) {
+            uint8_t u[8][64];  // step s, byte 4j+b
+            if (w.bits == 4) {
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 64; j++) {
+                        uint8_t b = qs[c * 256 + i * 64 + j];
+                        u[2 * i][j] = b & 0x0F;
+                        u[2 * i + 1][j] = b >> 4;
+                    }
+            } else {
+                std::memcpy(u, qs + c * 512, 512);
+            }
+            for (int64_t h = 0; h < gpc; h++) {
+                const int64_t g = c * gpc + h, sb = g / S;
+                const int8_t* xr = a.xq + r * K + c * 32;
+                const float dar = a.da[r * nc + c];
+                const float bsr = G == 32 ? a.bs32[r * nc + c] : a.bs16[r * 2 * nc + g];
+                for (int j = 0; j < 16; j++) {
+                    float scale = half_to_float(dp[sb * 16 + j]);
+                    float mn = half_to_float(dmp[sb * 16 + j]);
+                    if (scp) {
+                        scale = scale * (float)scp[g * 16 + j];
+                        mn = mn * (float)mp[g * 16 + j];
+                    }
+                    int32_t acc = 0;
+                    for (int64_t s = h * spg; s < (h + 1) * spg; s++)
+                        for (int b = 0; b < 4; b++)
+                            acc += (int32_t)u[s][4 * j + b] * (int32_t)xr[4 * s + b];
+                    const float ts = scale * dar;
+                    facc[j] = std::fma((float)acc, ts, facc[j]);
+                    facc[j] = std::fma(-mn, bsr, facc[j]);
+                }
+            }
+        }
+        for (int j = 0; j < nvalid; j++)
+            y[r * ldy + n0 + j] = bias ? facc[j] + bias[n0 + j] : facc[j];
+    }
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI path
+// How far ahead of the codes being unpacked to ask for them (bytes); 4-bit streams.
+constexpr int64_t PREFETCH_BYTES = 1024;
+
+#define SPECDEC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+
+template <int RB, int BITS, int G>
+SPECDEC_AVX512 void tile_vnni(const QWeight& w, int64_t t, const Act& a, int64_t r0, float* y,
+                              int64_t ldy, const float* bias) {
+    constexpr int gpc = 32 / G, spg = 8 / gpc;
+    const int64_t K = w.K, nc = K / 32, S = w.sb_groups;
+    const int64_t ng = K / G, nsb = ng / S;
+    const uint8_t* qs = w.qs + t * nc * (64 * BITS);
+    const uint16_t* dp = w.d + t * nsb * 16;
+    const uint16_t* dmp = w.dm + t * nsb * 16;
+    const int8_t* scp = w.sc ? w.sc + t * ng * 16 : nullptr;
+    const int8_t* mp = w.m ? w.m + t * ng * 16 : scp;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512 facc[RB];
+    for (int r = 0; r < RB; r++) facc[r] = _mm512_setzero_ps();
+    const int8_t* xrow[RB];
+    for (int r = 0; r < RB; r++) xrow[r] = a.xq + (r0 + r) * K;
+    const float* darow[RB];
+    const float* bsrow[RB];
+    for (int r = 0; r < RB; r++) {
+        darow[r] = a.da + (r0 + r) * nc;
+        bsrow[r] = G == 32 ? a.bs32 + (r0 + r) * nc : a.bs16 + (r0 + r) * 2 * nc;
+    }
+    for (int64_t c = 0; c < nc; c++) {
+        __m512i wv[8];
+        if (BITS == 4) {
+            const uint8_t* p = qs + c * 256;
+            _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char*)(p + PREFETCH_BYTES + 64), _MM_HINT_T0);
+            _mm_prefetch((const char*)(p + PREFETCH_BYTES + 128), _MM_HINT_T0);
+            _mm_prefetch((const char*)(p + PREFETCH_BYTES + 192), _MM_HINT_T0);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                __m512i b = _mm512_loadu_si512((const void*)(p + 64 * i));
+                wv[2 * i] = _mm512_and_si512(b, low4);
+                wv[2 * i + 1] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+            }
+        } else {
+            const uint8_t* p = qs + c * 512;
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                _mm_prefetch((const char*)(p + 2 * PREFETCH_BYTES + 64 * i), _MM_HINT_T0);
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++) wv[i] = _mm512_loadu_si512((const void*)(p + 64 * i));
+        }
+#pragma GCC unroll 2
+        for (int h = 0; h < gpc; h++) {
+            const int64_t g = c * gpc + h, sb = g / S;
+            __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dp + sb * 16)));
+            __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dmp + sb * 16)));
+            if (scp) {
+                scale = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                 _mm_loadu_si128((const __m128i*)(scp + g * 16)))));
+                mn = _mm512_mul_ps(mn, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                           _mm_loadu_si128((const __m128i*)(mp + g * 16)))));
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < RB; r++) {
+                const int8_t* xr = xrow[r] + c * 32 + h * 4 * spg;
+                // two independent chains: integer sums are exact, so the split changes nothing
+                __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int s = 0; s < spg; s += 2) {
+                    int32_t x0, x1;
+                    std::memcpy(&x0, xr + 4 * s, 4);
+                    std::memcpy(&x1, xr + 4 * s + 4, 4);
+                    acc0 = _mm512_dpbusd_epi32(acc0, wv[h * spg + s], _mm512_set1_epi32(x0));
+                    acc1 = _mm512_dpbusd_epi32(acc1, wv[h * spg + s + 1], _mm512_set1_epi32(x1));
+                }
+                const __m512i acc = _mm512_add_epi32(acc0, acc1);
+                const __m512 ts = _mm512_mul_ps(scale, _mm512_set1_ps(darow[r][c]));
+                facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), ts, facc[r]);
+                const float bsr = G == 32 ? bsrow[r][c] : bsrow[r][g];
+                facc[r] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(bsr), facc[r]);
+            }
+        }
+    }
+    const int64_t n0 = t * 16;
+    const int64_t nvalid = w.N - n0 < 16 ? w.N - n0 : 16;
+    const __mmask16 keep = (__mmask16)((1u << nvalid) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < RB; r++) {
+        __m512 v = bias ? _mm512_add_ps(facc[r], b) : facc[r];
+        _mm512_mask_storeu_ps(y + (r0 + r) * ldy + n0, keep, v);
+    }
+}
+
+template <int BITS, int G>
+void tile_rows_vnni(const QWeight& w, int64_t t, const Act& a, int64_t M, float* y, int64_t ldy,
+                    const float* bias) {
+    constexpr int RB = 8;
+    int64_t r0 = 0;
+    for (; r0 + RB <= M; r0 += RB) tile_vnni<RB, BITS, G>(w, t, a, r0, y, ldy, bias);
+    switch (M - r0) {
+        case 1: tile_vnni<1, BITS, G>(w, t, a, r0, y, ldy, bias); break;
+        case 2: tile_vnni<2, BITS, G>(w, t, a, r0, y, ldy, bias); break;
+        case 3: tile_vnni<3, BITS, G>(w, t, a, r0, y, ldy, bias); break;
+        case 4: tile_vnni<4, BITS, G>(w, t, a, r0, y, ldy, bias); break;
+        case 5: tile_vnni<5, BITS, G>(w, t, a, r0, y, ldy, bias); break;
+        case 6: tile_vnni<6, BITS, G>(w, t, a, r0, y, ldy, bias); break;
+        case 7: tile_vnni<7, BITS, G>(w, t, a, r0, y, ldy, bias); break;
+        default: break;
+    }
+}
+
+using TileRows = void (*)(const QWeight&, int64_t, const Act&, int64_t, float*, int64_t,
+                          const float*);
+
+TileRows pick_vnni(int bits, int group) {
+    if (bits == 4) return group == 32 ? tile_rows_vnni<4, 32> : tile_rows_vnni<4, 16>;
+    return group == 32 ? tile_rows_vnni<8, 32> : tile_rows_vnni<8, 16>;
+}
+
+int vnni_usable() {
+    static int usable = -1;
+    if (usable < 0) {
+        const char* env = std::getenv("SPECDEC_QGEMM_PORTABLE");
+        __builtin_cpu_init();
+        usable = !(env && env[0] == '1') && __builtin_cpu_supports("avx512f") &&
+                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                 __builtin_cpu_supports("avx512vnni");
+    }
+    return usable;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Which path runs here: 1 = AVX-512 VNNI, 0 = portable.
+int specdec_qgemm_path(void) { return vnni_usable(); }
+
+// 0 on success; 1 bad shape or format; 2 out of memory.
+int specdec_qgemm(const float* x, int64_t M, int64_t ldx, const QWeight* w, const float* bias,
+                  float* y, int64_t ldy, int nthreads) {
+    const int64_t K = w->K;
+    if (M <= 0 || K <= 0 || K % 32 || (w->bits != 4 && w->bits != 8) ||
+        (w->group != 16 && w->group != 32) || w->sb_groups < 1 || (K / w->group) % w->sb_groups)
+        return 1;
+    const int64_t nc = K / 32;
+    char* buf = (char*)std::malloc(M * K + sizeof(float) * M * nc * 4);
+    if (!buf) return 2;
+    int8_t* xq = (int8_t*)buf;
+    float* da = (float*)(buf + M * K);  // M*K is a multiple of 32: aligned for floats
+    float* bs16 = da + M * nc;
+    float* bs32 = bs16 + 2 * M * nc;
+    quantise_rows(x, M, K, ldx, xq, da, bs16, bs32);
+    const Act a{xq, da, bs16, bs32};
+    const int64_t tiles = (w->N + 15) / 16;
+    if (vnni_usable()) {
+        const TileRows run = pick_vnni(w->bits, w->group);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t t = 0; t < tiles; t++) run(*w, t, a, M, y, ldy, bias);
+    } else {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t t = 0; t < tiles; t++) tile_portable(*w, t, a, 0, M, y, ldy, bias);
+    }
+    std::free(buf);
+    return 0;
+}
+
+}  // extern "C"

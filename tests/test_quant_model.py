@@ -1,0 +1,111 @@
+"""Models with quantised linears (``--quant``): loading, caching, and greedy exactness.
+
+Exactness is relative to the model the user loaded: with quantised linears every
+lossless method must still give autoregressive decoding's tokens exactly. The kernel
+quantises activations per row, so a pass over k tokens computes each row as a
+one-token pass would; the rest of these test models runs in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from fixtures import hf_logits, quantized_reference, save_hf_folder, tiny_hf_model, write_gguf
+from random_models import random_transformer
+from test_contract import FACTORIES, check_same, run
+
+from specdec.errors import UnsupportedModelError
+from specdec.kernels import packing
+from specdec.models.loading import load_model
+from specdec.models.quant_linear import QuantLinear, pack_float_model, quantise_linears
+from specdec.spec.drafters.base import NoDrafter
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("SPECDEC_CACHE", str(path))
+    return path
+
+
+def logits(loaded, tokens):
+    m = loaded.model
+    return m(tokens, torch.arange(len(tokens)), m.new_cache())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_blocks_run_in_the_kernel(tmp_path, cache, arch, qtype, tie):
+    hf = tiny_hf_model(arch, seed=4, tie=tie)
+    path = write_gguf(hf, tmp_path / f"t-{arch}-{qtype}.gguf", arch, qtype)
+    loaded = load_model(path, quant="gguf", dtype="float64", progress=False)
+    linears = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 4 * 3 + 1  # every linear, the LM head included
+    assert {p.kind for m in linears for p in m.parts} == {qtype}
+    tokens = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(1))
+    ours = logits(loaded, tokens)
+    exact = hf_logits(quantized_reference(hf, qtype), tokens)  # the file's own weights
+    # the only approximation left is the int8 activations (per 32 values)
+    # (about 0.7 % per matmul here, 12 matmuls deep: a few per cent; a wrong layout is >30 %)
+    assert (ours - exact).norm() < 0.05 * exact.norm()
+    assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+    assert list(cache.rglob("packed-gguf.safetensors")), "packed weights are cached"
+    again = load_model(path, quant="gguf", dtype="float64", progress=False)
+    assert torch.equal(logits(again, tokens), ours)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_float_models_quantise_at_load(tmp_path, quant):
+    hf = tiny_hf_model("qwen2", seed=2)
+    folder = save_hf_folder(hf, tmp_path / "m")
+    loaded = load_model(folder, quant=quant, dtype="float64", progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in loaded.model.modules()) == 13
+    tokens = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(2))
+    rounded = copy.deepcopy(hf)  # the model with our scheme's weights, in float64
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if p.dim() == 2 and ("proj" in name or "lm_head" in name):
+                w = packing.dequantise(packing.quantise_float(p.float(), quant))
+                p.copy_(torch.from_numpy(w))
+    ours, ref = logits(loaded, tokens), hf_logits(rounded, tokens)
+    assert (ours - ref).norm() < 0.05 * ref.norm()
+    assert loaded.weight_bytes < sum(
+        p.nbytes for n, p in hf.named_parameters() if "proj" in n or "lm_head" in n
+    )
+
+
+def test_quant_errors_are_clear(tmp_path):
+    hf = tiny_hf_model("llama", seed=1)
+    folder = save_hf_folder(hf, tmp_path / "m")
+    with pytest.raises(UnsupportedModelError, match="needs a GGUF"):
+        load_model(folder, quant="gguf", progress=False)
+    with pytest.raises(UnsupportedModelError, match="unknown quantisation"):
+        load_model(folder, quant="int3", progress=False)
+
+
+def quantised_case(seed: int, quant: str):
+    rng = random.Random(seed)
+    arch = rng.choice(["qwen2", "llama"])
+    model = random_transformer(arch, seed=seed, vocab=48, intermediate_size=64)
+    state = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    assert quantise_linears(model, pack_float_model(state, model.config, quant).get) == 13
+    from random_models import CharTokenizer
+
+    tok = CharTokenizer(vocab=48)
+    prompt = [rng.randrange(47) for _ in range(rng.randint(1, 20))]
+    n = rng.randint(1, 40)
+    return rng, model, tok, prompt, n, run(model, NoDrafter(), prompt, n, tok)
+
+
+@pytest.mark.parametrize("method", ["draft", "pld", "recycle", "lookahead", "pld+recycle"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("seed", range(4))
+def test_quantised_targets_stay_greedy_exact(method, quant, seed):
+    rng, model, tok, prompt, n, ref = quantised_case(seed, quant)
+    check_same(run(model, FACTORIES[method](model, rng), prompt, n, tok), ref)
