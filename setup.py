@@ -1,4 +1,4 @@
-"""Build the native kernel (specdec/kernels/qgemm.cpp) as a plain shared library.
+"""Build the native kernels (specdec/kernels/*.cpp) as one plain shared library.
 
 It has a C ABI and is loaded with ctypes, so it needs neither torch nor Python
 headers at build time (torch inside pip's isolated build would pull a CUDA
@@ -11,7 +11,7 @@ setup(
     ext_modules=[
         Extension(
             "specdec.kernels._qgemm",
-            sources=["src/specdec/kernels/qgemm.cpp"],
+            sources=["src/specdec/kernels/qgemm.cpp", "src/specdec/kernels/attention.cpp"],
             extra_compile_args=[
                 "-O3",
                 "-std=c++17",

@@ -4,6 +4,13 @@
 ``qgemm.cpp``); `packing` turns GGUF blocks or float weights into its layout.
 """
 
-from specdec.kernels.qgemm import KernelUnavailableError, PackedWeight, available, path, qgemm
+from specdec.kernels.native import (
+    KernelUnavailableError,
+    LinearKernel,
+    PackedWeight,
+    available,
+    path,
+    qgemm,
+)
 
-__all__ = ["KernelUnavailableError", "PackedWeight", "available", "path", "qgemm"]
+__all__ = ["KernelUnavailableError", "LinearKernel", "PackedWeight", "available", "path", "qgemm"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from specdec.kernels.qgemm import PackedWeight
+from specdec.kernels.native import PackedWeight
 
 TILE = 16
 

@@ -299,13 +299,25 @@ extern "C" {
 // Which path runs here: 1 = AVX-512 VNNI, 0 = portable.
 int specdec_qgemm_path(void) { return vnni_usable(); }
 
+static int bad_format(const QWeight& w, int64_t K) {
+    return w.K != K || K <= 0 || K % 32 || (w.bits != 4 && w.bits != 8) ||
+           (w.group != 16 && w.group != 32) || w.sb_groups < 1 || (K / w.group) % w.sb_groups;
+}
+
+// Y[:, cols[p] : cols[p] + ws[p].N] = X . W_p^T (+ bias[cols[p]:...]) for every part p: the
+// parts of one layer side by side (e.g. q|k in Q4_K beside v in Q6_K). The activations
+// are quantised once for all parts, and one parallel region covers all their tiles.
 // 0 on success; 1 bad shape or format; 2 out of memory.
-int specdec_qgemm(const float* x, int64_t M, int64_t ldx, const QWeight* w, const float* bias,
-                  float* y, int64_t ldy, int nthreads) {
-    const int64_t K = w->K;
-    if (M <= 0 || K <= 0 || K % 32 || (w->bits != 4 && w->bits != 8) ||
-        (w->group != 16 && w->group != 32) || w->sb_groups < 1 || (K / w->group) % w->sb_groups)
-        return 1;
+int specdec_qgemm_multi(const float* x, int64_t M, int64_t ldx, const QWeight* ws, int nparts,
+                        const int64_t* cols, const float* bias, float* y, int64_t ldy,
+                        int nthreads) {
+    if (M <= 0 || nparts <= 0 || nparts > 8) return 1;
+    const int64_t K = ws[0].K;
+    int64_t first_tile[9] = {0};
+    for (int p = 0; p < nparts; p++) {
+        if (bad_format(ws[p], K)) return 1;
+        first_tile[p + 1] = first_tile[p] + (ws[p].N + 15) / 16;
+    }
     const int64_t nc = K / 32;
     char* buf = (char*)std::malloc(M * K + sizeof(float) * M * nc * 4);
     if (!buf) return 2;
@@ -315,14 +327,19 @@ int specdec_qgemm(const float* x, int64_t M, int64_t ldx, const QWeight* w, cons
     float* bs32 = bs16 + 2 * M * nc;
     quantise_rows(x, M, K, ldx, xq, da, bs16, bs32);
     const Act a{xq, da, bs16, bs32};
-    const int64_t tiles = (w->N + 15) / 16;
-    if (vnni_usable()) {
-        const TileRows run = pick_vnni(w->bits, w->group);
+    const int vnni = vnni_usable();
+    TileRows run[8];
+    for (int p = 0; p < nparts; p++) run[p] = vnni ? pick_vnni(ws[p].bits, ws[p].group) : nullptr;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t t = 0; t < tiles; t++) run(*w, t, a, M, y, ldy, bias);
-    } else {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t t = 0; t < tiles; t++) tile_portable(*w, t, a, 0, M, y, ldy, bias);
+    for (int64_t t = 0; t < first_tile[nparts]; t++) {
+        int p = 0;
+        while (t >= first_tile[p + 1]) p++;
+        float* yp = y + cols[p];
+        const float* bp = bias ? bias + cols[p] : nullptr;
+        if (vnni)
+            run[p](ws[p], t - first_tile[p], a, M, yp, ldy, bp);
+        else
+            tile_portable(ws[p], t - first_tile[p], a, 0, M, yp, ldy, bp);
     }
     std::free(buf);
     return 0;

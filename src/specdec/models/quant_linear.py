@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from specdec.errors import UnsupportedModelError
-from specdec.kernels import KernelUnavailableError, PackedWeight, qgemm
+from specdec.kernels import KernelUnavailableError, PackedWeight
 from specdec.kernels import packing as P
-from specdec.kernels.qgemm import require as require_kernel
+from specdec.kernels.native import LinearKernel
+from specdec.kernels.native import require as require_kernel
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +51,23 @@ class QuantLinear(nn.Module):
 
     def __init__(self, parts: list[PackedWeight], bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.kernel = LinearKernel(parts, bias)
         self.parts = parts
-        self.in_features = parts[0].k
-        self.out_features = sum(p.n for p in parts)
-        self.offsets = [sum(p.n for p in parts[:i]) for i in range(len(parts))]
-        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.bias = self.kernel.bias
+        self.in_features = self.kernel.k
+        self.out_features = self.kernel.n
 
     @property
     def weight_nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32:
-            x2 = x2.float()
-        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
-        for part, n0 in zip(self.parts, self.offsets, strict=True):
-            b = None if self.bias is None else self.bias[n0 : n0 + part.n]
-            qgemm(x2, part, b, out=y[:, n0 : n0 + part.n])
-        y = y.reshape(*shape[:-1], self.out_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
+        y = self.kernel(x2)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:

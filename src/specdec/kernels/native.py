@@ -1,0 +1,296 @@
+"""ctypes binding of the native library (``qgemm.cpp``, built by the install step)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specdec.errors import SpecdecError
+
+log = logging.getLogger(__name__)
+
+
+class KernelUnavailableError(SpecdecError):
+    """The native kernel library is missing or cannot be loaded."""
+
+
+class _QWeight(ctypes.Structure):
+    _fields_ = [
+        ("qs", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("dm", ctypes.c_void_p),
+        ("sc", ctypes.c_void_p),
+        ("m", ctypes.c_void_p),
+        ("K", ctypes.c_int64),
+        ("N", ctypes.c_int64),
+        ("bits", ctypes.c_int32),
+        ("group", ctypes.c_int32),
+        ("sb_groups", ctypes.c_int32),
+    ]
+
+
+@dataclass
+class PackedWeight:
+    """One weight matrix [N, K] in the kernel's tiled layout (see ``qgemm.cpp``).
+
+    ``w[n, k] = d[sb] * sc[g] * u[n, k] - dm[sb] * m[g]`` with groups of ``group``
+    values along K and super-blocks of ``sb_groups`` groups; ``sc``/``m`` are None
+    when ``sb_groups == 1`` (then 1), and ``m`` is None when it equals ``sc``.
+    """
+
+    qs: torch.Tensor  # uint8 [tiles, K/32, 64*bits]
+    d: torch.Tensor  # float16 [tiles, K/(group*sb_groups), 16]
+    dm: torch.Tensor  # float16, same shape
+    sc: torch.Tensor | None  # int8 [tiles, K/group, 16]
+    m: torch.Tensor | None
+    n: int
+    k: int
+    bits: int
+    group: int
+    sb_groups: int
+    kind: str  # where it came from: a GGUF type name or our own scheme
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.qs, self.d, self.dm, self.sc, self.m) if t is not None)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qs": self.qs, "d": self.d, "dm": self.dm}
+        if self.sc is not None:
+            out["sc"] = self.sc
+        if self.m is not None:
+            out["m"] = self.m
+        return out
+
+    def meta(self) -> dict:
+        return {
+            "n": self.n,
+            "k": self.k,
+            "bits": self.bits,
+            "group": self.group,
+            "sb_groups": self.sb_groups,
+            "kind": self.kind,
+        }
+
+    @classmethod
+    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> PackedWeight:
+        return cls(
+            qs=tensors["qs"],
+            d=tensors["d"],
+            dm=tensors["dm"],
+            sc=tensors.get("sc"),
+            m=tensors.get("m"),
+            **meta,
+        )
+
+    def struct(self) -> _QWeight:
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        for t in (self.qs, self.d, self.dm, self.sc, self.m):
+            if t is not None and not t.is_contiguous():
+                raise ValueError("packed weight tensors must be contiguous")
+        return _QWeight(
+            ptr(self.qs),
+            ptr(self.d),
+            ptr(self.dm),
+            ptr(self.sc),
+            ptr(self.m),
+            self.k,
+            self.n,
+            self.bits,
+            self.group,
+            self.sb_groups,
+        )
+
+
+_LIB: ctypes.CDLL | None = None
+_LOAD_ERROR: str | None = None
+
+
+def _library() -> ctypes.CDLL:
+    global _LIB, _LOAD_ERROR
+    if _LIB is not None:
+        return _LIB
+    if _LOAD_ERROR is None:
+        found = sorted(Path(__file__).parent.glob("_qgemm*.so"))
+        if not found:
+            _LOAD_ERROR = (
+                "the native kernel is not built (no specdec/kernels/_qgemm*.so); "
+                "reinstall specdec with `pip install -e .` or ./install.sh"
+            )
+        else:
+            try:
+                lib = ctypes.CDLL(str(found[0]))
+                lib.specdec_qgemm_multi.restype = ctypes.c_int
+                lib.specdec_qgemm_multi.argtypes = [
+                    ctypes.c_void_p,  # x
+                    ctypes.c_int64,  # M
+                    ctypes.c_int64,  # ldx
+                    ctypes.c_void_p,  # QWeight[nparts]
+                    ctypes.c_int,  # nparts
+                    ctypes.c_void_p,  # int64 cols[nparts]
+                    ctypes.c_void_p,  # bias or NULL
+                    ctypes.c_void_p,  # y
+                    ctypes.c_int64,  # ldy
+                    ctypes.c_int,  # threads
+                ]
+                lib.specdec_qgemm_path.restype = ctypes.c_int
+                lib.specdec_attend.restype = ctypes.c_int
+                lib.specdec_attend.argtypes = [
+                    ctypes.c_void_p,  # q [H, n, D]
+                    ctypes.c_int64,  # H
+                    ctypes.c_int64,  # n
+                    ctypes.c_int64,  # D
+                    ctypes.c_void_p,  # keys [Hkv, >= L, D]
+                    ctypes.c_void_p,  # values
+                    ctypes.c_int64,  # Hkv
+                    ctypes.c_int64,  # head stride (floats)
+                    ctypes.c_int64,  # L
+                    ctypes.c_void_p,  # mask [n, L] bytes or NULL
+                    ctypes.c_void_p,  # out
+                    ctypes.c_int64,  # ldo
+                    ctypes.c_int,  # threads
+                ]
+                _LIB = lib
+                return lib
+            except OSError as e:
+                _LOAD_ERROR = f"cannot load the native kernel {found[0]}: {e}"
+    raise KernelUnavailableError(_LOAD_ERROR)
+
+
+def require() -> None:
+    """Raise `KernelUnavailableError` (with the reason) unless the library loads."""
+    _library()
+
+
+def available() -> bool:
+    try:
+        _library()
+    except KernelUnavailableError:
+        return False
+    return True
+
+
+def path() -> str:
+    """Which code path the kernel takes on this CPU."""
+    return "avx512-vnni" if _library().specdec_qgemm_path() else "portable"
+
+
+class LinearKernel:
+    """Packed parts side by side along N (and a bias), checked once, run by one native call.
+
+    The layer's hot path: ``kernel(x)`` with ``x`` float32 [M, K] contiguous returns
+    float32 [M, N]; nothing is validated per call (a decode step makes ~100 of them).
+    """
+
+    def __init__(self, parts: list[PackedWeight], bias: torch.Tensor | None = None) -> None:
+        self._fn = _library().specdec_qgemm_multi
+        if not parts or len(parts) > 8 or any(p.k != parts[0].k for p in parts):
+            raise ValueError("1 to 8 parts of the same K")
+        self.parts = parts
+        self.k = parts[0].k
+        self.n = sum(p.n for p in parts)
+        self._structs = (_QWeight * len(parts))(*(p.struct() for p in parts))
+        self._cols = torch.tensor([sum(p.n for p in parts[:i]) for i in range(len(parts))])
+        if bias is not None:
+            bias = bias.detach().to(torch.float32).contiguous()
+            if bias.shape != (self.n,):
+                raise ValueError(f"bias must have {self.n} values, got {tuple(bias.shape)}")
+        self.bias = bias
+        self._args = (
+            ctypes.addressof(self._structs),
+            len(parts),
+            self._cols.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+        )
+
+    def __deepcopy__(self, memo: dict) -> LinearKernel:  # ctypes pointers cannot be copied
+        import copy
+
+        return LinearKernel(copy.deepcopy(self.parts, memo), copy.deepcopy(self.bias, memo))
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        m = x.shape[0]
+        if out is None:
+            out = torch.empty(m, self.n, dtype=torch.float32)
+        if m:
+            structs, nparts, cols, bias = self._args
+            rc = self._fn(
+                x.data_ptr(),
+                m,
+                x.stride(0),
+                structs,
+                nparts,
+                cols,
+                bias,
+                out.data_ptr(),
+                out.stride(0),
+                torch.get_num_threads(),
+            )
+            if rc:
+                raise RuntimeError(f"specdec_qgemm_multi failed ({rc})")
+        return out
+
+
+def qgemm(
+    x: torch.Tensor,
+    w: PackedWeight,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x [M, K] (float32) @ w.T (+ bias)`` → float32 [M, N]; ``out`` may be a column slice.
+
+    The checked, one-off form of `LinearKernel` (tests, benchmarks)."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != w.k:
+        raise ValueError(f"x must be float32 [M, {w.k}], got {x.dtype} {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is not None and (
+        out.shape != (x.shape[0], w.n) or out.stride(1) != 1 or out.dtype != torch.float32
+    ):
+        raise ValueError("out must be a float32 [M, N] view with unit column stride")
+    return LinearKernel([w], bias)(x, out)
+
+
+def attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    length: int,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Softmax attention of ``q`` [H, n, D] over the first ``length`` slots of ``keys`` /
+    ``values`` [Hkv, capacity, D] (float32, contiguous), ``mask`` [n, length] bool or None;
+    returns [n, H*D] (rows side by side by head, as the output projection reads them)."""
+    h, n, d = q.shape
+    hkv, capacity = keys.shape[0], keys.shape[1]
+    if not (q.is_contiguous() and keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("q, keys and values must be contiguous")
+    if mask is not None:
+        mask = mask.contiguous()
+        if mask.shape != (n, length) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool [{n}, {length}]")
+    out = torch.empty(n, h * d, dtype=torch.float32)
+    rc = _library().specdec_attend(
+        q.data_ptr(),
+        h,
+        n,
+        d,
+        keys.data_ptr(),
+        values.data_ptr(),
+        hkv,
+        capacity * d,
+        length,
+        None if mask is None else mask.data_ptr(),
+        out.data_ptr(),
+        h * d,
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise RuntimeError(f"specdec_attend failed ({rc})")
+    return out
