@@ -42,7 +42,7 @@ class PackedWeight:
     when ``sb_groups == 1`` (then 1), and ``m`` is None when it equals ``sc``.
     """
 
-    qs: torch.Tensor  # uint8 [tiles, K/32, 64*bits]
+    qs: torch.Tensor  # uint8 [tiles, K/32, 64*bits]  (bits 4, 6 or 8)
     d: torch.Tensor  # float16 [tiles, K/(group*sb_groups), 16]
     dm: torch.Tensor  # float16, same shape
     sc: torch.Tensor | None  # int8 [tiles, K/group, 16]

@@ -7,10 +7,10 @@ kernel computes with the very weights the file holds:
 | GGUF  | codes u         | group, super-block | d, dm per super-block | sc, m per group |
 |-------|-----------------|--------------------|-----------------------|-----------------|
 | Q4_K  | 4-bit 0..15     | 32, 8 groups       | d, dmin               | 6-bit scale, min|
-| Q6_K  | 8-bit (6 used)  | 16, 16 groups      | d, 32*d               | int8 scale (m=sc)|
+| Q6_K  | 6-bit 0..63     | 16, 16 groups      | d, 32*d               | int8 scale (m=sc)|
 | Q4_0  | 4-bit           | 32, 1              | d, 8*d                | -               |
 | Q4_1  | 4-bit           | 32, 1              | d, -m                 | -               |
-| Q5_0  | 8-bit (5 used)  | 32, 1              | d, 16*d               | -               |
+| Q5_0  | 6-bit (5 used)  | 32, 1              | d, 16*d               | -               |
 | Q8_0  | 8-bit (q+128)   | 32, 1              | d, 128*d              | -               |
 
 Our own schemes for float weights: ``int8`` (symmetric per 32 values, the Q8_0
@@ -82,7 +82,7 @@ def split_gguf(raw: np.ndarray, type_name: str, n: int, k: int) -> dict:
             dm=(d.astype(np.float32) * 32).astype(np.float16),
             sc=b[..., 192:208].copy().view(np.int8).reshape(n, k // 16),
             m=None,
-            bits=8,
+            bits=6,
             group=16,
             sb_groups=16,
         )
@@ -101,7 +101,7 @@ def split_gguf(raw: np.ndarray, type_name: str, n: int, k: int) -> dict:
     qh = b[..., 2:6].copy().view("<u4")[..., 0]  # Q5_0: bit j is element j's fifth bit
     high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
     u = _nibbles_32(b[..., 6:]) | (high << 4)
-    return _flat(u.reshape(n, k), d, d.astype(np.float32) * 16, 8)
+    return _flat(u.reshape(n, k), d, d.astype(np.float32) * 16, 6)
 
 
 def _flat(u: np.ndarray, d: np.ndarray, dm: np.ndarray, bits: int) -> dict:
@@ -162,9 +162,16 @@ def pack(parts: dict, kind: str) -> PackedWeight:
     if parts["bits"] == 8:
         qs = up.transpose(0, 2, 3, 1, 4).reshape(tiles, k // 32, 512)
     else:
-        halves = up.reshape(tiles, TILE, k // 32, 4, 2, 4)  # [t, j, c, i, half, b]
+        low = up & 0x0F
+        halves = low.reshape(tiles, TILE, k // 32, 4, 2, 4)  # [t, j, c, i, half, b]
         h = halves.transpose(0, 2, 3, 1, 5, 4)  # [t, c, i, j, b, half]
         qs = (h[..., 0] | (h[..., 1] << 4)).reshape(tiles, k // 32, 256)
+        if parts["bits"] == 6:  # bits 4-5 of steps 4i..4i+3 in one byte, two bits each
+            high = (up >> 4).reshape(tiles, TILE, k // 32, 2, 4, 4)  # [t, j, c, i, t4, b]
+            high = high.transpose(0, 2, 3, 1, 5, 4)  # [t, c, i, j, b, t4]
+            shifts = np.array([0, 2, 4, 6], np.uint8)
+            plane = np.bitwise_or.reduce(high << shifts, axis=-1).astype(np.uint8)
+            qs = np.concatenate([qs, plane.reshape(tiles, k // 32, 128)], axis=-1)
 
     def per_tile(a: np.ndarray | None) -> torch.Tensor | None:
         if a is None:

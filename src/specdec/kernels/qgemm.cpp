@@ -10,13 +10,15 @@
 //
 // Weight format (packed by specdec/kernels/packing.py):
 //   w[n, k] = D[sb] * sc[g] * u[n, k] - DM[sb] * m[g]
-// with u the unsigned code (4 or 8 bits), g the group of G (16 or 32) values along K
+// with u the unsigned code (4, 6 or 8 bits), g the group of G (16 or 32) values along K
 // and sb the super-block of S groups; D and DM are fp16; sc and m are int8 (absent
 // when S == 1, then 1). Every GGUF type we read (Q4_K, Q4_1, Q6_K, Q8_0, Q5_0) maps
 // onto this exactly. Columns are in tiles of 16; per tile and per 32 values of K the
 // codes fill 256 bytes (4 bits: byte 4j+b of chunk i holds k = 8i+b in its low nibble
-// and k = 8i+4+b in its high one, for column j) or 512 bytes (8 bits: byte 4j+b of
-// chunk s holds k = 4s+b).
+// and k = 8i+4+b in its high one, for column j), 384 bytes (6 bits: the low 4 bits as
+// the 4-bit layout, then 128 bytes whose byte 4j+b of half i holds bits 4-5 of
+// k = 16i+4t+b at bits 2t..2t+1, t = 0..3) or 512 bytes (8 bits: byte 4j+b of chunk s
+// holds k = 4s+b). Step s of a chunk covers k = 4s..4s+3.
 //
 // Every row goes through the same float operations in the same order whatever M is,
 // and integer sums are exact, so a row's result does not depend on the other rows:
@@ -38,7 +40,7 @@ struct QWeight {
     const int8_t* m;     // [tiles][K/G][16] or null (then m = sc)
     int64_t K;
     int64_t N;           // real columns; tiles = ceil(N / 16)
-    int32_t bits;        // 4 or 8
+    int32_t bits;        // 4, 6 or 8
     int32_t group;       // G: 16 or 32
     int32_t sb_groups;   // S
 };
@@ -125,15 +127,20 @@ void tile_portable(const QWeight& w, int64_t t, const Act& a, int64_t r0, int64_
         float facc[16] = {0};
         for (int64_t c = 0; c < nc; c++) {
             uint8_t u[8][64];  // step s, byte 4j+b
-            if (w.bits == 4) {
+            const uint8_t* p = qs + c * code_bytes_per_chunk(w.bits);
+            if (w.bits == 8) {
+                std::memcpy(u, p, 512);
+            } else {
                 for (int i = 0; i < 4; i++)
                     for (int j = 0; j < 64; j++) {
-                        uint8_t b = qs[c * 256 + i * 64 + j];
+                        uint8_t b = p[i * 64 + j];
                         u[2 * i][j] = b & 0x0F;
                         u[2 * i + 1][j] = b >> 4;
                     }
-            } else {
-                std::memcpy(u, qs + c * 512, 512);
+                if (w.bits == 6)
+                    for (int s = 0; s < 8; s++)
+                        for (int j = 0; j < 64; j++)
+                            u[s][j] |= ((p[256 + (s / 4) * 64 + j] >> (2 * (s % 4))) & 3) << 4;
             }
             for (int64_t h = 0; h < gpc; h++) {
                 const int64_t g = c * gpc + h, sb = g / S;
@@ -192,25 +199,34 @@ SPECDEC_AVX512 void tile_vnni(const QWeight& w, int64_t t, const Act& a, int64_t
     }
     for (int64_t c = 0; c < nc; c++) {
         __m512i wv[8];
-        if (BITS == 4) {
-            const uint8_t* p = qs + c * 256;
-            _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);
-            _mm_prefetch((const char*)(p + PREFETCH_BYTES + 64), _MM_HINT_T0);
-            _mm_prefetch((const char*)(p + PREFETCH_BYTES + 128), _MM_HINT_T0);
-            _mm_prefetch((const char*)(p + PREFETCH_BYTES + 192), _MM_HINT_T0);
+        const uint8_t* p = qs + c * (64 * BITS);
+#pragma GCC unroll 8
+        for (int i = 0; i < BITS; i++)  // the same distance in chunks whatever the width
+            _mm_prefetch((const char*)(p + PREFETCH_BYTES * BITS / 4 + 64 * i), _MM_HINT_T0);
+        if (BITS == 8) {
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++) wv[i] = _mm512_loadu_si512((const void*)(p + 64 * i));
+        } else {
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++) {
                 __m512i b = _mm512_loadu_si512((const void*)(p + 64 * i));
                 wv[2 * i] = _mm512_and_si512(b, low4);
                 wv[2 * i + 1] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
             }
-        } else {
-            const uint8_t* p = qs + c * 512;
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++)
-                _mm_prefetch((const char*)(p + 2 * PREFETCH_BYTES + 64 * i), _MM_HINT_T0);
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++) wv[i] = _mm512_loadu_si512((const void*)(p + 64 * i));
+            if (BITS == 6) {  // bits 4-5: two bits per step per byte, moved to 0x30 and or-ed in
+                const __m512i m30 = _mm512_set1_epi8(0x30);
+#pragma GCC unroll 2
+                for (int i = 0; i < 2; i++) {
+                    const __m512i h = _mm512_loadu_si512((const void*)(p + 256 + 64 * i));
+                    wv[4 * i] = _mm512_or_si512(
+                        wv[4 * i], _mm512_and_si512(_mm512_slli_epi16(h, 4), m30));
+                    wv[4 * i + 1] = _mm512_or_si512(
+                        wv[4 * i + 1], _mm512_and_si512(_mm512_slli_epi16(h, 2), m30));
+                    wv[4 * i + 2] = _mm512_or_si512(wv[4 * i + 2], _mm512_and_si512(h, m30));
+                    wv[4 * i + 3] = _mm512_or_si512(
+                        wv[4 * i + 3], _mm512_and_si512(_mm512_srli_epi16(h, 2), m30));
+                }
+            }
         }
 #pragma GCC unroll 2
         for (int h = 0; h < gpc; h++) {
@@ -277,6 +293,7 @@ using TileRows = void (*)(const QWeight&, int64_t, const Act&, int64_t, float*, 
 
 TileRows pick_vnni(int bits, int group) {
     if (bits == 4) return group == 32 ? tile_rows_vnni<4, 32> : tile_rows_vnni<4, 16>;
+    if (bits == 6) return group == 32 ? tile_rows_vnni<6, 32> : tile_rows_vnni<6, 16>;
     return group == 32 ? tile_rows_vnni<8, 32> : tile_rows_vnni<8, 16>;
 }
 
@@ -300,7 +317,7 @@ extern "C" {
 int specdec_qgemm_path(void) { return vnni_usable(); }
 
 static int bad_format(const QWeight& w, int64_t K) {
-    return w.K != K || K <= 0 || K % 32 || (w.bits != 4 && w.bits != 8) ||
+    return w.K != K || K <= 0 || K % 32 || (w.bits != 4 && w.bits != 6 && w.bits != 8) ||
            (w.group != 16 && w.group != 32) || w.sb_groups < 1 || (K / w.group) % w.sb_groups;
 }
 

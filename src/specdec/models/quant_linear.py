@@ -35,7 +35,7 @@ from specdec.kernels.native import require as require_kernel
 log = logging.getLogger(__name__)
 
 QUANTS = ("none", "gguf", "int8", "int4")
-PACK_VERSION = 1  # bump when the packed layout changes
+PACK_VERSION = 2  # bump when the packed layout changes
 
 # runtime module → the GGUF tensors it fuses, in order
 _GGUF_PARTS = {
