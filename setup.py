@@ -11,7 +11,12 @@ setup(
     ext_modules=[
         Extension(
             "specdec.kernels._qgemm",
-            sources=["src/specdec/kernels/qgemm.cpp", "src/specdec/kernels/attention.cpp"],
+            sources=[
+                "src/specdec/kernels/qgemm.cpp",
+                "src/specdec/kernels/attention.cpp",
+                "src/specdec/kernels/layer.cpp",
+            ],
+            depends=["src/specdec/kernels/native.h", "src/specdec/kernels/simd.h"],
             extra_compile_args=[
                 "-O3",
                 "-std=c++17",

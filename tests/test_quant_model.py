@@ -20,7 +20,12 @@ from test_contract import FACTORIES, check_same, run
 from specdec.errors import UnsupportedModelError
 from specdec.kernels import packing
 from specdec.models.loading import load_model
-from specdec.models.quant_linear import QuantLinear, pack_float_model, quantise_linears
+from specdec.models.quant_linear import (
+    QuantLinear,
+    attach_native_layers,
+    pack_float_model,
+    quantise_linears,
+)
 from specdec.spec.drafters.base import NoDrafter
 
 
@@ -87,14 +92,21 @@ def test_quant_errors_are_clear(tmp_path):
         load_model(folder, quant="int3", progress=False)
 
 
-def quantised_case(seed: int, quant: str):
-    rng = random.Random(seed)
-    arch = rng.choice(["qwen2", "llama"])
-    model = random_transformer(arch, seed=seed, vocab=48, intermediate_size=64)
+def quantised_model(seed: int, quant: str, dtype=torch.float64, arch: str = "qwen2"):
+    model = random_transformer(arch, seed=seed, vocab=48, intermediate_size=64, dtype=dtype)
     state = {k: v for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     assert quantise_linears(model, pack_float_model(state, model.config, quant).get) == 13
+    # float32: every layer runs as one native call (layer.cpp); float64 keeps the torch path
+    assert attach_native_layers(model) == (dtype == torch.float32)
+    return model
+
+
+def quantised_case(seed: int, quant: str, dtype=torch.float64):
+    rng = random.Random(seed)
+    arch = rng.choice(["qwen2", "llama"])
+    model = quantised_model(seed, quant, dtype, arch)
     from random_models import CharTokenizer
 
     tok = CharTokenizer(vocab=48)
@@ -109,3 +121,33 @@ def quantised_case(seed: int, quant: str):
 def test_quantised_targets_stay_greedy_exact(method, quant, seed):
     rng, model, tok, prompt, n, ref = quantised_case(seed, quant)
     check_same(run(model, FACTORIES[method](model, rng), prompt, n, tok), ref)
+
+
+@pytest.mark.parametrize("method", ["draft", "pld", "recycle", "pld+recycle"])
+@pytest.mark.parametrize("seed", range(4))
+def test_native_float32_layers_stay_greedy_exact(method, seed):
+    """In float32 there is no float64 headroom: exactness rests on rows being computed
+    identically whatever the pass size."""
+    rng, model, tok, prompt, n, ref = quantised_case(seed, "int8", torch.float32)
+    check_same(run(model, FACTORIES[method](model, rng), prompt, n, tok), ref)
+
+
+def test_a_pass_over_k_tokens_equals_k_one_token_passes_bit_for_bit():
+    model = quantised_model(11, "int4", torch.float32)
+    prompt = torch.tensor([3, 14, 15, 9, 2, 6])
+    new = torch.tensor([5, 35, 8, 9, 7, 9, 3])
+    cache = model.new_cache()
+    model(prompt, torch.arange(6), cache)
+    together = model(new, torch.arange(6, 13), cache, logits_rows=slice(None))
+    cache.rollback(7)
+    alone = torch.cat([model(new[i : i + 1], torch.tensor([6 + i]), cache) for i in range(7)])
+    assert torch.equal(together, alone)
+
+
+def test_native_layers_agree_with_the_torch_path():
+    model = quantised_model(12, "int8", torch.float32)
+    tokens = torch.randint(0, 48, (20,), generator=torch.Generator().manual_seed(0))
+    native = model(tokens, torch.arange(20), model.new_cache())
+    model.native_layers = None
+    torch_path = model(tokens, torch.arange(20), model.new_cache())
+    torch.testing.assert_close(native, torch_path, atol=1e-4, rtol=1e-4)

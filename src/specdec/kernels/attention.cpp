@@ -12,26 +12,10 @@
 #include <cstdlib>
 #include <immintrin.h>
 
+#include "native.h"
+#include "simd.h"
+
 namespace {
-
-#define SPECDEC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-
-// exp(x) for x <= 0 (softmax after subtracting the maximum): 2^(x*log2 e) split into an
-// integer power (scalef) and a degree-6 polynomial on [-0.5, 0.5]; relative error ~2e-7.
-SPECDEC_AVX512 inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);  // in [-0.5, 0.5]: 2^f by its Taylor series in f*ln2
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 // One (head, row): D a multiple of 16.
 SPECDEC_AVX512 void attend_row_avx512(const float* q, const float* k, const float* v,
@@ -55,14 +39,14 @@ SPECDEC_AVX512 void attend_row_avx512(const float* q, const float* k, const floa
     const __m512 vmx = _mm512_set1_ps(mx);
     int64_t j = 0;
     for (; j + 16 <= L; j += 16) {
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + j), vmx));
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), vmx));
         _mm512_storeu_ps(scores + j, e);
         total = _mm512_add_ps(total, e);
     }
     if (j < L) {
         const __mmask16 tail = (__mmask16)((1u << (L - j)) - 1);
         const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, scores + j);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(s, vmx));
+        const __m512 e = exp512(_mm512_sub_ps(s, vmx));
         _mm512_mask_storeu_ps(scores + j, tail, e);
         total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
     }
@@ -111,16 +95,6 @@ void attend_row_portable(const float* q, const float* k, const float* v, int64_t
     for (int64_t j = 0; j < L; j++)
         for (int64_t d = 0; d < D; d++) out[d] += scores[j] * v[j * stride + d];
     for (int64_t d = 0; d < D; d++) out[d] /= total;
-}
-
-int avx512_usable() {
-    static int usable = -1;
-    if (usable < 0) {
-        const char* env = std::getenv("SPECDEC_QGEMM_PORTABLE");
-        __builtin_cpu_init();
-        usable = !(env && env[0] == '1') && __builtin_cpu_supports("avx512f");
-    }
-    return usable;
 }
 
 }  // namespace

@@ -294,3 +294,115 @@ def attend(
     if rc:
         raise RuntimeError(f"specdec_attend failed ({rc})")
     return out
+
+
+class _LinearParts(ctypes.Structure):
+    _fields_ = [
+        ("parts", ctypes.c_void_p),
+        ("cols", ctypes.c_void_p),
+        ("nparts", ctypes.c_int32),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+class _LayerParams(ctypes.Structure):
+    _fields_ = [
+        ("qkv", _LinearParts),
+        ("wo", _LinearParts),
+        ("w13", _LinearParts),
+        ("w2", _LinearParts),
+        ("attn_norm", ctypes.c_void_p),
+        ("ffn_norm", ctypes.c_void_p),
+        ("d", ctypes.c_int64),
+        ("heads", ctypes.c_int64),
+        ("kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("ffn", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+    ]
+
+
+class LayerKernel:
+    """A whole decoder layer (``layer.cpp``) with quantised linears, in one native call.
+
+    ``kernel(h, cos, sin, keys, values, start, mask)`` updates the residual stream ``h``
+    [n, d] in place and writes the layer's keys and values into slots
+    ``start..start+n-1`` of ``keys``/``values`` [Hkv, capacity, D] (all float32,
+    contiguous); ``mask`` is None or bool [n, start+n].
+    """
+
+    def __init__(
+        self,
+        qkv: LinearKernel,
+        wo: LinearKernel,
+        w13: LinearKernel,
+        w2: LinearKernel,
+        attn_norm: torch.Tensor,
+        ffn_norm: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+    ) -> None:
+        lib = _library()
+        lib.specdec_layer.restype = ctypes.c_int
+        lib.specdec_layer.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        lib.specdec_layer.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+        lib.specdec_layer.argtypes += [ctypes.c_void_p, ctypes.c_int]
+        self._fn = lib.specdec_layer
+        self.linears = (qkv, wo, w13, w2)
+        self.norms = tuple(t.detach().to(torch.float32).contiguous() for t in (attn_norm, ffn_norm))
+        self.shape = (heads, kv_heads, head_dim, eps)
+        d = wo.n
+        if qkv.n != (heads + 2 * kv_heads) * head_dim or w13.n != 2 * w2.k or w2.n != d:
+            raise ValueError("the linears do not fit the layer's shape")
+
+        def parts(lin: LinearKernel) -> _LinearParts:
+            structs, nparts, cols, bias = lin._args
+            return _LinearParts(structs, cols, nparts, bias)
+
+        self._params = _LayerParams(
+            *(parts(lin) for lin in self.linears),
+            self.norms[0].data_ptr(),
+            self.norms[1].data_ptr(),
+            d,
+            heads,
+            kv_heads,
+            head_dim,
+            w2.k,
+            eps,
+        )
+        self._ref = ctypes.addressof(self._params)
+
+    def __deepcopy__(self, memo: dict) -> LayerKernel:  # ctypes pointers cannot be copied
+        import copy
+
+        linears = copy.deepcopy(self.linears, memo)
+        norms = copy.deepcopy(self.norms, memo)
+        return LayerKernel(*linears, *norms, *self.shape)
+
+    def __call__(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> None:
+        rc = self._fn(
+            h.data_ptr(),
+            h.shape[0],
+            self._ref,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            keys.shape[1],
+            start,
+            None if mask is None else mask.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if rc:
+            raise RuntimeError(f"specdec_layer failed ({rc})")

@@ -30,22 +30,7 @@
 #include <cstring>
 #include <immintrin.h>
 
-extern "C" {
-
-struct QWeight {
-    const uint8_t* qs;   // [tiles][K/32][64 * bits / 8 * ... ] codes, see above
-    const uint16_t* d;   // fp16 [tiles][K/(G*S)][16]
-    const uint16_t* dm;  // fp16 [tiles][K/(G*S)][16]
-    const int8_t* sc;    // [tiles][K/G][16] or null (S == 1)
-    const int8_t* m;     // [tiles][K/G][16] or null (then m = sc)
-    int64_t K;
-    int64_t N;           // real columns; tiles = ceil(N / 16)
-    int32_t bits;        // 4, 6 or 8
-    int32_t group;       // G: 16 or 32
-    int32_t sb_groups;   // S
-};
-
-}  // extern "C"
+#include "native.h"
 
 namespace {
 
@@ -173,10 +158,10 @@ void tile_portable(const QWeight& w, int64_t t, const Act& a, int64_t r0, int64_
 // How far ahead of the codes being unpacked to ask for them (bytes); 4-bit streams.
 constexpr int64_t PREFETCH_BYTES = 1024;
 
-#define SPECDEC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+#define SPECDEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 
 template <int RB, int BITS, int G>
-SPECDEC_AVX512 void tile_vnni(const QWeight& w, int64_t t, const Act& a, int64_t r0, float* y,
+SPECDEC_VNNI void tile_vnni(const QWeight& w, int64_t t, const Act& a, int64_t r0, float* y,
                               int64_t ldy, const float* bias) {
     constexpr int gpc = 32 / G, spg = 8 / gpc;
     const int64_t K = w.K, nc = K / 32, S = w.sb_groups;

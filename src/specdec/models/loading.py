@@ -158,7 +158,7 @@ def _build(
 ) -> Transformer:
     """The model from its state dict; ``packed`` (module name → packed parts) replaces
     those linears by quantised ones, whose float weights ``state`` may then lack."""
-    from specdec.models.quant_linear import quantise_linears
+    from specdec.models.quant_linear import attach_native_layers, quantise_linears
 
     tied = cfg.tie_word_embeddings if packed is not None else "lm_head.weight" not in state
     if tied != cfg.tie_word_embeddings:
@@ -179,6 +179,8 @@ def _build(
     if packed is not None:
         quantise_linears(model, packed.get)
     model.to(device)
+    if packed is not None:
+        attach_native_layers(model)
     model.requires_grad_(False)
     if packing_available(model.dtype, device):
         pack_linears(model)

@@ -167,6 +167,34 @@ def quantise_linears(
     return count
 
 
+def attach_native_layers(model: nn.Module) -> bool:
+    """Give a float32 model whose layers' linears are all quantised one native call per
+    layer (`specdec.kernels.native.LayerKernel`); returns whether it did."""
+    from specdec.kernels.native import LayerKernel
+
+    if model.dtype != torch.float32:
+        return False
+    kernels = []
+    cfg = model.config
+    for block in model.layers:
+        linears = (block.attn.wqkv, block.attn.wo, block.ffn.w13, block.ffn.w2)
+        if not all(isinstance(m, QuantLinear) for m in linears):
+            return False
+        kernels.append(
+            LayerKernel(
+                *(m.kernel for m in linears),
+                block.attn_norm.weight,
+                block.ffn_norm.weight,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                cfg.rms_norm_eps,
+            )
+        )
+    model.native_layers = kernels
+    return True
+
+
 # --------------------------------------------------------------------------- cache
 def save_packed(path: Path, packed: dict[str, list[PackedWeight]], quant: str) -> None:
     from safetensors.torch import save_file

@@ -165,6 +165,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.requires_grad_(False)
         self._rope: RotaryTable | None = None
+        # one native call per layer (float32, quantised linears): see quant_linear
+        self.native_layers: list | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -218,10 +220,17 @@ class Transformer(nn.Module):
         mask = _attention_mask(attn_mask, start, n, self.device)
         cos, sin = self.rope().lookup(positions, self.dtype)
         h = self.embed(tokens)  # (n, d)
-        for i in range(len(self.layers)) if layers is None else layers:
-            block = self.layers[i]
-            h = h + block.attn(block.attn_norm(h), cos, sin, cache, i, start, mask)
-            h = h + block.ffn(block.ffn_norm(h))
+        order = range(len(self.layers)) if layers is None else layers
+        if self.native_layers is not None and h.dtype == torch.float32:
+            h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
+            mask = None if mask is None else mask.contiguous()
+            for i in order:
+                self.native_layers[i](h, cos, sin, cache.k[i], cache.v[i], start, mask)
+        else:
+            for i in order:
+                block = self.layers[i]
+                h = h + block.attn(block.attn_norm(h), cos, sin, cache, i, start, mask)
+                h = h + block.ffn(block.ffn_norm(h))
         rows = h if logits_rows is None else h[logits_rows]
         logits = self.lm_head(self.norm(rows))
         if logits.dtype in (torch.bfloat16, torch.float16):
