@@ -151,3 +151,16 @@ def test_native_layers_agree_with_the_torch_path():
     model.native_layers = None
     torch_path = model(tokens, torch.arange(20), model.new_cache())
     torch.testing.assert_close(native, torch_path, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_quantises_only_block_quantised_gguf_files(tmp_path):
+    from specdec.kernels import path
+
+    hf = tiny_hf_model("qwen2", seed=3)
+    q8 = load_model(write_gguf(hf, tmp_path / "q8.gguf", "qwen2", "Q8_0"), quant="auto")
+    f32 = load_model(write_gguf(hf, tmp_path / "f32.gguf", "qwen2", "F32"), quant="auto")
+    folder = load_model(save_hf_folder(hf, tmp_path / "m"), quant="auto")
+    assert q8.quant == ("gguf" if path() == "avx512-vnni" else "none")
+    assert q8.model.dtype == (torch.float32 if q8.quant == "gguf" else torch.bfloat16)
+    assert f32.quant == folder.quant == "none"
+    assert f32.model.dtype == folder.model.dtype == torch.bfloat16

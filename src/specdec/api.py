@@ -38,10 +38,10 @@ class Generator:
         target: Target,
         tokenizer: Tokenizer,
         name: str = "",
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         device: str = "cpu",
         progress: bool = True,
-        quant: str = "none",
+        quant: str = "auto",
     ) -> None:
         self.target = target
         self.tokenizer = tokenizer
@@ -51,6 +51,7 @@ class Generator:
         self.last: Generation | None = None
         self.progress = progress  # progress bars when loading draft models
         self._drafts: dict[str, Target] = {}
+        self._draft_quant: dict[str, str] = {}
         self._draft_tokenizers: dict[str, tuple[Tokenizer, bool]] = {}  # and: same as ours?
         self._drafters: dict[tuple, Any] = {}
 
@@ -74,6 +75,7 @@ class Generator:
                 quant=self.quant,
             )
             self._drafts[spec] = NativeTarget(loaded.model)
+            self._draft_quant[spec] = loaded.quant
             same = loaded.tokenizer.vocab() == self.tokenizer.vocab()
             self._draft_tokenizers[spec] = (loaded.tokenizer, same)
         tokenizer, same = self._draft_tokenizers[spec]
@@ -93,15 +95,22 @@ class Generator:
 
         loaded = getattr(self, "loaded", None)
         source = str(loaded.source) if loaded is not None else type(self.target).__name__
-        identity = f"{self.name}|{source}|{self.dtype}|{self.device}|{self.quant}"
+        weights = (
+            f"{loaded.model.dtype}|{loaded.quant}"
+            if loaded is not None
+            else f"{self.dtype}|{self.quant}"
+        )
+        identity = f"{self.name}|{source}|{weights}|{self.device}"
         return cached_pass_cost(self.target, identity, progress=self.progress)
 
     def pass_costs(self, draft_spec: str):
         """Pass-cost curves of the target and of a draft model (same dtype and device)."""
         from specdec.models.pass_cost import cached_pass_cost
 
-        identity = f"{draft_spec}|draft|{self.dtype}|{self.device}|{self.quant}"
-        draft = cached_pass_cost(self.load_draft(draft_spec), identity, progress=self.progress)
+        draft_target = self.load_draft(draft_spec)
+        weights = f"{draft_target.model.dtype}|{self._draft_quant.get(draft_spec, self.quant)}"
+        identity = f"{draft_spec}|draft|{weights}|{self.device}"
+        draft = cached_pass_cost(draft_target, identity, progress=self.progress)
         return self.pass_cost(), draft
 
     def resolved_method(self, method: str) -> str:
@@ -128,13 +137,14 @@ class Generator:
         device: str = "cpu",
         backend: str = "native",
         progress: bool = True,
-        quant: str = "none",
+        quant: str = "auto",
     ) -> Generator:
         """`backend` "native" is specdec's runtime; "hf" runs the model through transformers
-        (any architecture transformers knows, slower). ``quant``: none, gguf (the GGUF
-        file's own blocks), int8 or int4 (`specdec.models.quant_linear`); ``dtype`` auto
-        is float32 beside quantised linears and bfloat16 otherwise."""
-        dtype = resolve_dtype(dtype, quant)
+        (any architecture transformers knows, slower). ``quant``: auto, none, gguf (the
+        GGUF file's own blocks), int8 or int4 (`specdec.models.quant_linear`; auto picks
+        gguf for a quantised GGUF on a CPU with AVX-512 VNNI); ``dtype`` auto is float32
+        beside quantised linears and bfloat16 otherwise. Draft models follow the same
+        settings, resolved for each file."""
         if backend == "native":
             loaded = load_model(model, dtype=dtype, device=device, progress=progress, quant=quant)
             gen = cls(
@@ -148,15 +158,16 @@ class Generator:
             )
             gen.loaded = loaded
             return gen
-        if quant != "none":
+        if quant not in ("auto", "none"):
             raise InvalidRequestError(f"--quant {quant} needs the native backend")
+        dtype = resolve_dtype(dtype)
         if backend == "hf":
             from specdec.models.hf_adapter import load_hf_target
 
             target, info = load_hf_target(model, dtype=dtype, device=device, progress=progress)
             if info.tokenizer is None:
                 raise InvalidRequestError(f"{model}: no tokenizer.json beside the model")
-            return cls(target, info.tokenizer, model, dtype, device, progress)
+            return cls(target, info.tokenizer, model, dtype, device, progress, "none")
         raise InvalidRequestError(
             f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})"
         )

@@ -200,10 +200,11 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument(
         "--quant",
         choices=list(QUANTS),
-        default="none",
-        help="weights of the linear layers: none (float, default), gguf (the GGUF file's own "
-        "blocks, e.g. Q4_K/Q6_K, exactly), int8 or int4 (per-32 blocks); quantised "
-        "layers run specdec's native kernel",
+        default="auto",
+        help="weights of the linear layers: gguf (the GGUF file's own blocks, e.g. "
+        "Q4_K/Q6_K, exactly), int8 or int4 (per-32 blocks), none (float); quantised "
+        "layers run specdec's native kernel. auto (default): gguf for a quantised GGUF "
+        "on a CPU with AVX-512 VNNI, none otherwise",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument(

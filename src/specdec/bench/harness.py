@@ -601,6 +601,10 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
             "draft": args.draft,
             "dtype": args.dtype,
             "quant": args.quant,
+            # what the target's linears hold after `auto` and the compute dtype around them
+            "weights": None
+            if getattr(gen, "loaded", None) is None
+            else {"quant": gen.loaded.quant, "dtype": str(gen.loaded.model.dtype)},
             "device": args.device,
             "backend": args.backend,
             "server": args.server,

@@ -46,6 +46,7 @@ class LoadedModel:
     config: ModelConfig
     model: Transformer
     tokenizer: Tokenizer
+    quant: str = "none"  # what the linears hold (`specdec.models.quant_linear.QUANTS`)
 
     @property
     def weight_bytes(self) -> int:
@@ -63,7 +64,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def resolve_dtype(dtype: str | torch.dtype, quant: str = "none") -> str | torch.dtype:
     """``auto``: float32 around quantised linears (the kernel computes in float32),
-    bfloat16 otherwise."""
+    bfloat16 otherwise (``quant`` is the resolved one, not ``auto``)."""
     if dtype == "auto":
         return "float32" if quant != "none" else "bfloat16"
     return dtype
@@ -82,17 +83,18 @@ def load_model(
 
     ``quant`` (`specdec.models.quant_linear.QUANTS`) swaps the linears for the
     quantised kernel's; ``dtype`` is then the dtype of everything else."""
-    from specdec.models.quant_linear import check_quant
+    from specdec.models.quant_linear import check_quant, resolve_quant
     from specdec.models.registry import resolve_model_file
 
     check_quant(quant)
-    torch_dtype = parse_dtype(resolve_dtype(dtype, quant))
     dev = _check_device(device)
-    if quant != "none" and dev.type != "cpu":
-        raise UnsupportedModelError(f"--quant {quant} runs on the CPU only; use --quant none")
     where = resolve_model_file(str(spec), auto_pull=auto_pull, progress=progress)
     if isinstance(where, str):
         where = _download_from_hub(where)
+    quant = "none" if quant == "auto" and dev.type != "cpu" else resolve_quant(quant, where)
+    if quant != "none" and dev.type != "cpu":
+        raise UnsupportedModelError(f"--quant {quant} runs on the CPU only; use --quant none")
+    torch_dtype = parse_dtype(resolve_dtype(dtype, quant))
     if where.is_dir():
         if (where / "specdec.json").exists():
             folder = where
@@ -394,7 +396,9 @@ def _load_converted(
         skip = {f"{n}.weight" for n in packed or ()}
         # One tensor at a time, so the float32 file never sits in memory beside its cast.
         state = {k: st.get_tensor(k).to(dtype) for k in st.keys() if k not in skip}
-    return LoadedModel(name, source, cfg, _build(cfg, state, device, packed), Tokenizer(folder))
+    return LoadedModel(
+        name, source, cfg, _build(cfg, state, device, packed), Tokenizer(folder), quant
+    )
 
 
 def _packed_for(
@@ -470,7 +474,9 @@ def _load_hf_folder(
 
         packed = pack_float_model(_fuse(cfg, raw, torch.float32), cfg, quant)
     state = _fuse(cfg, raw, dtype)
-    return LoadedModel(name, folder, cfg, _build(cfg, state, device, packed), Tokenizer(folder))
+    return LoadedModel(
+        name, folder, cfg, _build(cfg, state, device, packed), Tokenizer(folder), quant
+    )
 
 
 def _download_from_hub(repo_id: str) -> Path:
