@@ -140,6 +140,8 @@ def _library() -> ctypes.CDLL:
                     ctypes.c_int,  # threads
                 ]
                 lib.specdec_qgemm_path.restype = ctypes.c_int
+                lib.specdec_vnni_peak.restype = ctypes.c_double
+                lib.specdec_vnni_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
                 lib.specdec_attend.restype = ctypes.c_int
                 lib.specdec_attend.argtypes = [
                     ctypes.c_void_p,  # q [H, n, D]
@@ -235,6 +237,12 @@ class LinearKernel:
             if rc:
                 raise RuntimeError(f"specdec_qgemm_multi failed ({rc})")
         return out
+
+
+def vnni_peak_gmacs(threads: int | None = None, iters: int = 2_000_000) -> float:
+    """Measured peak of int8 multiply-adds (vpdpbusd) on ``threads`` cores, in G/s;
+    0 where the VNNI path cannot run. About 0.1 s."""
+    return _library().specdec_vnni_peak(iters, threads or torch.get_num_threads())
 
 
 def qgemm(
