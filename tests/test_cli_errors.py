@@ -177,6 +177,7 @@ def test_generate_json(capsys, files):
     assert stats["target_passes"] == len(ids)  # autoregressive: one pass per token
     assert 0 <= stats["prefill_s"] <= stats["wall_s"]
     assert stats["tokens_per_s"] > 0
+    assert stats["weight_bytes_per_step"] > 0 and stats["floor_ms"] > 0
     assert isinstance(result["text"], str)
     # greedy decoding is deterministic
     assert generate_json(capsys, files, "the cat sings")["token_ids"] == ids
@@ -271,3 +272,16 @@ def test_draft_with_another_tokenizer_is_refused(capsys, files, tmp_path):
         str(other),
     )
     assert_one_error_line(rc, err, "another tokenizer")
+
+
+def test_profile_reports_the_step_against_the_machine(capsys, files):
+    rc, out, err = run_cli(capsys, "profile", "--model", str(files["gguf"]), "--json", "--quiet")
+    assert rc == 0, err
+    p = json.loads(out)
+    assert p["bandwidth_gbs"] > 0 and p["weight_bytes_per_step"] > 0 and p["floor_ms"] > 0
+    assert p["step_ms"] == p["pass_ms"]["1"] > 0
+    assert {"1", "2", "4", "8", "16"} <= set(p["pass_ms"])
+    if p["quant"] != "none":  # the tiny Q8_0 file runs in the kernel where it can
+        assert p["roofline_ms"]["1"] == p["floor_ms"] and p["int8_peak_gmacs"] > 0
+    rc, out, err = run_cli(capsys, "profile", "--model", str(files["gguf"]), "--quiet")
+    assert rc == 0 and "pass over k tokens" in out and "floor" in out

@@ -88,9 +88,10 @@ class Generator:
             )
         return self._drafts[spec]
 
-    def pass_cost(self):
+    def pass_cost(self, refresh: bool = False):
         """The target's pass-cost curve (`specdec.models.pass_cost`): measured once per
-        machine, model, dtype and device, then read from the cache."""
+        machine, model, dtype and device (or again with ``refresh``), then read from the
+        cache."""
         from specdec.models.pass_cost import cached_pass_cost
 
         loaded = getattr(self, "loaded", None)
@@ -101,7 +102,7 @@ class Generator:
             else f"{self.dtype}|{self.quant}"
         )
         identity = f"{self.name}|{source}|{weights}|{self.device}"
-        return cached_pass_cost(self.target, identity, progress=self.progress)
+        return cached_pass_cost(self.target, identity, progress=self.progress, refresh=refresh)
 
     def pass_costs(self, draft_spec: str):
         """Pass-cost curves of the target and of a draft model (same dtype and device)."""

@@ -134,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
 
+    pr = sub.add_parser(
+        "profile",
+        help="a model's decode step against this machine's memory and compute limits",
+        description="Print the machine's memory bandwidth (measured once, cached), the weight "
+        "bytes a decode step reads and the floor they set, the measured step, and the cost "
+        "of one pass over k = 1..64 tokens (the curve draft trees are sized by); for "
+        "quantised models also the roofline of each pass.",
+    )
+    _add_model_args(pr, DEFAULT_MODEL)
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    pr.add_argument(
+        "--refresh", action="store_true", help="measure the pass-cost curve again (it is cached)"
+    )
+    pr.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    pr.set_defaults(func=cmd_profile)
+
     m = sub.add_parser(
         "models",
         help="list the known models and where they are",
@@ -277,6 +293,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = gen.last
     report = _result_json(result)
     report["method"] = gen.resolved_method(method)
+    if args.json and getattr(gen, "loaded", None) is not None:
+        from specdec.bench.machine import machine_info
+
+        nbytes = gen.loaded.weight_bytes
+        report["stats"]["weight_bytes_per_step"] = nbytes
+        # what reading the weights once costs at this machine's bandwidth (measured once)
+        floor = nbytes / (machine_info()["bandwidth_gbs"] * 1e9) * 1e3
+        report["stats"]["floor_ms"] = round(floor, 3)
     if args.compare:
         base_opts = {k: v for k, v in opts.items() if k not in method_opts}
         base = gen.generate(prompt, **{**base_opts, "method": "ar"})
@@ -300,6 +324,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 f"{report['speedup']:.2f}x, identical: {report['identical']}"
             )
         print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from specdec.api import Generator
+    from specdec.bench.profile import profile, render
+
+    progress = not args.quiet and sys.stderr.isatty()
+    if not args.quiet:
+        _enable_info_logging()
+    gen = Generator.load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        backend=args.backend,
+        progress=progress,
+        quant=args.quant,
+    )
+    gen.progress = not args.quiet
+    report = profile(gen, refresh=args.refresh)
+    print(json.dumps(report) if args.json else render(report))
     return 0
 
 

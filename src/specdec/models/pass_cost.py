@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-MEASURE_VERSION = 2  # bump when the measurement changes: cached curves are measured again
-DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)  # trees are at most ~32 nodes
+MEASURE_VERSION = 3  # bump when the measurement changes: cached curves are measured again
+DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # trees are at most ~32 nodes
 
 
 @dataclass
@@ -95,25 +95,44 @@ def measure_pass_cost(
 
 
 def machine_key() -> str:
-    """What the curve depends on besides the model: the machine and the software."""
+    """What the curve depends on besides the model: the machine and the software (the
+    native kernel library's build included)."""
     return "|".join(
         [platform.node(), platform.processor() or platform.machine(), str(os.cpu_count()),
          str(torch.get_num_threads()), torch.__version__,
-         os.environ.get("SPECDEC_PACK_LINEARS", "1")]
+         os.environ.get("SPECDEC_PACK_LINEARS", "1"), _kernel_build()]
     )  # fmt: skip
 
 
+def _kernel_build() -> str:
+    from pathlib import Path
+
+    import specdec.kernels
+
+    found = sorted(Path(specdec.kernels.__file__).parent.glob("_qgemm*.so"))
+    if not found:
+        return "no-kernel"
+    st = found[0].stat()
+    return f"{st.st_size}-{int(st.st_mtime)}"
+
+
 def cached_pass_cost(
-    target, identity: str, *, sizes: Sequence[int] = DEFAULT_SIZES, progress: bool = True
+    target,
+    identity: str,
+    *,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    progress: bool = True,
+    refresh: bool = False,
 ) -> PassCost:
     """The curve of ``target`` (``identity`` names model file, dtype, device, backend),
-    measured on first use on this machine and read from the cache afterwards."""
+    measured on first use on this machine (or when ``refresh``) and read from the cache
+    afterwards."""
     from specdec.models.registry import cache_dir
 
     raw = f"{MEASURE_VERSION}|{identity}|{machine_key()}|{tuple(sizes)}"
     key = hashlib.sha256(raw.encode()).hexdigest()[:16]
     path = cache_dir() / "pass_cost" / f"{key}.json"
-    if path.exists():
+    if path.exists() and not refresh:
         try:
             return PassCost({int(k): v for k, v in json.loads(path.read_text())["ms"].items()})
         except (ValueError, KeyError, TypeError):

@@ -1,0 +1,108 @@
+"""`specdec profile`: a model's decode step against this machine's limits.
+
+Reports the memory bandwidth (measured once per machine and cached), the weight bytes
+one decode step reads and the floor they imply (bytes / bandwidth), the measured step,
+and the cost of one pass over k = 1 ... 64 tokens on 256 cached tokens: the same cached
+curve the engine sizes its draft trees by. For quantised models it adds the roofline
+of each pass, max(bytes / bandwidth, k x multiply-adds / peak int8 rate), with the
+peak measured by the kernel library's vpdpbusd micro-benchmark; the roofline leaves
+out the cost of unpacking weights, so it is a bound no kernel reaches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def macs_per_token(model: torch.nn.Module) -> int:
+    """Multiply-adds of the linears (LM head included) for one token."""
+    from specdec.models.quant_linear import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear | torch.nn.Linear):
+            total += m.in_features * m.out_features
+        elif type(m).__name__ == "PackedLinear":
+            total += m.in_features * m.out_features
+    return total
+
+
+def profile(gen: Any, refresh: bool = False) -> dict[str, Any]:
+    """The profile of a loaded `specdec.api.Generator` (see the module docstring)."""
+    from specdec.bench.machine import machine_info
+
+    bandwidth = machine_info()["bandwidth_gbs"]
+    loaded = getattr(gen, "loaded", None)
+    curve = gen.pass_cost(refresh=refresh)
+    step = curve(1)
+    out: dict[str, Any] = {
+        "model": gen.name,
+        "backend": "native" if loaded is not None else "hf",
+        "quant": loaded.quant if loaded is not None else "none",
+        "dtype": str(loaded.model.dtype).removeprefix("torch.")
+        if loaded is not None
+        else gen.dtype,
+        "kernel": None,
+        "bandwidth_gbs": bandwidth,
+        "weight_bytes_per_step": None,
+        "floor_ms": None,
+        "step_ms": round(step, 3),
+        "pass_ms": {k: round(v, 3) for k, v in curve.ms.items()},
+        "pass_relative": {k: round(v, 3) for k, v in curve.relative().items()},
+        "macs_per_token": None,
+        "int8_peak_gmacs": None,
+        "roofline_ms": None,
+        "over_roofline": None,
+    }
+    if loaded is None:
+        return out
+    nbytes = loaded.weight_bytes
+    floor = nbytes / (bandwidth * 1e9) * 1e3
+    out.update(weight_bytes_per_step=nbytes, floor_ms=round(floor, 3))
+    if loaded.quant != "none":
+        from specdec.kernels.native import path, vnni_peak_gmacs
+
+        macs = macs_per_token(loaded.model)
+        peak = vnni_peak_gmacs()
+        out.update(kernel=path(), macs_per_token=macs, int8_peak_gmacs=round(peak, 1))
+        if peak > 0:
+            roof = {k: max(floor, k * macs / (peak * 1e9) * 1e3) for k in curve.ms}
+            out["roofline_ms"] = {k: round(v, 3) for k, v in roof.items()}
+            out["over_roofline"] = {k: round(curve.ms[k] / v, 3) for k, v in roof.items()}
+    return out
+
+
+def render(p: dict[str, Any]) -> str:
+    """The profile as a short text report."""
+    lines = [
+        f"model {p['model']} ({p['backend']} backend): weights {p['quant']}, "
+        f"{p['dtype']} around them" + (f", kernel {p['kernel']}" if p["kernel"] else ""),
+        f"memory bandwidth     {p['bandwidth_gbs']:.1f} GB/s (measured once on this machine, cached)",
+    ]
+    if p["floor_ms"] is not None:
+        lines.append(
+            f"weights per step     {p['weight_bytes_per_step'] / 1e6:.0f} MB -> floor "
+            f"{p['floor_ms']:.1f} ms"
+        )
+    step = f"decode step          {p['step_ms']:.1f} ms"
+    if p["floor_ms"]:
+        step += f" ({p['step_ms'] / p['floor_ms']:.2f}x the floor)"
+    lines.append(step)
+    if p["int8_peak_gmacs"]:
+        lines.append(
+            f"int8 peak            {p['int8_peak_gmacs']:.0f} G multiply-adds/s; "
+            f"{p['macs_per_token'] / 1e9:.2f} G per token"
+        )
+    lines.append("pass over k tokens (256 cached):")
+    head = "    k        ms   x k=1"
+    if p["roofline_ms"]:
+        head += "  roofline ms  x roofline"
+    lines.append(head)
+    for k, ms in p["pass_ms"].items():
+        row = f"  {k:>3}  {ms:8.1f}  {p['pass_relative'][k]:6.2f}"
+        if p["roofline_ms"]:
+            row += f"  {p['roofline_ms'][k]:11.1f}  {p['over_roofline'][k]:9.2f}"
+        lines.append(row)
+    return "\n".join(lines)
