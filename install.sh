@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up specdec in ./.venv from nothing: PyTorch first (the CPU build where no
-# GPU is present), then the package with its test tools.
+# GPU is present), then the package (its native kernels are compiled here, a few
+# seconds with the system's C++ compiler) with its test tools and llama.cpp.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
@@ -12,5 +13,6 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install --quiet "torch==${SPECDEC_TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+# The llama.cpp peer and backend (llama-cpp-python builds llama.cpp from source: ~5 min).
+.venv/bin/python -m pip install --quiet -e ".[test,llamacpp]"
 echo "specdec installed: $(.venv/bin/specdec --version) in $(pwd)/.venv" >&2

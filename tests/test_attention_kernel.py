@@ -49,3 +49,18 @@ def test_bad_shapes_are_refused():
         attend(q, kv, kv, 10, torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(ValueError):
         attend(q.transpose(0, 1), kv, kv, 10, None)
+
+
+@pytest.mark.parametrize("d", [8, 128])
+def test_hidden_keys_do_not_change_the_sums(d):
+    """A tree node sees its ancestors with hidden siblings between them: its output must be
+    bit for bit that of the same visible keys side by side (a chain)."""
+    g = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 40, d, generator=g), torch.randn(2, 40, d, generator=g)
+    q = torch.randn(4, 1, d, generator=g)
+    visible = torch.rand(40, generator=g) < 0.6
+    visible[-1] = True
+    idx = visible.nonzero()[:, 0]
+    tree = attend(q, keys, values, 40, visible[None])
+    chain = attend(q, keys[:, idx].contiguous(), values[:, idx].contiguous(), len(idx), None)
+    assert torch.equal(tree, chain)

@@ -164,3 +164,40 @@ def test_auto_quantises_only_block_quantised_gguf_files(tmp_path):
     assert q8.model.dtype == (torch.float32 if q8.quant == "gguf" else torch.bfloat16)
     assert f32.quant == folder.quant == "none"
     assert f32.model.dtype == folder.model.dtype == torch.bfloat16
+
+
+def test_a_tree_pass_equals_its_paths_run_as_chains_bit_for_bit():
+    """With int8 activations a one-ulp difference can flip a code and move logits by ~0.1,
+    so a tree node must get exactly its path's logits (head_dim 16: the AVX-512 path)."""
+    model = random_transformer(
+        "qwen2", seed=3, vocab=48, intermediate_size=64, hidden_size=64, head_dim=16,
+        dtype=torch.float32,
+    )  # fmt: skip
+    state = dict(model.state_dict())
+    quantise_linears(model, pack_float_model(state, model.config, "int8").get)
+    assert attach_native_layers(model)
+    parent = [-1, 0, 0, 1, 1, 2, 5]
+    n = len(parent)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    depth = []
+    for i in range(n):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parent[j]
+        depth.append(int(mask[i].sum()) - 1)
+    prompt = torch.tensor([4, 8, 15, 16, 23, 42, 7, 1, 30])
+    toks = torch.tensor([11, 12, 13, 14, 15, 16, 17])
+    cache = model.new_cache()
+    model(prompt, torch.arange(9), cache)
+    tree = model(toks, torch.tensor([9 + d for d in depth]), cache, attn_mask=mask,
+                 logits_rows=slice(None))  # fmt: skip
+    for leaf in (3, 4, 6):
+        path, j = [], leaf
+        while j >= 0:
+            path.insert(0, j)
+            j = parent[j]
+        cache = model.new_cache()
+        model(prompt, torch.arange(9), cache)
+        chain = model(toks[path], torch.arange(9, 9 + len(path)), cache, logits_rows=slice(None))
+        assert torch.equal(tree[path], chain), leaf

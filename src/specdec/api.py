@@ -27,7 +27,7 @@ from specdec.spec.sampling import SamplingParams
 Prompt = str | list[dict[str, Any]]
 
 
-BACKENDS = ("native", "hf")
+BACKENDS = ("native", "hf", "llamacpp")
 
 
 class Generator:
@@ -141,7 +141,8 @@ class Generator:
         quant: str = "auto",
     ) -> Generator:
         """`backend` "native" is specdec's runtime; "hf" runs the model through transformers
-        (any architecture transformers knows, slower). ``quant``: auto, none, gguf (the
+        (any architecture transformers knows, slower); "llamacpp" runs a GGUF on
+        llama.cpp's own kernels (`specdec.models.llamacpp_target`). ``quant``: auto, none, gguf (the
         GGUF file's own blocks), int8 or int4 (`specdec.models.quant_linear`; auto picks
         gguf for a quantised GGUF on a CPU with AVX-512 VNNI); ``dtype`` auto is float32
         beside quantised linears and bfloat16 otherwise. Draft models follow the same
@@ -162,6 +163,26 @@ class Generator:
         if quant not in ("auto", "none"):
             raise InvalidRequestError(f"--quant {quant} needs the native backend")
         dtype = resolve_dtype(dtype)
+        if backend == "llamacpp":
+            from specdec.models.llamacpp_target import LlamaCppTarget
+            from specdec.models.loading import load_tokenizer
+            from specdec.models.registry import resolve_model_file
+
+            where = resolve_model_file(str(model), auto_pull=True, progress=progress)
+            if isinstance(where, str) or where.is_dir() or where.suffix != ".gguf":
+                raise InvalidRequestError(
+                    f"--backend llamacpp runs GGUF files; {model!r} is not one"
+                )
+            target = LlamaCppTarget(where)
+            return cls(
+                target,
+                load_tokenizer(model, progress=progress),
+                model,
+                "auto",
+                device,
+                progress,
+                "none",
+            )
         if backend == "hf":
             from specdec.models.hf_adapter import load_hf_target
 

@@ -225,10 +225,11 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument(
         "--backend",
-        choices=["native", "hf"],
+        choices=["native", "hf", "llamacpp"],
         default="native",
         help="native (default): specdec's runtime; hf: transformers, for "
-        "architectures the native runtime lacks",
+        "architectures the native runtime lacks; llamacpp: a GGUF on llama.cpp's own "
+        "kernels (needs llama-cpp-python; methods that need hidden states are refused)",
     )
 
 

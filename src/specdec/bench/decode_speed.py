@@ -1,12 +1,17 @@
-"""Autoregressive decode speed of the native runtime against `transformers` and the floor.
+"""Autoregressive decode speed of the native runtime against `transformers`, llama.cpp and
+the floor, for each weight format.
 
-    python -m specdec.bench.decode_speed --models smollm2-135m,qwen2.5-coder-0.5b \
-        --dtypes float32,bfloat16 --new-tokens 128
+    python -m specdec.bench.decode_speed --models qwen2.5-coder-0.5b,qwen2.5-coder-1.5b \
+        --quants none,gguf,int8,int4 --dtypes bfloat16 --new-tokens 64 --out speed.json
 
-For each model and dtype: decode tokens/s of specdec (`method ar`) and of
-`transformers` `generate` on the same dequantised GGUF, same chat prompts, same
-number of new tokens (EOS ignored), in the same process; the floor (weight
-bytes read per step ÷ measured bandwidth); and where a specdec step's time goes
+For each model and weight format (``--quants``; ``none`` once per ``--dtypes`` entry,
+quantised ones in float32): decode tokens/s of specdec (`method ar`), the floor (weight
+bytes read per step ÷ measured bandwidth), the pass-cost curve k = 1..64 (`specdec
+profile`'s), and the mean KL divergence of its next-token distributions from the
+bfloat16 model's over a fixed text; then, on the same GGUF, same chat prompts, same
+number of new tokens (EOS ignored), in the same process: `transformers` `generate`
+in bfloat16 and llama.cpp's own decode loop (2 threads, its default settings), with
+llama.cpp's pass-cost curve. For float models, where a specdec step's time goes
 (linears, LM head, attention, other ops, Python overhead), from the profiler.
 """
 
@@ -87,51 +92,153 @@ def step_split(gen, prompt_ids, steps: int = 16) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def run(models, dtypes, n, hf: bool, out_path: Path | None) -> list[dict]:
+def kl_text_ids(gen, tokens: int = 256) -> list[int]:
+    """A fixed text for the KL measurement: the first Spec-Bench summarisation question."""
+    from specdec.bench.questions import load_dataset
+
+    q = next(q for q in load_dataset("spec-bench").questions if q.category == "summarization")
+    return gen.tokenizer.encode(q.turns[0])[:tokens]
+
+
+def next_token_logprobs(gen, ids: list[int]) -> torch.Tensor:
+    gen.target.reset()
+    logits = gen.target.forward(ids, logits_rows=slice(None))
+    gen.target.reset()
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def mean_kl(ref: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over positions of KL(ref || other), in nats."""
+    return float((ref.exp() * (ref - other)).sum(-1).mean())
+
+
+def llama_cpp_speed(path: Path, prompts: list[list[int]], n: int, threads: int) -> dict:
+    """llama.cpp's own greedy decode loop (low-level API, 2 threads, its default context
+    settings) over the same prompt ids: decode tokens/s and its pass-cost curve."""
+    import llama_cpp as L
+    import numpy as np
+
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = 2048, 512, 512
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cp)
+    mem = L.llama_get_memory(ctx)
+    vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+
+    def decode(tokens: list[int], pos0: int, every_row: bool) -> None:
+        b = L.llama_batch_init(len(tokens), 0, 1)
+        for i, t in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i] = t, pos0 + i, 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1 if every_row or i == len(tokens) - 1 else 0
+        b.n_tokens = len(tokens)
+        rc = L.llama_decode(ctx, b)
+        L.llama_batch_free(b)
+        if rc:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def last_argmax() -> int:
+        row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(vocab,))
+        return int(row.argmax())
+
+    rates = []
+    for ids in prompts:
+        L.llama_memory_clear(mem, True)
+        decode(ids, 0, False)
+        tok, pos = last_argmax(), len(ids)
+        t = time.perf_counter()
+        for _ in range(n):
+            decode([tok], pos, False)
+            tok, pos = last_argmax(), pos + 1
+        rates.append(n / (time.perf_counter() - t))
+    # pass over k tokens on 256 cached ones, every row's logits (as verifying), best of 3
+    L.llama_memory_clear(mem, True)
+    ctx_ids = [int(x) for x in np.random.default_rng(0).integers(100, 20000, 256)]
+    decode(ctx_ids, 0, False)
+    curve = {}
+    for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            decode(ctx_ids[:k], 256, True)
+            best = min(best, time.perf_counter() - t)
+            L.llama_memory_seq_rm(mem, 0, 256, -1)
+        curve[k] = round(best * 1000, 3)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return {"tokens_per_s": round(statistics.median(rates), 2), "pass_ms": curve}
+
+
+def run(models, dtypes, quants, n, hf: bool, llama: bool, out_path: Path | None) -> list[dict]:
     from specdec.api import Generator
     from specdec.bench.machine import machine_info
+    from specdec.bench.profile import profile
 
     info = machine_info()
     bw = info["bandwidth_gbs"]
     print(f"# machine: {json.dumps(info)}", file=sys.stderr)
     rows = []
     for name in models:
-        for dtype in dtypes:
-            gen = Generator.load(name, dtype=dtype, progress=False)
+        ref = None  # bfloat16 next-token log-probabilities on the KL text
+        configs = [("none", d) for d in dtypes] if "none" in quants else []
+        configs += [(q, "float32") for q in quants if q != "none"]
+        if ref is None and ("none", "bfloat16") not in configs:
+            configs.insert(0, ("none", "bfloat16"))  # the KL reference, not reported
+        source = prompts = None
+        for quant, dtype in configs:
+            gen = Generator.load(name, dtype=dtype, quant=quant, progress=False)
+            source = Path(gen.loaded.source)
             prompts = [gen.prompt_ids(p) for p in PROMPTS]
+            logprobs = next_token_logprobs(gen, kl_text_ids(gen))
+            if quant == "none" and dtype == "bfloat16":
+                ref = logprobs
+                if ("none", "bfloat16") not in [(q, d) for q in quants for d in dtypes]:
+                    continue
             ours(gen, prompts[0], 8)  # warm-up
             nbytes = gen.loaded.weight_bytes
             row = {
                 "model": name,
+                "runtime": "specdec",
+                "quant": gen.loaded.quant,
                 "dtype": dtype,
                 "weight_bytes_per_step": nbytes,
                 "floor_ms": round(nbytes / bw / 1e6, 2),
                 "floor_tokens_per_s": round(bw * 1e9 / nbytes, 1),
             }
             rates = [ours(gen, p, n)[0] for p in prompts]
-            row["specdec_tokens_per_s"] = round(statistics.median(rates), 2)
-            row["specdec_step_split_ms"] = step_split(gen, prompts[0])
-            if hf:
-                from transformers import AutoModelForCausalLM, GgufConfig
+            row["tokens_per_s"] = round(statistics.median(rates), 2)
+            row["mean_kl_to_bf16"] = round(mean_kl(ref, logprobs), 5)
+            prof = profile(gen)
+            row["pass_ms"] = prof["pass_ms"]
+            row["over_roofline"] = prof["over_roofline"]
+            if gen.loaded.quant == "none":
+                row["step_split_ms"] = step_split(gen, prompts[0])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del gen
+        if hf:
+            from transformers import AutoModelForCausalLM, GgufConfig
 
-                path = Path(gen.loaded.source)
-                del gen
-                m = AutoModelForCausalLM.from_pretrained(
-                    str(path.parent),
-                    gguf_file=path.name,
-                    dtype=getattr(torch, dtype),
-                    # dense weights in the asked dtype, as specdec's (no packed GGUF kernels)
-                    quantization_config=GgufConfig(dequantize=True),
-                )
-                m.eval()
-                theirs(m, prompts[0], 8)
-                row["transformers_tokens_per_s"] = round(
-                    statistics.median(theirs(m, p, n) for p in prompts), 2
-                )
-                row["speedup_vs_transformers"] = round(
-                    row["specdec_tokens_per_s"] / row["transformers_tokens_per_s"], 2
-                )
-                del m
+            m = AutoModelForCausalLM.from_pretrained(
+                str(source.parent),
+                gguf_file=source.name,
+                dtype=torch.bfloat16,
+                # dense weights, as transformers runs a GGUF (no packed GGUF kernels)
+                quantization_config=GgufConfig(dequantize=True),
+            )
+            m.eval()
+            theirs(m, prompts[0], 8)
+            rate = statistics.median(theirs(m, p, n) for p in prompts)
+            row = {"model": name, "runtime": "transformers", "dtype": "bfloat16"}
+            row["tokens_per_s"] = round(rate, 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del m
+        if llama:
+            row = {"model": name, "runtime": "llama.cpp", "quant": "gguf"}
+            row.update(llama_cpp_speed(source, prompts, n, torch.get_num_threads()))
             rows.append(row)
             print(json.dumps(row), flush=True)
     if out_path:
@@ -142,12 +249,27 @@ def run(models, dtypes, n, hf: bool, out_path: Path | None) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtypes", default="bfloat16", help="dtypes of the float (--quants none) runs")
+    ap.add_argument("--quants", default="none,gguf,int8,int4")
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
-    run(args.models.split(","), args.dtypes.split(","), args.new_tokens, not args.no_hf, args.out)
+    from specdec.bench.runners import llama_cpp_available
+
+    llama = not args.no_llama_cpp and llama_cpp_available() is None
+    if not args.no_llama_cpp and not llama:
+        print(f"# llama.cpp skipped: {llama_cpp_available()}", file=sys.stderr)
+    run(
+        args.models.split(","),
+        args.dtypes.split(","),
+        args.quants.split(","),
+        args.new_tokens,
+        not args.no_hf,
+        llama,
+        args.out,
+    )
     return 0
 
 

@@ -29,6 +29,25 @@ def macs_per_token(model: torch.nn.Module) -> int:
     return total
 
 
+def linears_ms(model: torch.nn.Module, rows: int = 1, repeats: int = 5) -> float:
+    """Milliseconds of every quantised matmul of one pass over ``rows`` tokens, run alone in
+    model order on random inputs (the best of ``repeats``): the step minus this is what
+    the rest of the step (norms, RoPE, attention, glue) costs."""
+    import time
+
+    from specdec.models.quant_linear import QuantLinear
+
+    kernels = [m.kernel for m in model.modules() if isinstance(m, QuantLinear)]
+    inputs = {k.k: torch.randn(rows, k.k) for k in kernels}
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        for k in kernels:
+            k(inputs[k.k])
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
 def profile(gen: Any, refresh: bool = False) -> dict[str, Any]:
     """The profile of a loaded `specdec.api.Generator` (see the module docstring)."""
     from specdec.bench.machine import machine_info
@@ -51,6 +70,8 @@ def profile(gen: Any, refresh: bool = False) -> dict[str, Any]:
         "step_ms": round(step, 3),
         "pass_ms": {k: round(v, 3) for k, v in curve.ms.items()},
         "pass_relative": {k: round(v, 3) for k, v in curve.relative().items()},
+        "linears_ms": None,
+        "other_ms": None,
         "macs_per_token": None,
         "int8_peak_gmacs": None,
         "roofline_ms": None,
@@ -66,7 +87,9 @@ def profile(gen: Any, refresh: bool = False) -> dict[str, Any]:
 
         macs = macs_per_token(loaded.model)
         peak = vnni_peak_gmacs()
+        lin = linears_ms(loaded.model)
         out.update(kernel=path(), macs_per_token=macs, int8_peak_gmacs=round(peak, 1))
+        out.update(linears_ms=round(lin, 3), other_ms=round(step - lin, 3))
         if peak > 0:
             roof = {k: max(floor, k * macs / (peak * 1e9) * 1e3) for k in curve.ms}
             out["roofline_ms"] = {k: round(v, 3) for k, v in roof.items()}
@@ -90,6 +113,11 @@ def render(p: dict[str, Any]) -> str:
     if p["floor_ms"]:
         step += f" ({p['step_ms'] / p['floor_ms']:.2f}x the floor)"
     lines.append(step)
+    if p["linears_ms"] is not None:
+        lines.append(
+            f"  of which matmuls   {p['linears_ms']:.1f} ms alone; the rest (norms, RoPE, "
+            f"attention, glue) ~{p['other_ms']:.1f} ms"
+        )
     if p["int8_peak_gmacs"]:
         lines.append(
             f"int8 peak            {p['int8_peak_gmacs']:.0f} G multiply-adds/s; "

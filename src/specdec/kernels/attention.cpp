@@ -17,35 +17,39 @@
 
 namespace {
 
-// One (head, row): D a multiple of 16.
+// One (head, row): D a multiple of 16. The visible keys are gathered first (``seen``: their
+// slots in order), and every later step runs over that list: a key's place in the sums
+// is its rank among the visible keys, not its slot, so a tree node (whose hidden
+// siblings sit between its visible keys) gets bit for bit what the same path run as a
+// chain gets. Quantised models need this: a one-ulp change can flip an int8 activation
+// code downstream, and that moves logits by ~0.1.
 SPECDEC_AVX512 void attend_row_avx512(const float* q, const float* k, const float* v,
                                       int64_t stride, int64_t L, int64_t D, const uint8_t* mask,
-                                      float scale, float* scores, float* out) {
+                                      float scale, float* scores, int32_t* seen, float* out) {
     float mx = -INFINITY;
+    int64_t cnt = 0;
     for (int64_t j = 0; j < L; j++) {
-        if (mask && !mask[j]) {
-            scores[j] = -INFINITY;
-            continue;
-        }
+        if (mask && !mask[j]) continue;
         const float* kj = k + j * stride;
         __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kj));
         for (int64_t d = 16; d < D; d += 16)
             acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kj + d), acc);
         const float s = _mm512_reduce_add_ps(acc) * scale;
-        scores[j] = s;
+        seen[cnt] = (int32_t)j;
+        scores[cnt++] = s;
         mx = s > mx ? s : mx;
     }
     __m512 total = _mm512_setzero_ps();
     const __m512 vmx = _mm512_set1_ps(mx);
     int64_t j = 0;
-    for (; j + 16 <= L; j += 16) {
+    for (; j + 16 <= cnt; j += 16) {
         const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), vmx));
         _mm512_storeu_ps(scores + j, e);
         total = _mm512_add_ps(total, e);
     }
-    if (j < L) {
-        const __mmask16 tail = (__mmask16)((1u << (L - j)) - 1);
-        const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, scores + j);
+    if (j < cnt) {
+        const __mmask16 tail = (__mmask16)((1u << (cnt - j)) - 1);
+        const __m512 s = _mm512_mask_loadu_ps(vmx, tail, scores + j);
         const __m512 e = exp512(_mm512_sub_ps(s, vmx));
         _mm512_mask_storeu_ps(scores + j, tail, e);
         total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
@@ -54,11 +58,9 @@ SPECDEC_AVX512 void attend_row_avx512(const float* q, const float* k, const floa
     for (int64_t d = 0; d < D; d += 64) {  // up to 4 accumulators of 16 per pass over the keys
         const int64_t w = D - d < 64 ? D - d : 64;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t jj = 0; jj < L; jj++) {
-            const float p = scores[jj];
-            if (p == 0.0f) continue;  // masked (or underflowed) keys add nothing
-            const __m512 bp = _mm512_set1_ps(p);
-            const float* vj = v + jj * stride + d;
+        for (int64_t r = 0; r < cnt; r++) {
+            const __m512 bp = _mm512_set1_ps(scores[r]);
+            const float* vj = v + (int64_t)seen[r] * stride + d;
             a0 = _mm512_fmadd_ps(bp, _mm512_loadu_ps(vj), a0);
             if (w > 16) a1 = _mm512_fmadd_ps(bp, _mm512_loadu_ps(vj + 16), a1);
             if (w > 32) a2 = _mm512_fmadd_ps(bp, _mm512_loadu_ps(vj + 32), a2);
@@ -72,28 +74,29 @@ SPECDEC_AVX512 void attend_row_avx512(const float* q, const float* k, const floa
     }
 }
 
+// The same over the visible keys in order, one lane at a time.
 void attend_row_portable(const float* q, const float* k, const float* v, int64_t stride,
                          int64_t L, int64_t D, const uint8_t* mask, float scale, float* scores,
-                         float* out) {
+                         int32_t* seen, float* out) {
     float mx = -INFINITY;
+    int64_t cnt = 0;
     for (int64_t j = 0; j < L; j++) {
-        if (mask && !mask[j]) {
-            scores[j] = -INFINITY;
-            continue;
-        }
+        if (mask && !mask[j]) continue;
         float s = 0.0f;
         for (int64_t d = 0; d < D; d++) s += q[d] * k[j * stride + d];
-        scores[j] = s * scale;
-        mx = scores[j] > mx ? scores[j] : mx;
+        seen[cnt] = (int32_t)j;
+        scores[cnt] = s * scale;
+        mx = scores[cnt] > mx ? scores[cnt] : mx;
+        cnt++;
     }
     float total = 0.0f;
-    for (int64_t j = 0; j < L; j++) {
-        scores[j] = std::exp(scores[j] - mx);
-        total += scores[j];
+    for (int64_t r = 0; r < cnt; r++) {
+        scores[r] = std::exp(scores[r] - mx);
+        total += scores[r];
     }
     for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-    for (int64_t j = 0; j < L; j++)
-        for (int64_t d = 0; d < D; d++) out[d] += scores[j] * v[j * stride + d];
+    for (int64_t r = 0; r < cnt; r++)
+        for (int64_t d = 0; d < D; d++) out[d] += scores[r] * v[seen[r] * stride + d];
     for (int64_t d = 0; d < D; d++) out[d] /= total;
 }
 
@@ -115,7 +118,8 @@ int specdec_attend(const float* q, int64_t H, int64_t n, int64_t D, const float*
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float* scores = (float*)std::malloc(sizeof(float) * L);
+        float* scores = (float*)std::malloc((sizeof(float) + sizeof(int32_t)) * L);
+        int32_t* seen = (int32_t*)(scores + L);
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
@@ -129,9 +133,11 @@ int specdec_attend(const float* q, int64_t H, int64_t n, int64_t D, const float*
             const uint8_t* mi = mask ? mask + i * L : nullptr;
             float* o = out + i * ldo + h * D;
             if (vec)
-                attend_row_avx512(q + (h * n + i) * D, kh, vh, D, L, D, mi, scale, scores, o);
+                attend_row_avx512(q + (h * n + i) * D, kh, vh, D, L, D, mi, scale, scores, seen,
+                                  o);
             else
-                attend_row_portable(q + (h * n + i) * D, kh, vh, D, L, D, mi, scale, scores, o);
+                attend_row_portable(q + (h * n + i) * D, kh, vh, D, L, D, mi, scale, scores, seen,
+                                    o);
         }
         std::free(scores);
     }
