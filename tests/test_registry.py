@@ -199,3 +199,12 @@ def test_catalogue():
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         q15.size = 0  # type: ignore[misc]
+
+
+def test_auto_depends_on_the_weights():
+    from specdec.spec.registry import resolve_auto
+
+    assert resolve_auto("qwen2.5-coder-1.5b", "none")[0] == "draft"
+    assert resolve_auto("qwen2.5-coder-1.5b", "gguf") == ("recycle", {})
+    assert resolve_auto("qwen2.5-coder-1.5b", "int4") == ("recycle", {})
+    assert resolve_auto("some-other-model", "gguf") == ("ar", {})

@@ -114,13 +114,23 @@ class Generator:
         draft = cached_pass_cost(draft_target, identity, progress=self.progress)
         return self.pass_cost(), draft
 
+    @property
+    def weights_quant(self) -> str:
+        """What the target's linears hold (`specdec.models.quant_linear.QUANTS`, resolved)."""
+        loaded = getattr(self, "loaded", None)
+        return loaded.quant if loaded is not None else "none"
+
+    def auto_method(self) -> tuple[str, dict[str, Any]]:
+        """The method and options ``auto`` runs for this target (`spec.registry.AUTO`)."""
+        return resolve_auto(self.name, self.weights_quant)
+
     def resolved_method(self, method: str) -> str:
-        return resolve_auto(self.name)[0] if method == "auto" else method
+        return self.auto_method()[0] if method == "auto" else method
 
     def drafter(self, method: str = "ar", **options: Any):
         """The drafter of a method (built once per method and options)."""
         if method == "auto":
-            method, auto_opts = resolve_auto(self.name)
+            method, auto_opts = self.auto_method()
             options = {**auto_opts, **options}
         spec = get_method(method)
         opts = spec.validate(options)

@@ -378,10 +378,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
         return 0
     from specdec.spec.registry import AUTO
 
-    print("auto  the fastest lossless method measured for the model (docs/BENCHMARKS.md)")
-    for model, (method, opts) in AUTO.items():
-        shown = " ".join(f"{k}={v}" for k, v in opts.items())
-        print(f"    {model}: {method} {shown}")
+    print(
+        "auto  the fastest lossless method measured for the model and its weights "
+        "(docs/BENCHMARKS.md)"
+    )
+    for model, by_weights in AUTO.items():
+        for weights, (method, opts) in by_weights.items():
+            shown = " ".join(f"{k}={v}" for k, v in opts.items())
+            print(f"    {model} ({weights} weights): {method} {shown}")
     print("    any other model: ar\n")
     for r in rows:
         kind = "lossless" if r["lossless"] else "LOSSY"

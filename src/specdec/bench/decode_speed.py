@@ -118,6 +118,9 @@ def llama_cpp_speed(path: Path, prompts: list[list[int]], n: int, threads: int) 
     import llama_cpp as L
     import numpy as np
 
+    from specdec.models.llamacpp_target import _quiet_logs
+
+    _quiet_logs(L)
     L.llama_backend_init()
     model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
     cp = L.llama_context_default_params()

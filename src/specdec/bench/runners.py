@@ -95,7 +95,7 @@ class SpecdecRunner(Runner):
     kind = "specdec"
 
     def __init__(self, gen: Any, method: str, options: dict[str, Any]) -> None:
-        from specdec.spec.registry import effective_options, get_method, resolve_auto
+        from specdec.spec.registry import effective_options, get_method
 
         # ``method`` may be a labelled variant, ``draft@wide``: the label names the results
         self.gen, self.name, self.options = gen, method, options
@@ -103,7 +103,7 @@ class SpecdecRunner(Runner):
         self.resolved = gen.resolved_method(self.method)
         spec = get_method(self.resolved)
         self.lossless = spec.lossless
-        given = {**resolve_auto(gen.name)[1], **options} if self.method == "auto" else options
+        given = {**gen.auto_method()[1], **options} if self.method == "auto" else options
         spec.validate(given)
         # every option with its value, defaults included (per part for a merge)
         self.validated = effective_options(self.resolved, given)

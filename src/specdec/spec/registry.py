@@ -432,12 +432,19 @@ METHODS: dict[str, Method] = {
     )
 }
 
-# The fastest lossless method measured per target on a 2-core CPU (docs/BENCHMARKS.md).
-# Targets not listed decode with `ar` until a measurement says otherwise.
-AUTO: dict[str, tuple[str, dict[str, Any]]] = {
-    # dynamic tree 1.81x, chain k=4 1.35x over ar (bfloat16, `specdec bench --dataset mixed
-    # --limit 1 --max-new-tokens 128`); the 20-prompt, 256-token run is in docs/BENCHMARKS.md
-    "qwen2.5-coder-1.5b": ("draft", {"draft_model": "qwen2.5-coder-0.5b", "tree": "dynamic"}),
+# The fastest lossless method measured per target and kind of weights ("float": --quant
+# none; "quantised": the native kernel) on a 2-core CPU (docs/BENCHMARKS.md). Targets not
+# listed decode with `ar` until a measurement says otherwise.
+AUTO: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
+    "qwen2.5-coder-1.5b": {
+        # dynamic tree 1.81x, chain k=4 1.35x over ar (bfloat16, `specdec bench --dataset
+        # mixed --limit 1 --max-new-tokens 128`); the 20-prompt, 256-token run is in
+        # docs/BENCHMARKS.md
+        "float": ("draft", {"draft_model": "qwen2.5-coder-0.5b", "tree": "dynamic"}),
+        # Spec-Bench subset, 12 questions x 128 tokens, --quant gguf: recycle 1.03x, the
+        # dynamic draft tree 0.89x, pld 0.80x: a pass over 4 tokens costs ~1.8x one here
+        "quantised": ("recycle", {}),
+    },
 }
 
 
@@ -506,5 +513,6 @@ def effective_options(name: str, given: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def resolve_auto(model: str) -> tuple[str, dict[str, Any]]:
-    return AUTO.get(model, ("ar", {}))
+def resolve_auto(model: str, quant: str = "none") -> tuple[str, dict[str, Any]]:
+    """What ``auto`` runs for ``model`` whose linears hold ``quant`` (resolved, not auto)."""
+    return AUTO.get(model, {}).get("float" if quant == "none" else "quantised", ("ar", {}))
