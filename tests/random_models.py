@@ -154,3 +154,26 @@ def remap_vocab(model: Transformer, old_ids: list[int | None], seed: int = 0) ->
                 new.embed.weight[i] = model.embed.weight[old]
                 new.lm_head.weight[i] = model.lm_head.weight[old]
     return new
+
+
+def tree_mask_and_depths(parents: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """A token tree given by each node's parent (-1: a root; parents precede children): the
+    (n, n) mask of each node's ancestors and itself, and each node's depth."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    depths: list[int] = []
+    for i, p in enumerate(parents):
+        mask[i, i] = True
+        if p >= 0:
+            mask[i] |= mask[p]
+        depths.append(0 if p < 0 else depths[p] + 1)
+    return mask, depths
+
+
+def path_to(parents: list[int], node: int) -> list[int]:
+    """The nodes from the root down to ``node``."""
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]

@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("transformers")
 import transformers
+from random_models import path_to, tree_mask_and_depths
 
 from specdec.engine import Engine, Generation
 from specdec.errors import (
@@ -150,28 +151,6 @@ def random_tree(rng: random.Random, n: int) -> list[int]:
     return [-1] + [rng.randrange(i) for i in range(1, n)]
 
 
-def tree_mask_and_depths(parents: list[int]) -> tuple[torch.Tensor, list[int]]:
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    depths = []
-    for i in range(n):
-        j, d = i, 0
-        while j >= 0:
-            mask[i, j] = True
-            j = parents[j]
-            d += 1
-        depths.append(d - 1)
-    return mask, depths
-
-
-def chain_to(parents: list[int], i: int) -> list[int]:
-    path = []
-    while i >= 0:
-        path.append(i)
-        i = parents[i]
-    return path[::-1]
-
-
 # (b) tree: each node's logits equal a plain forward of prefix + its root-to-node chain
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tree_matches_chains(model, seed):
@@ -185,7 +164,7 @@ def test_tree_matches_chains(model, seed):
     logits = t.forward(nodes, positions=[10 + d for d in depths], attn_mask=mask)
     assert t.length == 17
     for i in range(7):
-        ref = full_logits(model, prefix + [nodes[j] for j in chain_to(parents, i)])[-1]
+        ref = full_logits(model, prefix + [nodes[j] for j in path_to(parents, i)])[-1]
         assert close(logits[i], ref), i
 
 
@@ -366,7 +345,7 @@ def test_tree_with_eager_attention(arch):
     t.forward(prefix)
     logits = t.forward(nodes, positions=[10 + d for d in depths], attn_mask=mask)
     for i in range(7):
-        ref = full_logits(model, prefix + [nodes[j] for j in chain_to(parents, i)])[-1]
+        ref = full_logits(model, prefix + [nodes[j] for j in path_to(parents, i)])[-1]
         assert float((logits[i] - ref).abs().max()) < tol, i
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures import tiny_hf_model, write_gguf
+from random_models import path_to, tree_mask_and_depths
 
 pytest.importorskip("llama_cpp")
 
@@ -20,27 +21,6 @@ PROMPT = [5, 17, 33, 2, 40, 41, 9]
 # root r=0; a=1, b=2 children of r; c=3 child of a; d=4 child of b; e=5 child of d
 TREE = [70, 71, 72, 73, 74, 75]
 PARENT = [-1, 0, 0, 1, 2, 4]
-
-
-def tree_mask() -> tuple[torch.Tensor, list[int]]:
-    n = len(PARENT)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    depth = []
-    for i in range(n):
-        j, d = i, 0
-        while j >= 0:
-            mask[i, j] = True
-            j, d = PARENT[j], d + (PARENT[j] >= 0)
-        depth.append(d)
-    return mask, depth
-
-
-def path_to(i: int) -> list[int]:
-    out = []
-    while i >= 0:
-        out.append(i)
-        i = PARENT[i]
-    return out[::-1]
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +41,14 @@ def chain_logits(target, tokens: list[int]) -> torch.Tensor:
 
 
 def test_a_tree_pass_gives_each_node_its_paths_logits(target):
-    mask, depth = tree_mask()
+    mask, depth = tree_mask_and_depths(PARENT)
     target.reset()
     target.forward(PROMPT)
     start = target.length
     tree = target.forward(TREE, positions=[start + d for d in depth], attn_mask=mask)
     assert tree.shape == (len(TREE), target.config.vocab_size)
     for leaf in (3, 5):
-        path = path_to(leaf)
+        path = path_to(PARENT, leaf)
         chain = chain_logits(target, [TREE[i] for i in path])
         scale = chain.abs().max()
         for row, node in enumerate(path):
@@ -76,7 +56,7 @@ def test_a_tree_pass_gives_each_node_its_paths_logits(target):
 
 
 def test_keep_commits_the_accepted_path(target):
-    mask, depth = tree_mask()
+    mask, depth = tree_mask_and_depths(PARENT)
     target.reset()
     target.forward(PROMPT)
     start = target.length

@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 from fixtures import hf_logits, quantized_reference, save_hf_folder, tiny_hf_model, write_gguf
-from random_models import random_transformer
+from random_models import path_to, random_transformer, tree_mask_and_depths
 from test_contract import FACTORIES, check_same, run
 
 from specdec.errors import UnsupportedModelError
@@ -177,15 +177,7 @@ def test_a_tree_pass_equals_its_paths_run_as_chains_bit_for_bit():
     quantise_linears(model, pack_float_model(state, model.config, "int8").get)
     assert attach_native_layers(model)
     parent = [-1, 0, 0, 1, 1, 2, 5]
-    n = len(parent)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    depth = []
-    for i in range(n):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parent[j]
-        depth.append(int(mask[i].sum()) - 1)
+    mask, depth = tree_mask_and_depths(parent)
     prompt = torch.tensor([4, 8, 15, 16, 23, 42, 7, 1, 30])
     toks = torch.tensor([11, 12, 13, 14, 15, 16, 17])
     cache = model.new_cache()
@@ -193,10 +185,7 @@ def test_a_tree_pass_equals_its_paths_run_as_chains_bit_for_bit():
     tree = model(toks, torch.tensor([9 + d for d in depth]), cache, attn_mask=mask,
                  logits_rows=slice(None))  # fmt: skip
     for leaf in (3, 4, 6):
-        path, j = [], leaf
-        while j >= 0:
-            path.insert(0, j)
-            j = parent[j]
+        path = path_to(parent, leaf)
         cache = model.new_cache()
         model(prompt, torch.arange(9), cache)
         chain = model(toks[path], torch.arange(9, 9 + len(path)), cache, logits_rows=slice(None))

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from random_models import full_logits, random_transformer
+from random_models import full_logits, path_to, random_transformer, tree_mask_and_depths
 
 ARCHS = ["qwen2", "llama"]
 
@@ -26,26 +26,6 @@ def random_tree(n: int, rng: random.Random) -> list[int]:
     return [-1 if i == 0 or rng.random() < 0.2 else rng.randrange(i) for i in range(n)]
 
 
-def tree_mask_and_depths(parents: list[int]) -> tuple[torch.Tensor, list[int]]:
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    depths = []
-    for i, p in enumerate(parents):
-        mask[i, i] = True
-        if p >= 0:
-            mask[i] |= mask[p]
-        depths.append(0 if p < 0 else depths[p] + 1)
-    return mask, depths
-
-
-def chain(parents: list[int], node: int) -> list[int]:
-    path = []
-    while node >= 0:
-        path.append(node)
-        node = parents[node]
-    return path[::-1]
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("seed", range(4))
 def test_tree_parity(arch, seed):
@@ -61,7 +41,7 @@ def test_tree_parity(arch, seed):
     positions = torch.tensor([len(prefix) + d for d in depths])
     tree_logits = model(torch.tensor(nodes), positions, cache, attn_mask=mask)
     for i in range(len(nodes)):
-        seq = prefix + [nodes[j] for j in chain(parents, i)]
+        seq = prefix + [nodes[j] for j in path_to(parents, i)]
         ref = full_logits(model, seq)[-1]
         torch.testing.assert_close(tree_logits[i], ref, rtol=0, atol=1e-10)
 

@@ -253,21 +253,26 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _load_generator(args: argparse.Namespace):
+    """The model the command line names (`_add_model_args`), with progress and info logs
+    unless --quiet."""
     from specdec.api import Generator
 
-    prompt = _read_prompt(args.prompt)
-    progress = not args.quiet and sys.stderr.isatty()
     if not args.quiet:
         _enable_info_logging()
-    gen = Generator.load(
+    return Generator.load(
         args.model,
         dtype=args.dtype,
         device=args.device,
         backend=args.backend,
-        progress=progress,
+        progress=not args.quiet and sys.stderr.isatty(),
         quant=args.quant,
     )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = _read_prompt(args.prompt)
+    gen = _load_generator(args)
     method_opts = _method_options(args)
     method = args.method
     gen.drafter(method, **method_opts)  # load and validate before any output
@@ -329,20 +334,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from specdec.api import Generator
     from specdec.bench.profile import profile, render
 
-    progress = not args.quiet and sys.stderr.isatty()
-    if not args.quiet:
-        _enable_info_logging()
-    gen = Generator.load(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        backend=args.backend,
-        progress=progress,
-        quant=args.quant,
-    )
+    gen = _load_generator(args)
     gen.progress = not args.quiet
     report = profile(gen, refresh=args.refresh)
     print(json.dumps(report) if args.json else render(report))
