@@ -180,3 +180,19 @@ def test_portable_path_equals_vnni_bit_for_bit(tmp_path):
     assert str(runs["0"]["path"]) == "avx512-vnni" and str(runs["1"]["path"]) == "portable"
     for kind in BLOCK:
         np.testing.assert_array_equal(runs["0"][kind], runs["1"][kind])
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK))
+def test_unpack_inverts_pack_and_row_subsets_keep_their_values(kind):
+    n, k = 40, 512
+    parts = packing.split_gguf(random_blocks(kind, n, k, seed=2), kind, n, k)
+    w = packing.pack(parts, kind)
+    back = packing.unpack(w)
+    for key in ("u", "d", "dm", "sc", "m"):
+        if parts[key] is None:
+            assert back[key] is None
+        else:
+            np.testing.assert_array_equal(back[key], parts[key])
+    rows = np.array([0, 5, 16, 17, 39])
+    x = torch.randn(3, k)
+    assert torch.equal(qgemm(x, packing.select_rows(w, rows)), qgemm(x, w)[:, rows])

@@ -190,3 +190,18 @@ def test_a_tree_pass_equals_its_paths_run_as_chains_bit_for_bit():
         model(prompt, torch.arange(9), cache)
         chain = model(toks[path], torch.arange(9, 9 + len(path)), cache, logits_rows=slice(None))
         assert torch.equal(tree[path], chain), leaf
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_logits_over_a_vocabulary_subset_equal_the_full_ones(quant):
+    """Drafters may ask the LM head for a subset of the vocabulary: same values, bit for bit."""
+    model = quantised_model(7, quant, torch.float32)
+    tokens = torch.tensor([1, 2, 3, 4, 5])
+    full = model(tokens, torch.arange(5), model.new_cache())
+    subset = torch.tensor([0, 3, 4, 17, 18, 30, 47])
+    part = model(tokens, torch.arange(5), model.new_cache(), vocab_rows=subset)
+    assert torch.equal(part, full[:, subset])
+    head = model.lm_head.rows(subset)
+    assert head.out_features == 7 and head.weight_nbytes < model.lm_head.weight_nbytes / 2
+    with pytest.raises(ValueError, match="increasing"):
+        model.lm_head.rows(torch.tensor([5, 3]))

@@ -110,3 +110,12 @@ def test_bfloat16_runs_and_tracks_float64():
     a, b = full_logits(m64, tokens), full_logits(m16, tokens)
     assert b.dtype == torch.float32  # logits come back as float32
     assert (a - b.double()).abs().max() < 0.25 * a.abs().max()
+
+
+def test_logits_over_a_vocabulary_subset():
+    model = random_transformer("qwen2", seed=3)
+    tokens = torch.tensor([1, 5, 9, 2])
+    full = model(tokens, torch.arange(4), model.new_cache())
+    subset = torch.tensor([2, 7, 40, 63])
+    part = model(tokens, torch.arange(4), model.new_cache(), vocab_rows=subset)
+    torch.testing.assert_close(part, full[:, subset], rtol=0, atol=1e-12)

@@ -192,3 +192,45 @@ def pack(parts: dict, kind: str) -> PackedWeight:
         sb_groups=parts["sb_groups"],
         kind=kind,
     )
+
+
+def unpack(w: PackedWeight) -> dict:
+    """The codes and scales a packed weight holds, row-major (the inverse of `pack`)."""
+    tiles, nc = w.qs.shape[0], w.k // 32
+    qs = w.qs.numpy()
+    if w.bits == 8:
+        up = qs.reshape(tiles, nc, 8, TILE, 4).transpose(0, 3, 1, 2, 4)  # [t, j, c, s, b]
+    else:
+        low = qs[..., :256].reshape(tiles, nc, 4, TILE, 4)  # [t, c, i, j, b]
+        halves = np.stack([low & 0x0F, low >> 4], axis=-1)  # [t, c, i, j, b, half]
+        up = halves.transpose(0, 3, 1, 2, 5, 4).reshape(tiles, TILE, nc, 8, 4)
+        if w.bits == 6:
+            plane = qs[..., 256:].reshape(tiles, nc, 2, TILE, 4)  # [t, c, i, j, b]
+            shifts = np.array([0, 2, 4, 6], np.uint8)
+            high = (plane[..., None] >> shifts) & 3  # [t, c, i, j, b, t4]
+            up = up | (high.transpose(0, 3, 1, 2, 5, 4).reshape(tiles, TILE, nc, 8, 4) << 4)
+    u = up.reshape(tiles * TILE, w.k)[: w.n]
+
+    def rows(t: torch.Tensor | None) -> np.ndarray | None:
+        if t is None:
+            return None
+        return t.numpy().transpose(0, 2, 1).reshape(tiles * TILE, -1)[: w.n]
+
+    return dict(
+        u=u,
+        d=rows(w.d),
+        dm=rows(w.dm),
+        sc=rows(w.sc),
+        m=rows(w.m),
+        bits=w.bits,
+        group=w.group,
+        sb_groups=w.sb_groups,
+    )
+
+
+def select_rows(w: PackedWeight, rows: np.ndarray) -> PackedWeight:
+    """A packed weight of only the output rows ``rows`` of ``w`` (in that order): a column's
+    result does not depend on its neighbours, so its values are bit for bit those of ``w``."""
+    parts = unpack(w)
+    picked = {k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in parts.items()}
+    return pack(picked, w.kind)

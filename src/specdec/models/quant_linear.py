@@ -63,6 +63,29 @@ class QuantLinear(nn.Module):
     def weight_nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
+    def rows(self, rows: torch.Tensor) -> QuantLinear:
+        """This layer restricted to the output rows ``rows`` (increasing), e.g. the LM head
+        over a subset of the vocabulary: built once per subset (the last four are kept),
+        each row's values bit for bit those of the whole layer."""
+        from specdec.kernels.packing import select_rows
+
+        idx = rows.to(torch.int64).reshape(-1)
+        key = idx.numpy().tobytes()
+        cache = self.__dict__.setdefault("_row_subsets", {})
+        if key not in cache:
+            ok = idx.numel() > 0 and int(idx[0]) >= 0 and int(idx[-1]) < self.out_features
+            if not ok or (idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all())):
+                raise ValueError(f"rows must be increasing indices below {self.out_features}")
+            parts = []
+            for part, n0 in zip(self.parts, self.kernel._cols.tolist(), strict=True):
+                mine = idx[(idx >= n0) & (idx < n0 + part.n)] - n0
+                if mine.numel():
+                    parts.append(select_rows(part, mine.numpy()))
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[key] = QuantLinear(parts, None if self.bias is None else self.bias[idx])
+        return cache[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():

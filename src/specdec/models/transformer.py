@@ -203,6 +203,7 @@ class Transformer(nn.Module):
         layers: Sequence[int] | None = None,
         return_hidden: bool = False,
         logits_rows: torch.Tensor | slice | None = None,
+        vocab_rows: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run ``tokens`` through the model, appending them to ``cache``.
 
@@ -211,7 +212,10 @@ class Transformer(nn.Module):
         causal over the new ones) and to every older slot in the cache. ``layers`` runs only those layers (a prefix for early
         exit, a subset for layer skipping); the skipped layers' cache slots for
         these tokens are left stale, to be overwritten by a later full pass.
-        ``logits_rows`` selects which rows get logits (the LM head is costly).
+        ``logits_rows`` selects which rows get logits (the LM head is costly);
+        ``vocab_rows`` (increasing token ids) which columns: logits over that subset of
+        the vocabulary only, at that fraction of the LM head's cost where the head can be
+        restricted (quantised heads, plain linears; otherwise computed whole and indexed).
         Returns logits (rows, vocab), and with ``return_hidden`` also the last
         run layer's output before the final norm (n, hidden).
         """
@@ -232,10 +236,20 @@ class Transformer(nn.Module):
                 h = h + block.attn(block.attn_norm(h), cos, sin, cache, i, start, mask)
                 h = h + block.ffn(block.ffn_norm(h))
         rows = h if logits_rows is None else h[logits_rows]
-        logits = self.lm_head(self.norm(rows))
+        logits = _head(self.lm_head, self.norm(rows), vocab_rows)
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()
         return (logits, h) if return_hidden else logits
+
+
+def _head(head: nn.Module, x: torch.Tensor, vocab_rows: torch.Tensor | None) -> torch.Tensor:
+    if vocab_rows is None:
+        return head(x)
+    if hasattr(head, "rows"):  # a quantised head restricts its own packed weights
+        return head.rows(vocab_rows)(x)
+    if isinstance(head, nn.Linear):
+        return F.linear(x, head.weight[vocab_rows])
+    return head(x)[..., vocab_rows]
 
 
 def _attention_mask(
