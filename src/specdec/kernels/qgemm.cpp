@@ -364,16 +364,30 @@ int specdec_qgemm_multi(const float* x, int64_t M, int64_t ldx, const QWeight* w
     const int vnni = vnni_usable();
     TileRows run[8];
     for (int p = 0; p < nparts; p++) run[p] = vnni ? pick_vnni(ws[p].bits, ws[p].group) : nullptr;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < first_tile[nparts]; t++) {
-        int p = 0;
-        while (t >= first_tile[p + 1]) p++;
-        float* yp = y + cols[p];
-        const float* bp = bias ? bias + cols[p] : nullptr;
-        if (vnni)
-            run[p](ws[p], t - first_tile[p], a, M, yp, ldy, bp);
-        else
-            tile_portable(ws[p], t - first_tile[p], a, 0, M, yp, ldy, bp);
+    // Threads take contiguous tile ranges of equal *bytes* (a 6-bit tile reads half as much
+    // again as a 4-bit one): ranges fixed by shapes and thread count, so a tile's result
+    // never depends on who computes it, and each thread streams one stretch of memory.
+    double total = 0.0;
+    for (int p = 0; p < nparts; p++)
+        total += (double)(first_tile[p + 1] - first_tile[p]) * ws[p].bits;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+        const double lo = total * me / nth, hi = total * (me + 1) / nth;
+        double at = 0.0;
+        for (int p = 0; p < nparts; p++) {
+            for (int64_t t = first_tile[p]; t < first_tile[p + 1]; t++) {
+                const double mid = at + 0.5 * ws[p].bits;  // a tile goes where its middle falls
+                at += ws[p].bits;
+                if (mid < lo || mid >= hi) continue;
+                float* yp = y + cols[p];
+                const float* bp = bias ? bias + cols[p] : nullptr;
+                if (vnni)
+                    run[p](ws[p], t - first_tile[p], a, M, yp, ldy, bp);
+                else
+                    tile_portable(ws[p], t - first_tile[p], a, 0, M, yp, ldy, bp);
+            }
+        }
     }
     std::free(buf);
     return 0;
