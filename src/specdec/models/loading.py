@@ -91,19 +91,21 @@ def load_model(
     where = resolve_model_file(str(spec), auto_pull=auto_pull, progress=progress)
     if isinstance(where, str):
         where = _download_from_hub(where)
-    quant = "none" if quant == "auto" and dev.type != "cpu" else resolve_quant(quant, where)
-    if quant != "none" and dev.type != "cpu":
-        raise UnsupportedModelError(f"--quant {quant} runs on the CPU only; use --quant none")
-    torch_dtype = parse_dtype(resolve_dtype(dtype, quant))
+    folder = None
     if where.is_dir():
         if (where / "specdec.json").exists():
             folder = where
-        elif (where / "config.json").exists():
-            return _load_hf_folder(where, str(spec), torch_dtype, dev, quant)
-        else:
+        elif not (where / "config.json").exists():
             raise ModelNotFoundError(f"{where}: no config.json or specdec.json in this folder")
     else:
         folder = converted_folder(where, progress=progress)
+    gguf = None if where.is_dir() else where
+    quant = "none" if quant == "auto" and dev.type != "cpu" else resolve_quant(quant, gguf, folder)
+    if quant != "none" and dev.type != "cpu":
+        raise UnsupportedModelError(f"--quant {quant} runs on the CPU only; use --quant none")
+    torch_dtype = parse_dtype(resolve_dtype(dtype, quant))
+    if folder is None:
+        return _load_hf_folder(where, str(spec), torch_dtype, dev, quant)
     return _load_converted(folder, str(spec), torch_dtype, dev, progress, quant)
 
 
