@@ -187,7 +187,8 @@ def run(models, dtypes, quants, n, hf: bool, llama: bool, out_path: Path | None)
         ref = None  # bfloat16 next-token log-probabilities on the KL text
         configs = [("none", d) for d in dtypes] if "none" in quants else []
         configs += [(q, "float32") for q in quants if q != "none"]
-        if ref is None and ("none", "bfloat16") not in configs:
+        reported_bf16 = ("none", "bfloat16") in configs
+        if not reported_bf16:
             configs.insert(0, ("none", "bfloat16"))  # the KL reference, not reported
         source = prompts = None
         for quant, dtype in configs:
@@ -195,9 +196,9 @@ def run(models, dtypes, quants, n, hf: bool, llama: bool, out_path: Path | None)
             source = Path(gen.loaded.source)
             prompts = [gen.prompt_ids(p) for p in PROMPTS]
             logprobs = next_token_logprobs(gen, kl_text_ids(gen))
-            if quant == "none" and dtype == "bfloat16":
+            if (quant, dtype) == ("none", "bfloat16"):
                 ref = logprobs
-                if ("none", "bfloat16") not in [(q, d) for q in quants for d in dtypes]:
+                if not reported_bf16:
                     continue
             ours(gen, prompts[0], 8)  # warm-up
             nbytes = gen.loaded.weight_bytes

@@ -18,15 +18,11 @@ import torch
 
 def macs_per_token(model: torch.nn.Module) -> int:
     """Multiply-adds of the linears (LM head included) for one token."""
+    from specdec.models.cpu_linear import PackedLinear
     from specdec.models.quant_linear import QuantLinear
 
-    total = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear | torch.nn.Linear):
-            total += m.in_features * m.out_features
-        elif type(m).__name__ == "PackedLinear":
-            total += m.in_features * m.out_features
-    return total
+    linears = (QuantLinear, PackedLinear, torch.nn.Linear)
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, linears))
 
 
 def linears_ms(model: torch.nn.Module, rows: int = 1, repeats: int = 5) -> float:

@@ -140,6 +140,20 @@ def _library() -> ctypes.CDLL:
                     ctypes.c_int,  # threads
                 ]
                 lib.specdec_qgemm_path.restype = ctypes.c_int
+                lib.specdec_layer.restype = ctypes.c_int
+                lib.specdec_layer.argtypes = [
+                    ctypes.c_void_p,  # h [n, d], updated in place
+                    ctypes.c_int64,  # n
+                    ctypes.c_void_p,  # LayerParams
+                    ctypes.c_void_p,  # cos [n, D]
+                    ctypes.c_void_p,  # sin
+                    ctypes.c_void_p,  # keys [Hkv, capacity, D]
+                    ctypes.c_void_p,  # values
+                    ctypes.c_int64,  # capacity
+                    ctypes.c_int64,  # start slot
+                    ctypes.c_void_p,  # mask or NULL
+                    ctypes.c_int,  # threads
+                ]
                 lib.specdec_vnni_peak.restype = ctypes.c_double
                 lib.specdec_vnni_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
                 lib.specdec_attend.restype = ctypes.c_int
@@ -352,12 +366,7 @@ class LayerKernel:
         head_dim: int,
         eps: float,
     ) -> None:
-        lib = _library()
-        lib.specdec_layer.restype = ctypes.c_int
-        lib.specdec_layer.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-        lib.specdec_layer.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
-        lib.specdec_layer.argtypes += [ctypes.c_void_p, ctypes.c_int]
-        self._fn = lib.specdec_layer
+        self._fn = _library().specdec_layer
         self.linears = (qkv, wo, w13, w2)
         self.norms = tuple(t.detach().to(torch.float32).contiguous() for t in (attn_norm, ffn_norm))
         self.shape = (heads, kv_heads, head_dim, eps)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec.kernels import native
 from specdec.models.config import ModelConfig
 from specdec.models.kv_cache import KVCache
 
@@ -106,9 +107,7 @@ class Attention(nn.Module):
         keys = cache.k[layer, :, :end]  # (Hkv, end, D)
         values = cache.v[layer, :, :end]
         if n <= SMALL_PASS and q.dtype == torch.float32 and _native_attention():
-            from specdec.kernels.native import attend
-
-            return self.wo(attend(q.contiguous(), cache.k[layer], cache.v[layer], end, mask))
+            return self.wo(native.attend(q.contiguous(), cache.k[layer], cache.v[layer], end, mask))
         out = F.scaled_dot_product_attention(
             q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=True
         )  # (1, H, n, D)
@@ -124,9 +123,7 @@ _NATIVE: list[bool] = []
 
 def _native_attention() -> bool:
     if not _NATIVE:
-        from specdec.kernels import available
-
-        _NATIVE.append(available())
+        _NATIVE.append(native.available())
     return _NATIVE[0]
 
 
