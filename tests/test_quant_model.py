@@ -123,8 +123,10 @@ def test_quantised_targets_stay_greedy_exact(method, quant, seed):
     check_same(run(model, FACTORIES[method](model, rng), prompt, n, tok), ref)
 
 
-@pytest.mark.parametrize("method", ["draft", "pld", "recycle", "pld+recycle"])
-@pytest.mark.parametrize("seed", range(4))
+# every method of the contract suite; cross-vocab's factory builds its draft by remapping
+# the target's float LM head, which a quantised target no longer has
+@pytest.mark.parametrize("method", sorted(set(FACTORIES) - {"cross-vocab"}))
+@pytest.mark.parametrize("seed", range(3))
 def test_native_float32_layers_stay_greedy_exact(method, seed):
     """In float32 there is no float64 headroom: exactness rests on rows being computed
     identically whatever the pass size."""
