@@ -184,22 +184,15 @@ class Generator:
                     f"--backend llamacpp runs GGUF files; {model!r} is not one"
                 )
             target = LlamaCppTarget(where)
-            return cls(
-                target,
-                load_tokenizer(model, progress=progress),
-                model,
-                "auto",
-                device,
-                progress,
-                "none",
-            )
+            tokenizer = load_tokenizer(model, progress=progress)
+            return cls(target, tokenizer, model, "auto", device, progress, quant)
         if backend == "hf":
             from specdec.models.hf_adapter import load_hf_target
 
             target, info = load_hf_target(model, dtype=dtype, device=device, progress=progress)
             if info.tokenizer is None:
                 raise InvalidRequestError(f"{model}: no tokenizer.json beside the model")
-            return cls(target, info.tokenizer, model, dtype, device, progress, "none")
+            return cls(target, info.tokenizer, model, dtype, device, progress, quant)
         raise InvalidRequestError(
             f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})"
         )
