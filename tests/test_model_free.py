@@ -65,6 +65,30 @@ def test_prompt_lookup_merges_matches_into_a_tree_and_indexes_incrementally():
     assert d.propose(state([1, 2, 3])).tokens == []  # nothing matches
 
 
+def test_prompt_lookup_sizes_its_tree_by_the_pass_cost_and_learns_what_a_match_is_worth():
+    # "1 2 3" was followed twice by "4 5 6 ..." and once by "40 41 42 ...": shares 2/3, 1/3
+    seq = [1, 2, 3, 4, 5, 6] * 2 + [1, 2, 3, 40, 41, 42, 1, 2, 3]
+    flat = PromptLookupDrafter(num_draft_tokens=6, pass_cost=PassCost({1: 1.0, 64: 1.0}))
+    assert len(flat.propose(state(seq))) == 12  # a flat cost: every node pays
+
+    def steep() -> PromptLookupDrafter:  # each added token costs half a one-token pass
+        return PromptLookupDrafter(num_draft_tokens=6, pass_cost=PassCost({1: 1.0, 64: 32.5}))
+
+    tree = steep().propose(state(seq))
+    assert tree.tokens == [4, 5, 6, 1, 2, 3] and tree.is_chain()  # only the 2/3 branch pays
+    d = steep()
+    for _ in range(24):  # the target never follows these matches
+        tree = d.propose(state(seq))
+        d.observe(state(seq), tree, Outcome([], 0))
+    sizes = [len(d.propose(state(seq))) for _ in range(32)]
+    assert sizes.count(0) >= 30 and sizes.count(1) >= 1  # cut, but still tried now and then
+    d = steep()
+    for _ in range(24):  # the target follows the likelier match three tokens deep every time
+        tree = d.propose(state(seq))
+        d.observe(state(seq), tree, Outcome([0, 1, 2], 0))
+    assert d.propose(state(seq)).tokens == [4, 5, 6]
+
+
 def test_prompt_lookup_respects_budget_and_node_limit():
     d = PromptLookupDrafter(num_draft_tokens=8, max_nodes=5)
     d.reset([])

@@ -180,7 +180,10 @@ def _build_cross_vocab(ctx: Any, opts: dict[str, Any]) -> Drafter:
 def _build_pld(ctx: Any, opts: dict[str, Any]) -> Drafter:
     from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
 
-    return PromptLookupDrafter(**opts)
+    opts = dict(opts)
+    by_cost = opts.pop("size_by_cost")
+    cost = ctx.pass_cost() if by_cost and hasattr(ctx, "pass_cost") else None
+    return PromptLookupDrafter(pass_cost=cost, **opts)
 
 
 def _build_ngram_cache(ctx: Any, opts: dict[str, Any]) -> Drafter:
@@ -329,6 +332,7 @@ METHODS: dict[str, Method] = {
                 **_ngram_options(3, "matched"),
                 "branches": Option(int, 3, "most matches merged into the tree", minimum=1),
                 **_max_nodes(16),
+                "size_by_cost": _SIZE_BY_COST,
             },
         ),
         Method(

@@ -61,7 +61,8 @@ class DraftTree:
         return out
 
     def subtree(self, nodes: list[int]) -> DraftTree:
-        """The tree of ``nodes`` (increasing, every kept node's parent kept too), re-indexed."""
+        """The tree of ``nodes`` in the order given (each kept node's parent kept and listed
+        before it), re-indexed."""
         index = {old: new for new, old in enumerate(nodes)}
         parents = []
         for old in nodes:
