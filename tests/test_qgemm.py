@@ -196,3 +196,9 @@ def test_unpack_inverts_pack_and_row_subsets_keep_their_values(kind):
     rows = np.array([0, 5, 16, 17, 39])
     x = torch.randn(3, k)
     assert torch.equal(qgemm(x, packing.select_rows(w, rows)), qgemm(x, w)[:, rows])
+
+
+def test_read_bandwidth_probe_streams_a_buffer():
+    from specdec.kernels import native
+
+    assert native.read_bandwidth_gbs(1 / 64, repeats=2) > 0.5  # 16 MiB, a few ms

@@ -251,11 +251,19 @@ def run(models, dtypes, quants, n, hf: bool, llama: bool, out_path: Path | None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--models",
+        default="smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b",
+        help="comma-separated model names (`specdec models`)",
+    )
     ap.add_argument("--dtypes", default="bfloat16", help="dtypes of the float (--quants none) runs")
-    ap.add_argument("--quants", default="none,gguf,int8,int4")
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument(
+        "--quants", default="none,gguf,int8,int4", help="weight formats to run (see --quant)"
+    )
+    ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")

@@ -156,6 +156,8 @@ def _library() -> ctypes.CDLL:
                 ]
                 lib.specdec_vnni_peak.restype = ctypes.c_double
                 lib.specdec_vnni_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
+                lib.specdec_read_gbs.restype = ctypes.c_double
+                lib.specdec_read_gbs.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
                 lib.specdec_attend.restype = ctypes.c_int
                 lib.specdec_attend.argtypes = [
                     ctypes.c_void_p,  # q [H, n, D]
@@ -257,6 +259,14 @@ def vnni_peak_gmacs(threads: int | None = None, iters: int = 2_000_000) -> float
     """Measured peak of int8 multiply-adds (vpdpbusd) on ``threads`` cores, in G/s;
     0 where the VNNI path cannot run. About 0.1 s."""
     return _library().specdec_vnni_peak(iters, threads or torch.get_num_threads())
+
+
+def read_bandwidth_gbs(gib: float = 1.0, threads: int | None = None, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: the best of ``repeats`` passes of ``threads`` cores streaming
+    their halves of a ``gib`` GiB buffer; 0 if it cannot be allocated."""
+    return _library().specdec_read_gbs(
+        int(gib * (1 << 30)), threads or torch.get_num_threads(), repeats
+    )
 
 
 def qgemm(

@@ -368,6 +368,60 @@ double specdec_vnni_peak(int64_t iters, int nthreads) {
     return (double)iters * 12 * 64 * nthreads / dt / 1e9 + 0.0 * sink;
 }
 
+// Read bandwidth of this machine: each thread streams its own contiguous half of a buffer far
+// larger than the caches, 64-byte loads summed into independent accumulators (what the
+// weight stream of a decode step does, without the arithmetic). GB/s, the best of
+// ``repeats`` passes; 0 if the buffer cannot be allocated. A torch ``sum`` read ~15 %
+// slower than a decode step's own weight stream did, which made the floors loose.
+SPECDEC_AVX512 static uint64_t stream_avx512(const uint8_t* p, int64_t n) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i + 256 <= n; i += 256) {
+        a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void*)(p + i)));
+        a1 = _mm512_add_epi64(a1, _mm512_load_si512((const void*)(p + i + 64)));
+        a2 = _mm512_add_epi64(a2, _mm512_load_si512((const void*)(p + i + 128)));
+        a3 = _mm512_add_epi64(a3, _mm512_load_si512((const void*)(p + i + 192)));
+    }
+    return (uint64_t)_mm512_reduce_add_epi64(
+        _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+}
+
+static uint64_t stream_portable(const uint8_t* p, int64_t n) {
+    uint64_t a[8] = {0};
+    for (int64_t i = 0; i + 64 <= n; i += 64)
+        for (int j = 0; j < 8; j++) {
+            uint64_t v;
+            std::memcpy(&v, p + i + 8 * j, 8);
+            a[j] += v;
+        }
+    return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+}
+
+double specdec_read_gbs(int64_t bytes, int nthreads, int repeats) {
+    bytes &= ~(int64_t)(256 * 64 - 1);
+    uint8_t* buf = (uint8_t*)std::aligned_alloc(64, bytes);
+    if (!buf) return 0.0;
+    const int avx512 = vnni_usable();
+    const int64_t part = bytes / nthreads / 256 * 256;
+#pragma omp parallel num_threads(nthreads)
+    std::memset(buf + part * omp_get_thread_num(), 1, part);  // each thread's pages its own
+    double best = 0.0;
+    volatile uint64_t sink = 0;
+    for (int r = 0; r < repeats + 1; r++) {  // the first pass warms up
+        uint64_t total = 0;
+        const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+        {
+            const uint8_t* p = buf + part * omp_get_thread_num();
+            total += avx512 ? stream_avx512(p, part) : stream_portable(p, part);
+        }
+        const double dt = omp_get_wtime() - t0;
+        sink = sink + total;
+        if (r > 0 && part * nthreads / dt / 1e9 > best) best = part * nthreads / dt / 1e9;
+    }
+    std::free(buf);
+    return best;
+}
+
 static int bad_format(const QWeight& w, int64_t K) {
     return w.K != K || K <= 0 || K % 32 || (w.bits != 4 && w.bits != 6 && w.bits != 8) ||
            (w.group != 16 && w.group != 32) || w.sb_groups < 1 || (K / w.group) % w.sb_groups;
