@@ -9,7 +9,6 @@ import time
 
 import torch
 
-
 PROBE = 2  # cached figures from another probe are measured again
 
 
