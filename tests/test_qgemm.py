@@ -3,8 +3,7 @@
 - each GGUF block type splits into codes and scales that dequantise bit for bit like
   ``gguf.quants.dequantize``;
 - the kernel matches a float64 reference of the same integer sums (activations
-  quantised exactly as the kernel does: per 256 values against the super-block types
-  Q4_K and Q6_K, per 32 otherwise) to float32 rounding, and the
+  quantised per 32 values exactly as the kernel does) to float32 rounding, and the
   float matmul with the dequantised weights within the error of int8 activations;
 - a row's result does not depend on the other rows (k-token passes equal k 1-token
   passes bit for bit), and the portable path equals the AVX-512 VNNI one bit for bit.
@@ -41,19 +40,11 @@ def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-def activation_block(parts: dict) -> int:
-    """Values per activation scale: 256 against Q4_K / Q6_K (their super-block), else 32."""
-    superblock = parts["sc"] is not None and parts["group"] * parts["sb_groups"] == 256
-    fmt = (parts["bits"], parts["group"])
-    return 256 if superblock and fmt in {(4, 32), (6, 16)} else 32
-
-
 def reference(x: torch.Tensor, parts: dict) -> np.ndarray:
     """The kernel's arithmetic in float64: the same activation codes and integer sums."""
     x = x.numpy().astype(np.float32)
     m, k = x.shape
-    ab = activation_block(parts)
-    xb = x.reshape(m, k // ab, ab)
+    xb = x.reshape(m, k // 32, 32)
     amax = np.abs(xb).max(-1)
     da = (amax / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):
@@ -69,7 +60,7 @@ def reference(x: torch.Tensor, parts: dict) -> np.ndarray:
     dm = np.repeat(parts["dm"].astype(np.float64), s, axis=1)
     sc = np.ones_like(d) if parts["sc"] is None else parts["sc"].astype(np.float64)
     mm = sc if parts["m"] is None else parts["m"].astype(np.float64)
-    da_g = np.repeat(da.astype(np.float64), ab // g, axis=1)  # [m, groups]
+    da_g = np.repeat(da.astype(np.float64), 32 // g, axis=1)  # [m, groups]
     y = (isum * (d * sc)[None] * da_g[:, None, :]).sum(-1)
     y -= ((dm * mm)[None] * (da_g * sums_q)[:, None, :]).sum(-1)
     return y
@@ -132,22 +123,6 @@ def test_rows_do_not_depend_on_each_other(kind):
     alone = torch.cat([qgemm(x[i : i + 1], w, bias) for i in range(64)])
     for m in (1, 2, 5, 8, 9, 16, 33, 64):
         assert torch.equal(qgemm(x[:m], w, bias), alone[:m]), m
-
-
-def test_parts_side_by_side_mix_activation_blocks():
-    """Q4_K and Q6_K (activations per 256) beside Q8_0 (per 32) in one call: each part's
-    columns equal that part run alone."""
-    from specdec.kernels.native import LinearKernel
-
-    k = 512
-    packed = []
-    for i, (kind, n) in enumerate([("Q4_K", 24), ("Q8_0", 16), ("Q6_K", 40)]):
-        packed.append(packing.pack(packing.split_gguf(random_blocks(kind, n, k, i), kind, n, k), kind))
-    x = torch.randn(9, k)
-    bias = torch.randn(80)
-    y = LinearKernel(packed, bias)(x)
-    alone = torch.cat([qgemm(x, w) for w in packed], dim=1) + bias
-    assert torch.equal(y, alone)
 
 
 def test_output_into_a_column_slice_and_bias():

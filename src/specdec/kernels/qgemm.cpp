@@ -1,6 +1,5 @@
-// Y[M, N] = X[M, K] . W[N, K]^T with W in block-quantised form and X quantised to int8
-// per row and per 32 values (per 256 against Q4_K and Q6_K, whose 256-value super-blocks
-// are then summed in integers), for the small M of a decode step or a verified draft.
+// Y[M, N] = X[M, K] . W[N, K]^T with W in block-quantised form and X quantised per
+// row and per 32 values to int8, for the small M of a decode step or a verified draft.
 //
 // Why this kernel: a decode step of a 4-bit model on two cores is bound by memory at
 // one row, and by multiply-adds soon after. Each weight tile is unpacked once and then
@@ -46,24 +45,6 @@ struct Act {
     const float* bs32;  // [K/32][M]   da * sum of the codes over each 32
     int64_t M;
 };
-
-// Activations for the super-block formats (Q4_K, Q6_K: 256 values per super-block): one
-// int8 scale per row and 256 values, as llama.cpp's Q8_K, so that a super-block's groups
-// are summed in integers and its float work is done once per 256 values, not per group.
-// The codes use the same chunk-major layout as Act's.
-struct ActSB {
-    const int8_t* xq;    // [K/32][M][32]
-    const float* da;     // [K/256][M]
-    const int16_t* b16;  // [K/256][M][16]  sum of the codes over each 16
-    const int16_t* b32;  // [K/256][M][8]   sum of the codes over each 32
-    int64_t M;
-};
-
-// Q4_K (4-bit codes, groups of 32) and Q6_K (6-bit, groups of 16): the GGUF super-block types.
-inline bool superblock_format(const QWeight& w) {
-    return w.sc && w.group * w.sb_groups == 256 &&
-           ((w.bits == 4 && w.group == 32) || (w.bits == 6 && w.group == 16));
-}
 
 float half_to_float(uint16_t h) {
     // exact conversion (the same value vcvtph2ps gives)
@@ -149,130 +130,10 @@ SPECDEC_AVX512 void quantise_rows_avx512(const float* x, int64_t M, int64_t K, i
     }
 }
 
-void quantise_rows_sb(const float* x, int64_t M, int64_t K, int64_t ldx, int8_t* xq, float* da,
-                      int16_t* b16, int16_t* b32) {
-    const int64_t nsb = K / 256;
-    for (int64_t r = 0; r < M; r++) {
-        const float* xr = x + r * ldx;
-        for (int64_t sb = 0; sb < nsb; sb++) {
-            float amax = 0.0f;
-            for (int i = 0; i < 256; i++) amax = std::fmax(amax, std::fabs(xr[sb * 256 + i]));
-            const float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int sum[16] = {0};
-            for (int i = 0; i < 256; i++) {
-                int q = (int)std::nearbyint(xr[sb * 256 + i] * iscale);
-                q = q > 127 ? 127 : (q < -127 ? -127 : q);
-                xq[((sb * 8 + i / 32) * M + r) * 32 + i % 32] = (int8_t)q;
-                sum[i / 16] += q;
-            }
-            da[sb * M + r] = amax / 127.0f;
-            for (int j = 0; j < 16; j++) b16[(sb * M + r) * 16 + j] = (int16_t)sum[j];
-            for (int j = 0; j < 8; j++)
-                b32[(sb * M + r) * 8 + j] = (int16_t)(sum[2 * j] + sum[2 * j + 1]);
-        }
-    }
-}
-
-SPECDEC_AVX512 void quantise_rows_sb_avx512(const float* x, int64_t M, int64_t K, int64_t ldx,
-                                            int8_t* xq, float* da, int16_t* b16, int16_t* b32) {
-    const int64_t nsb = K / 256;
-    const __m512i hi = _mm512_set1_epi32(127), lo = _mm512_set1_epi32(-127);
-    for (int64_t r = 0; r < M; r++) {
-        const float* xr = x + r * ldx;
-        for (int64_t sb = 0; sb < nsb; sb++) {
-            const float* xs = xr + sb * 256;
-            __m512 m = _mm512_abs_ps(_mm512_loadu_ps(xs));
-            for (int i = 1; i < 16; i++) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xs + 16 * i)));
-            const float amax = _mm512_reduce_max_ps(m);
-            const __m512 is = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-            int sum[16];
-            for (int i = 0; i < 16; i++) {
-                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xs + 16 * i), is));
-                q = _mm512_max_epi32(_mm512_min_epi32(q, hi), lo);
-                _mm_storeu_si128((__m128i*)(xq + ((sb * 8 + i / 2) * M + r) * 32 + 16 * (i % 2)),
-                                 _mm512_cvtepi32_epi8(q));
-                sum[i] = _mm512_reduce_add_epi32(q);
-            }
-            da[sb * M + r] = amax / 127.0f;
-            for (int j = 0; j < 16; j++) b16[(sb * M + r) * 16 + j] = (int16_t)sum[j];
-            for (int j = 0; j < 8; j++)
-                b32[(sb * M + r) * 8 + j] = (int16_t)(sum[2 * j] + sum[2 * j + 1]);
-        }
-    }
-}
-
 inline int64_t code_bytes_per_chunk(int bits) { return 64 * bits; }  // 32 values x 16 columns
 
 // ---------------------------------------------------------------- portable path
 // The same float operations as the AVX-512 path, lane by lane.
-
-// The codes of one chunk (32 values x 16 columns): u[s][4j+b] is column j's value 4s+b.
-void unpack_chunk(int bits, const uint8_t* p, uint8_t u[8][64]) {
-    if (bits == 8) {
-        std::memcpy(u, p, 512);
-        return;
-    }
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 64; j++) {
-            uint8_t b = p[i * 64 + j];
-            u[2 * i][j] = b & 0x0F;
-            u[2 * i + 1][j] = b >> 4;
-        }
-    if (bits == 6)
-        for (int s = 0; s < 8; s++)
-            for (int j = 0; j < 64; j++)
-                u[s][j] |= ((p[256 + (s / 4) * 64 + j] >> (2 * (s % 4))) & 3) << 4;
-}
-
-// A super-block format (G * S == 256) against ActSB: per row and super-block the groups are
-// summed in integers, ia = sum_g sc_g * (u . x)_g and ib = sum_g m_g * (sum of x)_g, then
-// y += cvt(ia) * (D * da) - cvt(ib) * (DM * da), two roundings each.
-void tile_sb_portable(const QWeight& w, int64_t t, const ActSB& a, float* y, int64_t ldy,
-                      const float* bias) {
-    const int64_t K = w.K, nc = K / 32, G = w.group, ng = K / G, nsb = K / 256;
-    const int64_t gpc = 32 / G, spg = 8 / gpc, M = a.M;
-    const uint8_t* qs = w.qs + t * nc * code_bytes_per_chunk(w.bits);
-    const uint16_t* dp = w.d + t * nsb * 16;
-    const uint16_t* dmp = w.dm + t * nsb * 16;
-    const int8_t* scp = w.sc + t * ng * 16;
-    const int8_t* mp = w.m ? w.m + t * ng * 16 : scp;
-    const int64_t n0 = t * 16;
-    const int nvalid = (int)(w.N - n0 < 16 ? w.N - n0 : 16);
-    for (int64_t r = 0; r < M; r++) {
-        float facc[16] = {0};
-        for (int64_t sb = 0; sb < nsb; sb++) {
-            int32_t ia[16] = {0}, ib[16] = {0};
-            for (int64_t c = sb * 8; c < sb * 8 + 8; c++) {
-                uint8_t u[8][64];
-                unpack_chunk(w.bits, qs + c * code_bytes_per_chunk(w.bits), u);
-                const int8_t* xr = a.xq + (c * M + r) * 32;
-                for (int64_t h = 0; h < gpc; h++) {
-                    const int64_t g = c * gpc + h;
-                    for (int j = 0; j < 16; j++) {
-                        int32_t acc = 0;
-                        for (int64_t s = h * spg; s < (h + 1) * spg; s++)
-                            for (int b = 0; b < 4; b++)
-                                acc += (int32_t)u[s][4 * j + b] * (int32_t)xr[4 * s + b];
-                        ia[j] += acc * (int32_t)scp[g * 16 + j];
-                    }
-                }
-            }
-            const int16_t* bsum = G == 16 ? a.b16 + (sb * M + r) * 16 : a.b32 + (sb * M + r) * 8;
-            for (int64_t gi = 0; gi < 256 / G; gi++)
-                for (int j = 0; j < 16; j++)
-                    ib[j] += (int32_t)mp[(sb * (256 / G) + gi) * 16 + j] * (int32_t)bsum[gi];
-            const float da = a.da[sb * M + r];
-            for (int j = 0; j < 16; j++) {
-                const float ts = half_to_float(dp[sb * 16 + j]) * da;
-                const float tm = half_to_float(dmp[sb * 16 + j]) * da;
-                facc[j] = std::fma((float)ia[j], ts, facc[j]);
-                facc[j] = std::fma(-(float)ib[j], tm, facc[j]);
-            }
-        }
-        for (int j = 0; j < nvalid; j++)
-            y[r * ldy + n0 + j] = bias ? facc[j] + bias[n0 + j] : facc[j];
-    }
-}
 void tile_portable(const QWeight& w, int64_t t, const Act& a, int64_t r0, int64_t rows, float* y,
                    int64_t ldy, const float* bias) {
     const int64_t K = w.K, nc = K / 32, G = w.group, S = w.sb_groups;
@@ -288,7 +149,21 @@ void tile_portable(const QWeight& w, int64_t t, const Act& a, int64_t r0, int64_
         float facc[16] = {0};
         for (int64_t c = 0; c < nc; c++) {
             uint8_t u[8][64];  // step s, byte 4j+b
-            unpack_chunk(w.bits, qs + c * code_bytes_per_chunk(w.bits), u);
+            const uint8_t* p = qs + c * code_bytes_per_chunk(w.bits);
+            if (w.bits == 8) {
+                std::memcpy(u, p, 512);
+            } else {
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 64; j++) {
+                        uint8_t b = p[i * 64 + j];
+                        u[2 * i][j] = b & 0x0F;
+                        u[2 * i + 1][j] = b >> 4;
+                    }
+                if (w.bits == 6)
+                    for (int s = 0; s < 8; s++)
+                        for (int j = 0; j < 64; j++)
+                            u[s][j] |= ((p[256 + (s / 4) * 64 + j] >> (2 * (s % 4))) & 3) << 4;
+            }
             for (int64_t h = 0; h < gpc; h++) {
                 const int64_t g = c * gpc + h, sb = g / S;
                 const int8_t* xr = a.xq + (c * a.M + r) * 32;
@@ -318,8 +193,7 @@ void tile_portable(const QWeight& w, int64_t t, const Act& a, int64_t r0, int64_
 
 // ---------------------------------------------------------------- AVX-512 VNNI path
 // How far ahead of the codes being unpacked to ask for them (bytes); 4-bit streams.
-// (1024 -> 4096 measured 0-8 % faster on the 1.5B's matmuls at 16 rows, no worse at 1)
-constexpr int64_t PREFETCH_BYTES = 4096;
+constexpr int64_t PREFETCH_BYTES = 1024;
 
 #define SPECDEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 
@@ -421,143 +295,6 @@ SPECDEC_VNNI void tile_vnni(const QWeight& w, int64_t t, const Act& a, int64_t r
         __m512 v = bias ? _mm512_add_ps(facc[r], b) : facc[r];
         _mm512_mask_storeu_ps(y + (r0 + r) * ldy + n0, keep, v);
     }
-}
-
-// acc += the int16 pairs of m . the two int16 at b broadcast to every lane (vpdpwssd).
-SPECDEC_VNNI static inline void dpwssd_bcast(__m512i& acc, __m512i m, const int16_t* b) {
-    asm("vpdpwssd %[b]%{1to16%}, %[m], %[acc]"
-        : [acc] "+v"(acc)
-        : [m] "v"(m), [b] "m"(*(const int32_t*)b));
-}
-
-// tile_sb_portable's operations for RB rows at once: each chunk's codes are unpacked once
-// for all of them; a group's multiply-adds go to a fresh register, scaled by the group's
-// integer scale (vpmulld) into the row's super-block sum; the offsets' sums are int16 pairs
-// (vpdpwssd); the float work is four operations per row and 256 values.
-template <int RB, int BITS, int G>
-SPECDEC_VNNI void tile_sb_vnni(const QWeight& w, int64_t t, const ActSB& a, int64_t r0, float* y,
-                               int64_t ldy, const float* bias) {
-    constexpr int gpc = 32 / G, spg = 8 / gpc, gsb = 256 / G;
-    const int64_t K = w.K, nc = K / 32, ng = K / G, nsb = K / 256, M = a.M;
-    const uint8_t* qs = w.qs + t * nc * (64 * BITS);
-    const uint16_t* dp = w.d + t * nsb * 16;
-    const uint16_t* dmp = w.dm + t * nsb * 16;
-    const int8_t* scp = w.sc + t * ng * 16;
-    const int8_t* mp = w.m ? w.m + t * ng * 16 : scp;
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    __m512 facc[RB];
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; r++) facc[r] = _mm512_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; sb++) {
-        __m512i ia[RB];
-#pragma GCC unroll 8
-        for (int r = 0; r < RB; r++) ia[r] = _mm512_setzero_si512();
-        for (int64_t c = sb * 8; c < sb * 8 + 8; c++) {
-            __m512i wv[8];
-            const uint8_t* p = qs + c * (64 * BITS);
-#pragma GCC unroll 8
-            for (int i = 0; i < BITS; i++)
-                _mm_prefetch((const char*)(p + PREFETCH_BYTES * BITS / 4 + 64 * i), _MM_HINT_T0);
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++) {
-                __m512i b = _mm512_loadu_si512((const void*)(p + 64 * i));
-                wv[2 * i] = _mm512_and_si512(b, low4);
-                wv[2 * i + 1] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
-            }
-            if (BITS == 6) {
-                const __m512i m30 = _mm512_set1_epi8(0x30);
-#pragma GCC unroll 2
-                for (int i = 0; i < 2; i++) {
-                    const __m512i h = _mm512_loadu_si512((const void*)(p + 256 + 64 * i));
-                    wv[4 * i] = _mm512_or_si512(
-                        wv[4 * i], _mm512_and_si512(_mm512_slli_epi16(h, 4), m30));
-                    wv[4 * i + 1] = _mm512_or_si512(
-                        wv[4 * i + 1], _mm512_and_si512(_mm512_slli_epi16(h, 2), m30));
-                    wv[4 * i + 2] = _mm512_or_si512(wv[4 * i + 2], _mm512_and_si512(h, m30));
-                    wv[4 * i + 3] = _mm512_or_si512(
-                        wv[4 * i + 3], _mm512_and_si512(_mm512_srli_epi16(h, 2), m30));
-                }
-            }
-            const int8_t* xc = a.xq + (c * M + r0) * 32;
-#pragma GCC unroll 2
-            for (int h = 0; h < gpc; h++) {
-                const __m512i sc = _mm512_cvtepi8_epi32(
-                    _mm_loadu_si128((const __m128i*)(scp + (c * gpc + h) * 16)));
-#pragma GCC unroll 8
-                for (int r = 0; r < RB; r++) {
-                    const int8_t* xr = xc + 32 * r + h * 4 * spg;
-                    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
-#pragma GCC unroll 4
-                    for (int s = 0; s < spg; s += 2) {
-                        dpbusd_bcast(acc0, wv[h * spg + s], xr + 4 * s);
-                        dpbusd_bcast(acc1, wv[h * spg + s + 1], xr + 4 * s + 4);
-                    }
-                    ia[r] = _mm512_add_epi32(
-                        ia[r], _mm512_mullo_epi32(_mm512_add_epi32(acc0, acc1), sc));
-                }
-            }
-        }
-        // the offsets: m_g as int16 pairs (g = 2p, 2p + 1) per column, against the rows' sums
-        __m512i mpair[gsb / 2];
-#pragma GCC unroll 8
-        for (int q = 0; q < gsb / 2; q++) {
-            const int8_t* m0 = mp + (sb * gsb + 2 * q) * 16;
-            const __m128i lo = _mm_loadu_si128((const __m128i*)m0);
-            const __m128i hi = _mm_loadu_si128((const __m128i*)(m0 + 16));
-            mpair[q] = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(
-                _mm256_castsi128_si256(_mm_unpacklo_epi8(lo, hi)), _mm_unpackhi_epi8(lo, hi), 1));
-        }
-        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dp + sb * 16)));
-        const __m512 dmv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dmp + sb * 16)));
-        const float* das = a.da + sb * M + r0;
-        const int16_t* bs = G == 16 ? a.b16 + (sb * M + r0) * 16 : a.b32 + (sb * M + r0) * 8;
-#pragma GCC unroll 8
-        for (int r = 0; r < RB; r++) {
-            __m512i ib = _mm512_setzero_si512();
-#pragma GCC unroll 8
-            for (int q = 0; q < gsb / 2; q++) dpwssd_bcast(ib, mpair[q], bs + r * gsb + 2 * q);
-            const __m512 da = _mm512_set1_ps(das[r]);
-            facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r]), _mm512_mul_ps(dv, da), facc[r]);
-            facc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ib), _mm512_mul_ps(dmv, da), facc[r]);
-        }
-    }
-    const int64_t n0 = t * 16;
-    const int64_t nvalid = w.N - n0 < 16 ? w.N - n0 : 16;
-    const __mmask16 keep = (__mmask16)((1u << nvalid) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; r++) {
-        __m512 v = bias ? _mm512_add_ps(facc[r], b) : facc[r];
-        _mm512_mask_storeu_ps(y + (r0 + r) * ldy + n0, keep, v);
-    }
-}
-
-template <int BITS, int G>
-void tile_sb_rows_vnni(const QWeight& w, int64_t t, const ActSB& a, float* y, int64_t ldy,
-                       const float* bias) {
-    constexpr int RB = 8;
-    const int64_t M = a.M;
-    int64_t r0 = 0;
-    for (; r0 + RB <= M; r0 += RB) tile_sb_vnni<RB, BITS, G>(w, t, a, r0, y, ldy, bias);
-    switch (M - r0) {
-        case 1: tile_sb_vnni<1, BITS, G>(w, t, a, r0, y, ldy, bias); break;
-        case 2: tile_sb_vnni<2, BITS, G>(w, t, a, r0, y, ldy, bias); break;
-        case 3: tile_sb_vnni<3, BITS, G>(w, t, a, r0, y, ldy, bias); break;
-        case 4: tile_sb_vnni<4, BITS, G>(w, t, a, r0, y, ldy, bias); break;
-        case 5: tile_sb_vnni<5, BITS, G>(w, t, a, r0, y, ldy, bias); break;
-        case 6: tile_sb_vnni<6, BITS, G>(w, t, a, r0, y, ldy, bias); break;
-        case 7: tile_sb_vnni<7, BITS, G>(w, t, a, r0, y, ldy, bias); break;
-        default: break;
-    }
-}
-
-using TileSBRows = void (*)(const QWeight&, int64_t, const ActSB&, float*, int64_t, const float*);
-
-// The super-block formats with a kernel: Q4_K (4 bits, G 32) and Q6_K (6 bits, G 16).
-TileSBRows pick_sb_vnni(int bits, int group) {
-    if (bits == 4 && group == 32) return tile_sb_rows_vnni<4, 32>;
-    if (bits == 6 && group == 16) return tile_sb_rows_vnni<6, 16>;
-    return nullptr;
 }
 
 template <int BITS, int G>
@@ -704,46 +441,21 @@ int specdec_qgemm_multi(const float* x, int64_t M, int64_t ldx, const QWeight* w
         if (bad_format(ws[p], K)) return 1;
         first_tile[p + 1] = first_tile[p] + (ws[p].N + 15) / 16;
     }
-    // Activations per 32 values for the parts that need them, per 256 for the super-block
-    // formats; each set at most once for all parts.
-    bool per32 = false, per256 = false;
-    for (int p = 0; p < nparts; p++) (superblock_format(ws[p]) ? per256 : per32) = true;
-    const int64_t nc = K / 32, nsb = K / 256;
-    const int64_t bytes32 = per32 ? M * K + sizeof(float) * M * nc * 4 : 0;
-    const int64_t bytes256 = per256 ? M * K + (sizeof(float) + 48) * M * nsb : 0;
-    char* buf = (char*)std::malloc(bytes32 + bytes256 + 1);
+    const int64_t nc = K / 32;
+    char* buf = (char*)std::malloc(M * K + sizeof(float) * M * nc * 4);
     if (!buf) return 2;
+    int8_t* xq = (int8_t*)buf;
+    float* da = (float*)(buf + M * K);  // M*K is a multiple of 32: aligned for floats
+    float* bs16 = da + M * nc;
+    float* bs32 = bs16 + 2 * M * nc;
     const int vnni = vnni_usable();
-    Act a{};
-    ActSB asb{};
-    if (per32) {  // M*K is a multiple of 32: what follows is aligned for floats
-        int8_t* xq = (int8_t*)buf;
-        float* da = (float*)(buf + M * K);
-        float* bs16 = da + M * nc;
-        float* bs32 = bs16 + 2 * M * nc;
-        if (vnni)
-            quantise_rows_avx512(x, M, K, ldx, xq, da, bs16, bs32);
-        else
-            quantise_rows(x, M, K, ldx, xq, da, bs16, bs32);
-        a = Act{xq, da, bs16, bs32, M};
-    }
-    if (per256) {
-        int8_t* xq = (int8_t*)(buf + bytes32);
-        float* da = (float*)(buf + bytes32 + M * K);
-        int16_t* b16 = (int16_t*)(da + M * nsb);
-        int16_t* b32 = b16 + 16 * M * nsb;
-        if (vnni)
-            quantise_rows_sb_avx512(x, M, K, ldx, xq, da, b16, b32);
-        else
-            quantise_rows_sb(x, M, K, ldx, xq, da, b16, b32);
-        asb = ActSB{xq, da, b16, b32, M};
-    }
+    if (vnni)
+        quantise_rows_avx512(x, M, K, ldx, xq, da, bs16, bs32);
+    else
+        quantise_rows(x, M, K, ldx, xq, da, bs16, bs32);
+    const Act a{xq, da, bs16, bs32, M};
     TileRows run[8];
-    TileSBRows run_sb[8];
-    for (int p = 0; p < nparts; p++) {
-        run[p] = vnni ? pick_vnni(ws[p].bits, ws[p].group) : nullptr;
-        run_sb[p] = vnni && superblock_format(ws[p]) ? pick_sb_vnni(ws[p].bits, ws[p].group) : nullptr;
-    }
+    for (int p = 0; p < nparts; p++) run[p] = vnni ? pick_vnni(ws[p].bits, ws[p].group) : nullptr;
     // Threads take contiguous tile ranges of equal *bytes* (a 6-bit tile reads half as much
     // again as a 4-bit one): ranges fixed by shapes and thread count, so a tile's result
     // never depends on who computes it, and each thread streams one stretch of memory.
@@ -762,17 +474,10 @@ int specdec_qgemm_multi(const float* x, int64_t M, int64_t ldx, const QWeight* w
                 if (mid < lo || mid >= hi) continue;
                 float* yp = y + cols[p];
                 const float* bp = bias ? bias + cols[p] : nullptr;
-                const int64_t tp = t - first_tile[p];
-                if (superblock_format(ws[p])) {
-                    if (vnni)
-                        run_sb[p](ws[p], tp, asb, yp, ldy, bp);
-                    else
-                        tile_sb_portable(ws[p], tp, asb, yp, ldy, bp);
-                } else if (vnni) {
-                    run[p](ws[p], tp, a, M, yp, ldy, bp);
-                } else {
-                    tile_portable(ws[p], tp, a, 0, M, yp, ldy, bp);
-                }
+                if (vnni)
+                    run[p](ws[p], t - first_tile[p], a, M, yp, ldy, bp);
+                else
+                    tile_portable(ws[p], t - first_tile[p], a, 0, M, yp, ldy, bp);
             }
         }
     }
