@@ -380,6 +380,24 @@ def test_ngram_cache_learns_across_requests_and_drafts_confident_continuations()
     assert len(capped.next) == 3
 
 
+def test_ngram_cache_sizes_its_tree_by_the_pass_cost():
+    from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
+
+    seq = [1, 2, 3, 4, 5] * 3 + [1]
+    flat = NgramCacheDrafter(num_draft_tokens=4, pass_cost=PassCost({1: 1.0, 64: 1.0}))
+    assert flat.propose(state(seq)).tokens == [2, 3, 4, 5]  # every node pays
+    d = NgramCacheDrafter(num_draft_tokens=4, pass_cost=PassCost({1: 1.0, 64: 32.5}))
+    for _ in range(24):  # the target takes the first two tokens every time
+        tree = d.propose(state(seq))
+        d.observe(state(seq), tree, Outcome([0, 1][: len(tree)], 0))
+    assert d.propose(state(seq)).tokens == [2, 3]
+    for _ in range(40):  # then none
+        tree = d.propose(state(seq))
+        d.observe(state(seq), tree, Outcome([], 0))
+    sizes = [len(d.propose(state(seq))) for _ in range(32)]
+    assert sizes.count(0) >= 30 and sizes.count(1) >= 1
+
+
 def test_lookahead_runs_its_window_as_a_tree_and_pools_the_columns():
     from specdec.spec.drafters.lookahead import LookaheadDrafter
 

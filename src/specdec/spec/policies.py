@@ -234,3 +234,61 @@ class ShareCalibration:
         """A tree whose shares summed to ``predicted`` had ``accepted`` tokens accepted."""
         self._predicted[key] = self._predicted.get(key, 0.0) + predicted
         self._accepted[key] = self._accepted.get(key, 0.0) + accepted
+
+
+class TrieSizer:
+    """Cuts a weighted trie of deterministic proposals (prompt lookup, an n-gram cache) to
+    the size that maximises expected tokens per unit of the target's pass time.
+
+    A node's chance of acceptance is taken as its share of the trie's weight times the
+    tokens accepted per unit of share so far at its depth after proposals of the same
+    kind (``key``, e.g. the length of the n-gram that matched; `ShareCalibration` keyed
+    by (key, depth)), never more than its parent's. The kept nodes come best first. A
+    kind whose tree is cut to nothing still drafts its best node once in
+    ``EXPLORE_EVERY`` times, so that what it is worth can be learnt again.
+    """
+
+    EXPLORE_EVERY = 16
+
+    def __init__(self, cost) -> None:
+        self.cost = cost
+        self.calibration = ShareCalibration()
+        self._skipped: dict[object, int] = {}
+        self._drafted: tuple[object, list[int], list[float]] | None = None  # key, depths, shares
+
+    def cut(self, tree, shares: list[float], key: object):
+        """``tree`` with ``shares[i]`` for node i (parents first) -> the kept subtree."""
+        depths = tree.depths
+        scores: list[float] = []
+        for i, p in enumerate(tree.parents):
+            s = shares[i] * self.calibration.factor((key, depths[i]))
+            scores.append(min(s, scores[p]) if p >= 0 else s)
+        # a child never outscores its parent and ties go to the shallower node, so every
+        # prefix of this order is a tree
+        order = sorted(range(len(tree)), key=lambda i: (-scores[i], depths[i], i))
+        n = best_size([scores[i] for i in order], self.cost)
+        if n == 0 and len(tree):
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            if self._skipped[key] % self.EXPLORE_EVERY == 0:
+                n = 1
+        keep = order[:n]
+        self._drafted = (key, [depths[i] for i in keep], [shares[i] for i in keep])
+        return tree.subtree(keep)
+
+    def forget(self) -> None:
+        """Nothing was drafted through `cut` this step."""
+        self._drafted = None
+
+    def observe(self, path: list[int]) -> None:
+        """The verified tree was the last `cut`'s; ``path``: its accepted nodes."""
+        if self._drafted is None or not self._drafted[1]:
+            return
+        key, depths, shares = self._drafted
+        accepted = set(path)
+        by_depth: dict[int, list[float]] = {}  # depth -> [share drafted, nodes accepted]
+        for i, (d, share) in enumerate(zip(depths, shares, strict=True)):
+            acc = by_depth.setdefault(d, [0.0, 0])
+            acc[0] += share
+            acc[1] += i in accepted
+        for d, (share, hits) in by_depth.items():
+            self.calibration.observe((key, d), share, hits)

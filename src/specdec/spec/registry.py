@@ -189,7 +189,10 @@ def _build_pld(ctx: Any, opts: dict[str, Any]) -> Drafter:
 def _build_ngram_cache(ctx: Any, opts: dict[str, Any]) -> Drafter:
     from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
 
-    return NgramCacheDrafter(**opts)
+    opts = dict(opts)
+    by_cost = opts.pop("size_by_cost")
+    cost = ctx.pass_cost() if by_cost and hasattr(ctx, "pass_cost") else None
+    return NgramCacheDrafter(pass_cost=cost, **opts)
 
 
 def _build_lookahead(ctx: Any, opts: dict[str, Any]) -> Drafter:
@@ -352,6 +355,7 @@ METHODS: dict[str, Method] = {
                     float, 0.3, "share of the n-gram's observations needed to extend", minimum=0
                 ),
                 "max_entries": Option(int, 2_000_000, "most n-grams kept", minimum=1),
+                "size_by_cost": _SIZE_BY_COST,
             },
         ),
         Method(

@@ -15,6 +15,11 @@ Branches weigh their first token's count, and the trie is cut to
 ``max_nodes`` (`DraftTree.from_paths`). Nodes are deterministic: exact under
 greedy and speculative sampling. Memory is bounded: past ``max_entries``
 distinct n-grams, new ones are no longer added (existing counts still grow).
+
+Given the target's pass-cost curve, the trie is cut to the size that pays
+(`TrieSizer`): a node's chance of acceptance is its branch's share of the
+counts times the tokens accepted per unit of share so far at its depth after
+matches of the same n-gram length, learnt online.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from collections import Counter
 
 from specdec.errors import InvalidRequestError
 from specdec.spec.drafters.base import Drafter, DraftState, ngram_orders
+from specdec.spec.policies import TrieSizer
 from specdec.spec.tree import DraftTree
+from specdec.spec.verifiers.base import Outcome
 
 
 class NgramCacheDrafter(Drafter):
@@ -39,6 +46,7 @@ class NgramCacheDrafter(Drafter):
         min_count: int = 1,
         min_share: float = 0.3,
         max_entries: int = 2_000_000,
+        pass_cost=None,
     ) -> None:
         if min(num_draft_tokens, branches, max_nodes, min_count) < 1:
             raise InvalidRequestError(
@@ -51,6 +59,8 @@ class NgramCacheDrafter(Drafter):
         self.min_count = min_count
         self.min_share = min_share
         self.max_entries = max_entries
+        # given the target's PassCost, trees are cut to what pays; else always max_nodes
+        self.sizer = TrieSizer(pass_cost) if pass_cost is not None else None
         self.next: dict[tuple[int, ...], Counter[int]] = {}  # n-gram -> next-token counts
         self.counted = 0  # positions of the current sequence already counted
 
@@ -72,13 +82,14 @@ class NgramCacheDrafter(Drafter):
                 c[nxt] += 1
         self.counted = max(self.counted, len(tokens))
 
-    def _candidates(self, context: list[int]) -> Counter[int] | None:
+    def _candidates(self, context: list[int]) -> tuple[int, Counter[int] | None]:
+        """The longest known n-gram ending the context: (n, its next-token counts)."""
         for n in self.ngrams:
             if len(context) >= n:
                 c = self.next.get(tuple(context[-n:]))
                 if c:
-                    return c
-        return None
+                    return n, c
+        return 0, None
 
     def _confident(self, c: Counter[int]) -> int | None:
         token, count = c.most_common(1)[0]
@@ -87,10 +98,12 @@ class NgramCacheDrafter(Drafter):
         return None
 
     def propose(self, state: DraftState) -> DraftTree:
+        if self.sizer:
+            self.sizer.forget()
         tokens = state.tokens
         self._count(tokens)
         k = min(self.k, state.budget)
-        first = self._candidates(tokens) if k > 0 else None
+        matched, first = self._candidates(tokens) if k > 0 else (0, None)
         if not first:
             return DraftTree()
         tail = tokens[-max(self.ngrams) :]
@@ -100,7 +113,7 @@ class NgramCacheDrafter(Drafter):
                 break
             path = [token]
             while len(path) < k:
-                c = self._candidates(tail + path)
+                c = self._candidates(tail + path)[1]
                 nxt = self._confident(c) if c else None
                 if nxt is None:
                     break
@@ -109,4 +122,13 @@ class NgramCacheDrafter(Drafter):
             weights.append(float(count))
         if not paths:
             return DraftTree()
-        return DraftTree.from_paths(paths, weights, min(self.max_nodes, state.budget))
+        limit = min(self.max_nodes, state.budget)
+        if self.sizer is None:
+            return DraftTree.from_paths(paths, weights, limit)
+        tree, node_weights = DraftTree.weighted_trie(paths, weights, limit)
+        total = first.total()  # a branch's share: its first token's share of the counts
+        return self.sizer.cut(tree, [w / total for w in node_weights], matched)
+
+    def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
+        if self.sizer:
+            self.sizer.observe(outcome.path)

@@ -17,26 +17,22 @@ under speculative sampling alike.
 Second deviation, for targets whose pass grows with its tokens (a quantised
 CPU target: a pass over 8 tokens costs ~1.7x one): given the target's pass-cost
 curve, the tree is cut to the size that maximises expected tokens per unit of
-pass time. A node's chance of acceptance is its share of the matches' weight
-times the tokens accepted per unit of share so far at its depth after matches
-of the same n-gram length (`ShareCalibration` keyed by (n, depth)), never more
-than its parent's; the nodes are verified best first. A kind of match judged
-worthless is still drafted (one node) now and then, so that what it is worth
-can be learnt again.
+pass time (`TrieSizer`): a node's chance of acceptance is its share of the
+matches' weight times the tokens accepted per unit of share so far at its
+depth after matches of the same n-gram length.
 """
 
 from __future__ import annotations
 
 from specdec.errors import InvalidRequestError
 from specdec.spec.drafters.base import Drafter, DraftState, ngram_orders
-from specdec.spec.policies import ShareCalibration, best_size
+from specdec.spec.policies import TrieSizer
 from specdec.spec.tree import DraftTree
 from specdec.spec.verifiers.base import Outcome
 
 
 class PromptLookupDrafter(Drafter):
     name = "pld"
-    EXPLORE_EVERY = 16  # a kind of match whose tree is cut to nothing still drafts once in this many
 
     def __init__(
         self,
@@ -53,10 +49,8 @@ class PromptLookupDrafter(Drafter):
         self.ngrams = ngram_orders(min_ngram, max_ngram)
         self.branches = branches
         self.max_nodes = max_nodes
-        self.pass_cost = pass_cost  # PassCost of the target, or None: always max_nodes
-        self.calibration = ShareCalibration()
-        self._skipped: dict[int, int] = {}  # n -> times its tree was cut to nothing
-        self._drafted: tuple[int, list[int], list[float]] | None = None  # n, depths, shares
+        # given the target's PassCost, trees are cut to what pays; else always max_nodes
+        self.sizer = TrieSizer(pass_cost) if pass_cost is not None else None
         self.reset([])
 
     def reset(self, prompt_ids: list[int]) -> None:
@@ -74,7 +68,8 @@ class PromptLookupDrafter(Drafter):
         self.indexed = max(len(tokens), self.indexed)
 
     def propose(self, state: DraftState) -> DraftTree:
-        self._drafted = None
+        if self.sizer:
+            self.sizer.forget()
         tokens = state.tokens
         self._index(tokens)
         k = min(self.k, state.budget)
@@ -106,37 +101,12 @@ class PromptLookupDrafter(Drafter):
         if not paths:
             return DraftTree()
         limit = min(self.max_nodes, state.budget)
-        if self.pass_cost is None:
+        if self.sizer is None:
             return DraftTree.from_paths(paths, weights, limit)
         tree, node_weights = DraftTree.weighted_trie(paths, weights, limit)
         total = sum(weights)
-        shares = [w / total for w in node_weights]
-        depths = tree.depths
-        scores: list[float] = []
-        for i, p in enumerate(tree.parents):
-            s = shares[i] * self.calibration.factor((longest, depths[i]))
-            scores.append(min(s, scores[p]) if p >= 0 else s)
-        # best first; a child never outscores its parent and ties go to the shallower node,
-        # so every prefix of this order is a tree
-        order = sorted(range(len(tree)), key=lambda i: (-scores[i], depths[i], i))
-        n = best_size([scores[i] for i in order], self.pass_cost)
-        if n == 0:
-            self._skipped[longest] = self._skipped.get(longest, 0) + 1
-            if self._skipped[longest] % self.EXPLORE_EVERY == 0:
-                n = 1
-        keep = order[:n]
-        self._drafted = (longest, [depths[i] for i in keep], [shares[i] for i in keep])
-        return tree.subtree(keep)
+        return self.sizer.cut(tree, [w / total for w in node_weights], longest)
 
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
-        if self._drafted is None or not len(tree):
-            return
-        longest, depths, shares = self._drafted
-        accepted = set(outcome.path)
-        by_depth: dict[int, list[float]] = {}  # depth -> [share drafted, nodes accepted]
-        for i, (d, share) in enumerate(zip(depths, shares, strict=True)):
-            acc = by_depth.setdefault(d, [0.0, 0])
-            acc[0] += share
-            acc[1] += i in accepted
-        for d, (share, hits) in by_depth.items():
-            self.calibration.observe((longest, d), share, hits)
+        if self.sizer:
+            self.sizer.observe(outcome.path)
