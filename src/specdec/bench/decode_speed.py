@@ -11,7 +11,10 @@ profile`'s), and the mean KL divergence of its next-token distributions from the
 bfloat16 model's over a fixed text; then, on the same GGUF, same chat prompts, same
 number of new tokens (EOS ignored), in the same process: `transformers` `generate`
 in bfloat16 and llama.cpp's own decode loop (2 threads, its default settings), with
-llama.cpp's pass-cost curve. For float models, where a specdec step's time goes
+llama.cpp's pass-cost curve. Where specdec runs the GGUF's own blocks (``gguf``), it
+and llama.cpp alternate prompt by prompt for ``--rounds`` rounds, and the row gains
+``vs_llama_cpp``: the median of the paired ratios (this machine's speed drifts by
+±15 % within minutes; alternating puts both at the same moments). For float models, where a specdec step's time goes
 (linears, LM head, attention, other ops, Python overhead), from the profiler.
 """
 
@@ -112,69 +115,85 @@ def mean_kl(ref: torch.Tensor, other: torch.Tensor) -> float:
     return float((ref.exp() * (ref - other)).sum(-1).mean())
 
 
-def llama_cpp_speed(path: Path, prompts: list[list[int]], n: int, threads: int) -> dict:
-    """llama.cpp's own greedy decode loop (low-level API, 2 threads, its default context
-    settings) over the same prompt ids: decode tokens/s and its pass-cost curve."""
-    import llama_cpp as L
-    import numpy as np
+class LlamaCppLoop:
+    """llama.cpp's own greedy decode loop (low-level API, its default context settings,
+    flash attention as llama.cpp picks it) on a GGUF: decode tokens/s on given prompt ids,
+    and its pass-cost curve."""
 
-    from specdec.models.llamacpp_target import _quiet_logs
+    def __init__(self, path: Path, threads: int) -> None:
+        import llama_cpp as L
 
-    _quiet_logs(L)
-    L.llama_backend_init()
-    model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
-    cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch = 2048, 512, 512
-    cp.n_threads = cp.n_threads_batch = threads
-    ctx = L.llama_init_from_model(model, cp)
-    mem = L.llama_get_memory(ctx)
-    vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+        from specdec.models.llamacpp_target import _quiet_logs
 
-    def decode(tokens: list[int], pos0: int, every_row: bool) -> None:
+        self.L = L
+        _quiet_logs(L)
+        L.llama_backend_init()
+        self.model = L.llama_model_load_from_file(
+            str(path).encode(), L.llama_model_default_params()
+        )
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = 2048, 512, 512
+        cp.n_threads = cp.n_threads_batch = threads
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        self.mem = L.llama_get_memory(self.ctx)
+        self.vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+
+    def _decode(self, tokens: list[int], pos0: int, every_row: bool) -> None:
+        L = self.L
         b = L.llama_batch_init(len(tokens), 0, 1)
         for i, t in enumerate(tokens):
             b.token[i], b.pos[i], b.n_seq_id[i] = t, pos0 + i, 1
             b.seq_id[i][0] = 0
             b.logits[i] = 1 if every_row or i == len(tokens) - 1 else 0
         b.n_tokens = len(tokens)
-        rc = L.llama_decode(ctx, b)
+        rc = L.llama_decode(self.ctx, b)
         L.llama_batch_free(b)
         if rc:
             raise RuntimeError(f"llama_decode returned {rc}")
 
-    def last_argmax() -> int:
-        row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(vocab,))
-        return int(row.argmax())
+    def _last_argmax(self) -> int:
+        import numpy as np
 
-    rates = []
-    for ids in prompts:
-        L.llama_memory_clear(mem, True)
-        decode(ids, 0, False)
-        tok, pos = last_argmax(), len(ids)
+        logits = self.L.llama_get_logits_ith(self.ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(self.vocab,)).argmax())
+
+    def rate(self, ids: list[int], n: int) -> float:
+        """Decode tokens/s of ``n`` greedy tokens after prefilling ``ids``."""
+        self.L.llama_memory_clear(self.mem, True)
+        self._decode(ids, 0, False)
+        tok, pos = self._last_argmax(), len(ids)
         t = time.perf_counter()
         for _ in range(n):
-            decode([tok], pos, False)
-            tok, pos = last_argmax(), pos + 1
-        rates.append(n / (time.perf_counter() - t))
-    # pass over k tokens on 256 cached ones, every row's logits (as verifying), best of 3
-    L.llama_memory_clear(mem, True)
-    ctx_ids = [int(x) for x in np.random.default_rng(0).integers(100, 20000, 256)]
-    decode(ctx_ids, 0, False)
-    curve = {}
-    for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            decode(ctx_ids[:k], 256, True)
-            best = min(best, time.perf_counter() - t)
-            L.llama_memory_seq_rm(mem, 0, 256, -1)
-        curve[k] = round(best * 1000, 3)
-    L.llama_free(ctx)
-    L.llama_model_free(model)
-    return {"tokens_per_s": round(statistics.median(rates), 2), "pass_ms": curve}
+            self._decode([tok], pos, False)
+            tok, pos = self._last_argmax(), pos + 1
+        return n / (time.perf_counter() - t)
+
+    def curve(self) -> dict[int, float]:
+        """Pass over k tokens on 256 cached ones, every row's logits (as verifying), best of 3."""
+        import numpy as np
+
+        self.L.llama_memory_clear(self.mem, True)
+        ctx_ids = [int(x) for x in np.random.default_rng(0).integers(100, 20000, 256)]
+        self._decode(ctx_ids, 0, False)
+        curve = {}
+        for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                self._decode(ctx_ids[:k], 256, True)
+                best = min(best, time.perf_counter() - t)
+                self.L.llama_memory_seq_rm(self.mem, 0, 256, -1)
+            curve[k] = round(best * 1000, 3)
+        return curve
+
+    def close(self) -> None:
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
 
 
-def run(models, dtypes, quants, n, hf: bool, llama: bool, out_path: Path | None) -> list[dict]:
+def run(
+    models, dtypes, quants, n, hf: bool, llama: bool, out_path: Path | None, rounds: int = 3
+) -> list[dict]:
     from specdec.api import Generator
     from specdec.bench.machine import machine_info
     from specdec.bench.profile import profile
@@ -191,6 +210,7 @@ def run(models, dtypes, quants, n, hf: bool, llama: bool, out_path: Path | None)
         if not reported_bf16:
             configs.insert(0, ("none", "bfloat16"))  # the KL reference, not reported
         source = prompts = None
+        llama_row = None  # llama.cpp's, measured beside specdec's gguf when that runs
         for quant, dtype in configs:
             gen = Generator.load(name, dtype=dtype, quant=quant, progress=False)
             source = Path(gen.loaded.source)
@@ -211,7 +231,24 @@ def run(models, dtypes, quants, n, hf: bool, llama: bool, out_path: Path | None)
                 "floor_ms": round(nbytes / bw / 1e6, 2),
                 "floor_tokens_per_s": round(bw * 1e9 / nbytes, 1),
             }
-            rates = [ours(gen, p, n)[0] for p in prompts]
+            if llama and gen.loaded.quant == "gguf":
+                # head to head on the same file: the two loops alternate prompt by prompt for
+                # `rounds` rounds, so both see the same moments of a noisy machine
+                loop = LlamaCppLoop(source, torch.get_num_threads())
+                loop.rate(prompts[0], 8)  # warm-up
+                rates, theirs_rates = [], []
+                for _ in range(rounds):
+                    for p in prompts:
+                        rates.append(ours(gen, p, n)[0])
+                        theirs_rates.append(loop.rate(p, n))
+                ratios = [a / b for a, b in zip(rates, theirs_rates, strict=True)]
+                row["vs_llama_cpp"] = round(statistics.median(ratios), 3)
+                llama_row = {"model": name, "runtime": "llama.cpp", "quant": "gguf"}
+                llama_row["tokens_per_s"] = round(statistics.median(theirs_rates), 2)
+                llama_row["pass_ms"] = loop.curve()
+                loop.close()
+            else:
+                rates = [ours(gen, p, n)[0] for p in prompts]
             row["tokens_per_s"] = round(statistics.median(rates), 2)
             row["mean_kl_to_bf16"] = round(mean_kl(ref, logprobs), 5)
             prof = profile(gen)
@@ -241,10 +278,16 @@ def run(models, dtypes, quants, n, hf: bool, llama: bool, out_path: Path | None)
             print(json.dumps(row), flush=True)
             del m
         if llama:
-            row = {"model": name, "runtime": "llama.cpp", "quant": "gguf"}
-            row.update(llama_cpp_speed(source, prompts, n, torch.get_num_threads()))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            if llama_row is None:
+                loop = LlamaCppLoop(source, torch.get_num_threads())
+                loop.rate(prompts[0], 8)  # warm-up
+                rates = [loop.rate(p, n) for p in prompts]
+                llama_row = {"model": name, "runtime": "llama.cpp", "quant": "gguf"}
+                llama_row["tokens_per_s"] = round(statistics.median(rates), 2)
+                llama_row["pass_ms"] = loop.curve()
+                loop.close()
+            rows.append(llama_row)
+            print(json.dumps(llama_row), flush=True)
     if out_path:
         out_path.write_text(json.dumps({"machine": info, "new_tokens": n, "rows": rows}, indent=1))
     return rows
@@ -266,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds over the prompts when specdec's gguf and llama.cpp alternate (default 3)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     from specdec.bench.runners import llama_cpp_available
@@ -281,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_hf,
         llama,
         args.out,
+        args.rounds,
     )
     return 0
 
