@@ -205,6 +205,6 @@ def test_auto_depends_on_the_weights():
     from specdec.spec.registry import resolve_auto
 
     assert resolve_auto("qwen2.5-coder-1.5b", "none")[0] == "draft"
-    assert resolve_auto("qwen2.5-coder-1.5b", "gguf") == ("recycle", {})
-    assert resolve_auto("qwen2.5-coder-1.5b", "int4") == ("recycle", {})
+    assert resolve_auto("qwen2.5-coder-1.5b", "gguf") == ("pld", {})
+    assert resolve_auto("qwen2.5-coder-1.5b", "int4") == ("pld", {})
     assert resolve_auto("some-other-model", "gguf") == ("ar", {})
