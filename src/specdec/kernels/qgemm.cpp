@@ -193,7 +193,9 @@ void tile_portable(const QWeight& w, int64_t t, const Act& a, int64_t r0, int64_
 
 // ---------------------------------------------------------------- AVX-512 VNNI path
 // How far ahead of the codes being unpacked to ask for them (bytes); 4-bit streams.
-constexpr int64_t PREFETCH_BYTES = 1024;
+// 4096 rather than 1024: passes over 8-16 tokens 3-5 % faster on the 1.5B, no change at
+// 1-4 (interleaved A/B, two runs).
+constexpr int64_t PREFETCH_BYTES = 4096;
 
 #define SPECDEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 
