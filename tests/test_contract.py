@@ -96,6 +96,7 @@ def make_pld(target_model, rng: random.Random):
         max_ngram=lo + rng.randint(0, 2),
         branches=rng.randint(1, 4),
         max_nodes=rng.randint(1, 20),
+        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]),
     )
 
 
@@ -121,6 +122,7 @@ def make_ngram_cache(target_model, rng: random.Random):
         min_count=rng.randint(1, 2),
         min_share=rng.choice([0.0, 0.3, 0.9]),
         max_entries=rng.choice([5, 10_000]),
+        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]),
     )
 
 
