@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.new_tokens < 1:
+        ap.error("--rounds and --new-tokens must be at least 1")
     from specdec.bench.runners import llama_cpp_available
 
     llama = not args.no_llama_cpp and llama_cpp_available() is None

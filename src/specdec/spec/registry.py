@@ -177,21 +177,25 @@ def _build_cross_vocab(ctx: Any, opts: dict[str, Any]) -> Drafter:
     )
 
 
+def _sized_by_cost(ctx: Any, opts: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``opts`` without ``size_by_cost``, and the target's pass-cost curve if that option
+    asks for it (and the context can measure one), else None."""
+    opts = dict(opts)
+    by_cost = opts.pop("size_by_cost")
+    return opts, ctx.pass_cost() if by_cost and hasattr(ctx, "pass_cost") else None
+
+
 def _build_pld(ctx: Any, opts: dict[str, Any]) -> Drafter:
     from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
 
-    opts = dict(opts)
-    by_cost = opts.pop("size_by_cost")
-    cost = ctx.pass_cost() if by_cost and hasattr(ctx, "pass_cost") else None
+    opts, cost = _sized_by_cost(ctx, opts)
     return PromptLookupDrafter(pass_cost=cost, **opts)
 
 
 def _build_ngram_cache(ctx: Any, opts: dict[str, Any]) -> Drafter:
     from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
 
-    opts = dict(opts)
-    by_cost = opts.pop("size_by_cost")
-    cost = ctx.pass_cost() if by_cost and hasattr(ctx, "pass_cost") else None
+    opts, cost = _sized_by_cost(ctx, opts)
     return NgramCacheDrafter(pass_cost=cost, **opts)
 
 
@@ -204,16 +208,14 @@ def _build_lookahead(ctx: Any, opts: dict[str, Any]) -> Drafter:
 def _build_stand(ctx: Any, opts: dict[str, Any]) -> Drafter:
     from specdec.spec.drafters.stand import StandDrafter
 
-    opts = dict(opts)
-    by_cost = opts.pop("size_by_cost")
-    cost = ctx.pass_cost() if by_cost and hasattr(ctx, "pass_cost") else None
+    opts, cost = _sized_by_cost(ctx, opts)
     return StandDrafter(ctx.vocab_size, pass_cost=cost, **opts)
 
 
 def _build_recycle(ctx: Any, opts: dict[str, Any]) -> Drafter:
     from specdec.spec.drafters.token_recycling import TokenRecyclingDrafter
 
-    cost = ctx.pass_cost() if opts["size_by_cost"] and hasattr(ctx, "pass_cost") else None
+    opts, cost = _sized_by_cost(ctx, opts)
     return TokenRecyclingDrafter(
         ctx.vocab_size,
         top_k=opts["top_k"],
@@ -229,10 +231,8 @@ def _build_rest(ctx: Any, opts: dict[str, Any]) -> Drafter:
     from specdec.spec.datastore import open_datastore
     from specdec.spec.drafters.retrieval import RetrievalDrafter
 
-    opts = dict(opts)
+    opts, cost = _sized_by_cost(ctx, opts)
     store = open_datastore(opts.pop("datastore"), ctx.tokenizer, getattr(ctx, "progress", False))
-    by_cost = opts.pop("size_by_cost")
-    cost = ctx.pass_cost() if by_cost and hasattr(ctx, "pass_cost") else None
     return RetrievalDrafter(store, pass_cost=cost, **opts)
 
 

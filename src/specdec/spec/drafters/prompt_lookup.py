@@ -82,9 +82,10 @@ class PromptLookupDrafter(Drafter):
         for n in self.ngrams:
             if len(tokens) < n:
                 continue
-            if not longest and self.index[n].get(tuple(tokens[-n:])):
+            ends = self.index[n].get(tuple(tokens[-n:]), ())
+            if ends and not longest:
                 longest = n
-            for end in reversed(self.index[n].get(tuple(tokens[-n:]), ())):
+            for end in reversed(ends):
                 if end in used:
                     continue
                 used.add(end)
