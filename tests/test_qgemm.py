@@ -91,6 +91,33 @@ def test_kernel_matches_reference(kind, m):
     assert np.abs(y - dense).max() < 0.02 * np.abs(dense).max()
 
 
+OFFSETS = {"Q4_K": 0, "Q4_1": 0, "Q6_K": 32, "Q4_0": 8, "Q5_0": 16, "Q8_0": 128}
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK))
+def test_offset_formats_take_the_offset_off_in_integers(kind):
+    """Where the offset is a fixed multiple of the scale the kernel starts each group's
+    integer sum at -offset * (sum of the activation codes) instead of subtracting a float
+    product: the same values to float32 rounding as the general path."""
+    n, k = 40, 512
+    parts = packing.split_gguf(random_blocks(kind, n, k, seed=5), kind, n, k)
+    w = packing.pack(parts, kind)
+    assert w.offset == OFFSETS[kind]
+    general = packing.pack(parts, kind)
+    general.__dict__["offset"] = 0  # the dm * m path, which every format can take
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(1)) * 3
+    y, y0 = qgemm(x, w).numpy(), qgemm(x, general).numpy()
+    np.testing.assert_allclose(y, y0, atol=2e-5 * np.abs(y0).max(), rtol=0)
+    if OFFSETS[kind]:
+        assert not np.array_equal(y, y0)  # the other path really ran
+
+
+def test_float_scheme_offsets():
+    w = torch.randn(20, 64)
+    assert packing.pack(packing.quantise_float(w, "int8"), "int8").offset == 128
+    assert packing.pack(packing.quantise_float(w, "int4"), "int4").offset == 0
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_float_schemes_bound_their_error(scheme):
     w = torch.randn(70, 96, generator=torch.Generator().manual_seed(3))

@@ -15,6 +15,7 @@ struct QWeight {
     int32_t bits;        // 4, 6 or 8
     int32_t group;       // G: 16 or 32
     int32_t sb_groups;   // S
+    int32_t offset;      // > 0: dm = offset * d and m = sc, so w = d*sc*(u - offset)
 };
 
 int specdec_qgemm_multi(const float* x, int64_t M, int64_t ldx, const QWeight* ws, int nparts,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class _QWeight(ctypes.Structure):
         ("bits", ctypes.c_int32),
         ("group", ctypes.c_int32),
         ("sb_groups", ctypes.c_int32),
+        ("offset", ctypes.c_int32),
     ]
 
 
@@ -53,6 +55,16 @@ class PackedWeight:
     group: int
     sb_groups: int
     kind: str  # where it came from: a GGUF type name or our own scheme
+
+    @functools.cached_property
+    def offset(self) -> int:
+        """``o`` where the offset is ``o`` times the scale (``dm = o * d`` exactly, ``m = sc``):
+        Q6_K (32), Q4_0 (8), Q5_0 (16), Q8_0 and our int8 (128). The kernel then takes the
+        offset off in integers, which is cheaper. 0 for real minima (Q4_K, Q4_1, int4)."""
+        if self.m is not None:
+            return 0
+        d, dm = self.d.float(), self.dm.float()
+        return next((o for o in (8, 16, 32, 128) if torch.equal(dm, d * o)), 0)
 
     @property
     def nbytes(self) -> int:
@@ -105,6 +117,7 @@ class PackedWeight:
             self.bits,
             self.group,
             self.sb_groups,
+            self.offset,
         )
 
 
