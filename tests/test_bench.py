@@ -40,6 +40,8 @@ ROW_KEYS = {
     "tokens_per_s",
     "ar_wall_s",
     "speedup",
+    "prefill_s",
+    "ar_prefill_s",
     "identical",
     "first_diff",
     "finish_reason",
@@ -60,6 +62,7 @@ STAT_KEYS = {
     "compared",
     "identical_share",
     "predicted_speedup",
+    "decode_speedup_sum",
 }
 QUESTIONS = [
     {"question_id": 1, "category": "chat", "turns": ["hello there", "and then?"]},
@@ -136,8 +139,11 @@ def test_results_rows(main_run):
             assert r["predicted_speedup"] == pytest.approx(
                 r["ar_predicted_ms"] / r["predicted_ms"], rel=1e-3
             )
+        if r["method"].startswith(("ar", "draft")):  # specdec methods time their prefill
+            assert 0 < r["prefill_s"] < r["wall_s"] and 0 < r["ar_prefill_s"] < r["ar_wall_s"]
         if r["method"].startswith("hf-"):
             assert r["drafted"] is None and r["predicted_speedup"] is None
+            assert r["prefill_s"] is None
     # the second turn ran with ar's first answer in the history: longer prompt than turn 1 alone
     ar1 = next(r for r in rows if r["method"] == "ar" and r["question_id"] == 1)
     assert ar1["prompt_tokens"] > 2 * len("hello there")
@@ -176,6 +182,13 @@ def test_summary(main_run, env):
         mine = [r for r in rows if r["method"] == m]
         total = sum(r["ar_wall_s"] for r in mine) / sum(r["wall_s"] for r in mine)
         assert res["overall"]["speedup_sum"] == pytest.approx(total, rel=1e-3)
+        if m.startswith(("ar", "draft")):  # the same ratio with each run's prefill taken off
+            after = sum(r["ar_wall_s"] - r["ar_prefill_s"] for r in mine) / sum(
+                r["wall_s"] - r["prefill_s"] for r in mine
+            )
+            assert res["overall"]["decode_speedup_sum"] == pytest.approx(after, rel=1e-3)
+        else:
+            assert res["overall"]["decode_speedup_sum"] is None
     assert s["results"]["ar"]["overall"]["speedup_sum"] == 1.0
     assert s["results"]["ar"]["overall"]["identical"] is None
     assert s["results"]["draft"]["overall"]["compared"] == 4
@@ -202,6 +215,7 @@ def test_report_and_plots(main_run):
         "### τ",
         "### Tokens/s",
         "### Identical to ar",
+        "### Speedup over ar after the prompt",
     ):
         assert heading in md
     assert s["command"] in md

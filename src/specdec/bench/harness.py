@@ -12,7 +12,9 @@ How it measures (docs: DESIGN "Measuring speed"):
 - methods are interleaved prompt by prompt (`ar` first, then each method on the same
   turn), so that machine drift hits all of them alike;
 - speedup over `ar` both as the ratio of summed times and as the median of per-prompt
-  ratios; τ = tokens committed per target pass (the prefill counts as a pass);
+  ratios, and the ratio of summed times after the prompt (each run's own prefill taken
+  off: the part speculation can shorten; specdec methods, which time their prefill);
+  τ = tokens committed per target pass (the prefill counts as a pass);
 - every greedy output is compared token for token with `ar`'s; where they differ, the
   first differing position and the target's top-2 logit margin there are recorded.
 
@@ -437,6 +439,10 @@ def _row(
         return None if any(v is None for v in vals) else sum(vals)
 
     ar_wall = sum(o.wall_s for o in ar_outs) if ar_outs else None
+    prefill = total("prefill_s")
+    ar_prefill = None
+    if ar_outs and all(o.prefill_s is not None for o in ar_outs):
+        ar_prefill = sum(o.prefill_s for o in ar_outs)
     first = next(({"turn": t, **d} for t, d in enumerate(diffs) if d), None)
     predicted = predicted_ms(outs, cost)
     return {
@@ -455,6 +461,10 @@ def _row(
         "tokens_per_s": round(new / wall, 6) if wall > 0 else None,
         "ar_wall_s": round(ar_wall, 6) if ar_wall is not None else None,
         "speedup": round(ar_wall / wall, 6) if ar_wall is not None and wall > 0 else None,
+        # the prompt's pass is the same work for every method: the time after it is what
+        # speculation can shorten (None where a runner does not time its prefill)
+        "prefill_s": round(prefill, 6) if prefill is not None else None,
+        "ar_prefill_s": round(ar_prefill, 6) if ar_prefill is not None else None,
         "predicted_ms": round(predicted[0], 3) if predicted else None,
         "ar_predicted_ms": round(predicted[1], 3) if predicted else None,
         "predicted_speedup": round(predicted[1] / predicted[0], 6)
