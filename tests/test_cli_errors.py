@@ -283,5 +283,7 @@ def test_profile_reports_the_step_against_the_machine(capsys, files):
     assert {"1", "2", "4", "8", "16"} <= set(p["pass_ms"])
     if p["quant"] != "none":  # the tiny Q8_0 file runs in the kernel where it can
         assert p["roofline_ms"]["1"] == p["floor_ms"] and p["int8_peak_gmacs"] > 0
+        # Q8_0 takes the integer-offset path: 2 float multiply-adds per 8 vpdpbusd
+        assert 0 < p["int8_mix_gmacs"] and set(p["over_mix_roofline"]) == set(p["pass_ms"])
     rc, out, err = run_cli(capsys, "profile", "--model", str(files["gguf"]), "--quiet")
     assert rc == 0 and "pass over k tokens" in out and "floor" in out

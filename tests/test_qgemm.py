@@ -229,3 +229,18 @@ def test_read_bandwidth_probe_streams_a_buffer():
     from specdec.kernels import native
 
     assert native.read_bandwidth_gbs(1 / 64, repeats=2) > 0.5  # 16 MiB, a few ms
+
+
+def test_vnni_peak_with_float_work():
+    """The micro-benchmark behind `specdec profile`'s two rooflines: the pure vpdpbusd rate
+    and the rate with 1-4 float multiply-adds beside every 8; 0 for a count it has no
+    loop for (and everywhere the VNNI path cannot run)."""
+    from specdec.kernels import native
+
+    rates = [native.vnni_peak_gmacs(iters=200_000, float_ops_per_8=f) for f in range(5)]
+    if path() != "avx512-vnni":
+        assert rates == [0.0] * 5
+        return
+    assert all(r > 0 for r in rates)
+    assert native.vnni_peak_gmacs(iters=1000, float_ops_per_8=5) == 0.0
+    assert native.vnni_peak_gmacs(iters=1000, float_ops_per_8=-1) == 0.0

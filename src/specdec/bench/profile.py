@@ -6,7 +6,10 @@ and the cost of one pass over k = 1 ... 64 tokens on 256 cached tokens: the same
 curve the engine sizes its draft trees by. For quantised models it adds the roofline
 of each pass, max(bytes / bandwidth, k x multiply-adds / peak int8 rate), with the
 peak measured by the kernel library's vpdpbusd micro-benchmark; the roofline leaves
-out the cost of unpacking weights, so it is a bound no kernel reaches.
+out the cost of unpacking weights, so it is a bound no kernel reaches. Beside it, the
+same bound at the rate that micro-benchmark reaches with the kernel's own float work
+mixed in (per 32 inputs of a row: 8 vpdpbusd and 2-4 float multiply-adds that take the
+same pipes, by weight format): what the kernel's instruction mix allows.
 """
 
 from __future__ import annotations
@@ -23,6 +26,31 @@ def macs_per_token(model: torch.nn.Module) -> int:
 
     linears = (QuantLinear, PackedLinear, torch.nn.Linear)
     return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, linears))
+
+
+def float_ops_per_8(w: Any) -> int:
+    """Float multiply-adds the kernel runs beside every 8 vpdpbusd for packed weight ``w``:
+    per group, scale x activation scale and the sum, plus the offset where it is a real
+    minimum (Q4_K, Q4_1, int4); 16-value groups (Q6_K) do it twice per 32 inputs."""
+    return (2 + (0 if w.offset else 1)) * (32 // w.group)
+
+
+def mix_peak_gmacs(model: torch.nn.Module) -> float:
+    """The int8 multiply-add rate the kernel's instruction mix allows on this model: each
+    quantised matrix's multiply-adds at the measured rate for its float work."""
+    from specdec.kernels.native import vnni_peak_gmacs
+    from specdec.models.quant_linear import QuantLinear
+
+    macs: dict[int, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            for w in m.kernel.parts:
+                f = min(float_ops_per_8(w), 4)
+                macs[f] = macs.get(f, 0) + w.n * w.k
+    rates = {f: vnni_peak_gmacs(float_ops_per_8=f) for f in macs}
+    if not macs or min(rates.values()) <= 0:
+        return 0.0
+    return sum(macs.values()) / sum(n / rates[f] for f, n in macs.items())
 
 
 def linears_ms(model: torch.nn.Module, rows: int = 1, repeats: int = 5) -> float:
@@ -70,8 +98,10 @@ def profile(gen: Any, refresh: bool = False) -> dict[str, Any]:
         "other_ms": None,
         "macs_per_token": None,
         "int8_peak_gmacs": None,
+        "int8_mix_gmacs": None,
         "roofline_ms": None,
         "over_roofline": None,
+        "over_mix_roofline": None,
     }
     if loaded is None:
         return out
@@ -83,13 +113,20 @@ def profile(gen: Any, refresh: bool = False) -> dict[str, Any]:
 
         macs = macs_per_token(loaded.model)
         peak = vnni_peak_gmacs()
+        mix = mix_peak_gmacs(loaded.model)
         lin = linears_ms(loaded.model)
         out.update(kernel=path(), macs_per_token=macs, int8_peak_gmacs=round(peak, 1))
+        out.update(int8_mix_gmacs=round(mix, 1) if mix > 0 else None)
         out.update(linears_ms=round(lin, 3), other_ms=round(step - lin, 3))
         if peak > 0:
             roof = {k: max(floor, k * macs / (peak * 1e9) * 1e3) for k in curve.ms}
             out["roofline_ms"] = {k: round(v, 3) for k, v in roof.items()}
             out["over_roofline"] = {k: round(curve.ms[k] / v, 3) for k, v in roof.items()}
+        if mix > 0:
+            out["over_mix_roofline"] = {
+                k: round(ms / max(floor, k * macs / (mix * 1e9) * 1e3), 3)
+                for k, ms in curve.ms.items()
+            }
     return out
 
 
@@ -119,14 +156,23 @@ def render(p: dict[str, Any]) -> str:
             f"int8 peak            {p['int8_peak_gmacs']:.0f} G multiply-adds/s; "
             f"{p['macs_per_token'] / 1e9:.2f} G per token"
         )
+    if p.get("int8_mix_gmacs"):
+        lines.append(
+            f"  with the kernel's float work {p['int8_mix_gmacs']:.0f} G/s "
+            f"({p['int8_mix_gmacs'] / p['int8_peak_gmacs']:.0%} of the peak; the x mix column)"
+        )
     lines.append("pass over k tokens (256 cached):")
     head = "    k        ms   x k=1"
     if p["roofline_ms"]:
         head += "  roofline ms  x roofline"
+    if p.get("over_mix_roofline"):
+        head += "  x mix"
     lines.append(head)
     for k, ms in p["pass_ms"].items():
         row = f"  {k:>3}  {ms:8.1f}  {p['pass_relative'][k]:6.2f}"
         if p["roofline_ms"]:
             row += f"  {p['roofline_ms'][k]:11.1f}  {p['over_roofline'][k]:9.2f}"
+        if p.get("over_mix_roofline"):
+            row += f"  {p['over_mix_roofline'][k]:5.2f}"
         lines.append(row)
     return "\n".join(lines)

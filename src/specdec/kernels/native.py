@@ -168,7 +168,7 @@ def _library() -> ctypes.CDLL:
                     ctypes.c_int,  # threads
                 ]
                 lib.specdec_vnni_peak.restype = ctypes.c_double
-                lib.specdec_vnni_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
+                lib.specdec_vnni_peak.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
                 lib.specdec_read_gbs.restype = ctypes.c_double
                 lib.specdec_read_gbs.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
                 lib.specdec_attend.restype = ctypes.c_int
@@ -268,10 +268,14 @@ class LinearKernel:
         return out
 
 
-def vnni_peak_gmacs(threads: int | None = None, iters: int = 2_000_000) -> float:
-    """Measured peak of int8 multiply-adds (vpdpbusd) on ``threads`` cores, in G/s;
-    0 where the VNNI path cannot run. About 0.1 s."""
-    return _library().specdec_vnni_peak(iters, threads or torch.get_num_threads())
+def vnni_peak_gmacs(
+    threads: int | None = None, iters: int = 3_000_000, float_ops_per_8: int = 0
+) -> float:
+    """Measured peak of int8 multiply-adds (vpdpbusd) on ``threads`` cores, in G/s, with
+    ``float_ops_per_8`` (0-4) float multiply-adds beside every 8 (the kernel's per-group
+    work: 3 for Q4_K, 2 for the offset formats, 4 for Q6_K's 16-value groups); 0 where the
+    VNNI path cannot run. About 0.1 s."""
+    return _library().specdec_vnni_peak(iters, threads or torch.get_num_threads(), float_ops_per_8)
 
 
 def read_bandwidth_gbs(gib: float = 1.0, threads: int | None = None, repeats: int = 5) -> float:
