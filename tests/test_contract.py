@@ -8,12 +8,13 @@ EOS inside drafts). A method cannot be registered without an entry here.
 import random
 
 import pytest
+import torch
 from random_models import CharTokenizer, perturbed_copy, random_transformer
 
 from specdec.engine import Engine, Generation
 from specdec.errors import InvalidRequestError
 from specdec.models.pass_cost import PassCost
-from specdec.models.target import NativeTarget
+from specdec.models.target import NativeTarget, VocabSubset
 from specdec.spec.drafters.base import NoDrafter
 from specdec.spec.drafters.draft_model import DraftModelDrafter
 from specdec.spec.drafters.lookahead import LookaheadDrafter
@@ -54,8 +55,12 @@ def make_draft(target_model, rng: random.Random, shape: str | None = None):
             max_nodes=rng.randint(1, 24),
         )
         extra["width"], extra["max_depth"] = rng.randint(1, 4), rng.randint(1, 6)
+    draft_target = NativeTarget(draft, capacity=4)
+    if rng.random() < 0.3:  # draft_vocab: logits over a subset of the vocabulary only
+        vocab = target_model.config.vocab_size
+        draft_target = VocabSubset(draft_target, torch.tensor(rng.sample(range(vocab), vocab // 3)))
     return DraftModelDrafter(
-        NativeTarget(draft, capacity=4),
+        draft_target,
         target_model.config.vocab_size,
         num_draft_tokens=rng.randint(1, 6),
         **extra,
@@ -267,6 +272,23 @@ def test_draft_with_identical_model_accepts_everything():
     assert res.stats.target_passes == 1 + 4
     assert res.stats.accepted == res.stats.drafted == 16
     assert res.stats.tau == pytest.approx(21 / 5)
+
+
+def test_draft_over_a_vocabulary_subset():
+    """``draft_vocab``: the draft's head over some token ids only; it proposes none of the
+    others, its logits there are -inf, and the output is the target's."""
+    model = random_transformer("qwen2", seed=5, vocab=48)
+    tok = CharTokenizer(vocab=1000)  # no EOS
+    rows = torch.arange(0, 48, 2)
+    draft = VocabSubset(NativeTarget(perturbed_copy(model, 0.0)), rows)
+    logits = draft.forward([1, 2, 3])
+    assert logits.shape == (3, 48) and torch.isinf(logits[:, 1::2]).all()
+    assert torch.equal(logits[:, rows], NativeTarget(model).forward([1, 2, 3])[:, rows])
+    drafter = DraftModelDrafter(draft, 48, num_draft_tokens=4)
+    res = run(model, drafter, [1, 2, 3], 30, tok)
+    assert res.token_ids == run(model, NoDrafter(), [1, 2, 3], 30, tok).token_ids
+    odd = sum(t % 2 for t in res.token_ids)  # the target's odd tokens are never drafted
+    assert res.stats.accepted <= len(res.token_ids) - odd
 
 
 def test_adaptive_length_and_confidence_policy():

@@ -15,7 +15,7 @@ import torch
 from random_models import CharTokenizer, full_logits, perturbed_copy, random_transformer
 
 from specdec.engine import Engine, Generation
-from specdec.models.target import NativeTarget
+from specdec.models.target import NativeTarget, VocabSubset
 from specdec.spec.drafters.base import NoDrafter
 from specdec.spec.drafters.draft_model import DraftModelDrafter
 from specdec.spec.drafters.lookahead import LookaheadDrafter
@@ -119,6 +119,13 @@ CASES = {
             [PromptLookupDrafter(3, branches=2), TokenRecyclingDrafter(V, top_k=2, max_nodes=4)]
         )
     ),
+    # the draft's logits over a subset of the vocabulary (``draft_vocab``): it never proposes
+    # tokens 1, 4 or 5, and its q is zero there
+    "draft-k3-vocab-subset": lambda m: (
+        lambda: DraftModelDrafter(
+            VocabSubset(NativeTarget(perturbed_copy(m, 0.3)), torch.tensor([0, 2, 3])), V, 3
+        )
+    ),
     "draft-k3-unrelated": lambda m: (
         lambda: DraftModelDrafter(
             NativeTarget(random_transformer("llama", seed=9, vocab=V, layers=1)), V, 3
@@ -173,6 +180,7 @@ MULTI_DRAFT_RUNS = 4_000  # fewer runs than above, to keep the suite short
         ("lookahead", T1),
         ("stand", T1),
         ("stand", SHAPED),
+        ("draft-k3-vocab-subset", SHAPED),
     ],
     ids=[
         "spectr-2,2-t1",
@@ -183,10 +191,12 @@ MULTI_DRAFT_RUNS = 4_000  # fewer runs than above, to keep the suite short
         "lookahead-2,3,2-t1",
         "stand-t1",
         "stand-t1.2-k4-p0.95",
+        "draft-vocab-subset-t1.2-k4-p0.95",
     ],
 )
 def test_engine_multi_draft_sampling_matches_target_distribution(case, params):
-    """SpecTr, Recursive Speculative Decoding and the model-free trees through the engine:
+    """SpecTr, Recursive Speculative Decoding, the model-free trees and a draft over a
+    vocabulary subset through the engine:
     4,000 seeded runs,
     chi-square p > 0.001 against the enumerated target distribution."""
     torch.manual_seed(0)

@@ -132,6 +132,8 @@ def _build_draft(ctx: Any, opts: dict[str, Any]) -> Drafter:
             "exactly by recursive rejection sampling (verifier=specinfer)"
         )
     draft = ctx.load_draft(opts["draft_model"])
+    if opts["draft_vocab"]:
+        draft = _vocab_subset(ctx, draft, opts["draft_vocab"])
     kind = AdaptiveLength if opts["adaptive"] else FixedLength
     policy = kind(opts["num_draft_tokens"], confidence=opts["confidence"])
     branching, budget = None, None
@@ -158,6 +160,19 @@ def _build_draft(ctx: Any, opts: dict[str, Any]) -> Drafter:
         sibling_sampling=siblings.replace("-", "_"),
         verify=verifier,
     )
+
+
+def _vocab_subset(ctx: Any, draft: Any, n: int) -> Any:
+    """``draft`` computing logits over token ids below ``n`` and the end tokens only."""
+    import torch
+
+    from specdec.models.target import NativeTarget, VocabSubset
+
+    if not isinstance(draft, NativeTarget):
+        raise InvalidRequestError("draft_vocab needs a draft on the native backend")
+    vocab = draft.config.vocab_size
+    ends = [t for t in ctx.tokenizer.eos_token_ids if t < vocab]
+    return VocabSubset(draft, torch.cat([torch.arange(min(n, vocab)), torch.tensor(ends)]))
 
 
 def _build_cross_vocab(ctx: Any, opts: dict[str, Any]) -> Drafter:
@@ -297,6 +312,14 @@ METHODS: dict[str, Method] = {
                     0.0,
                     "stop drafting when the drafter's top probability falls below this",
                     minimum=0.0,
+                ),
+                "draft_vocab": Option(
+                    int,
+                    0,
+                    "the draft's logits over the N lowest token ids only (and the end tokens): "
+                    "its LM head at N/vocabulary of the cost; byte-level BPE numbers tokens in "
+                    "merge order, roughly most frequent first. 0: the whole vocabulary",
+                    minimum=0,
                 ),
             },
         ),
