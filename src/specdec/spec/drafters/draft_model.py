@@ -8,6 +8,14 @@ not seen yet in one pass. Under sampling each drafted token is drawn from the
 drafter's distribution shaped by the same temperature / top-k / top-p as the
 target's, and that distribution travels with the node for the verifier.
 How many tokens to draft is the policy's call (`specdec.spec.policies`).
+
+With the ``draft_vocab`` option the draft computes its logits over part of the
+vocabulary only (`specdec.models.target.VocabSubset`: the LM head restricted to
+those rows, -inf elsewhere), as FR-Spec (Zhao et al. 2025) does for drafts whose
+head is a large share of their cost. Deviation from FR-Spec, which ranks tokens by
+their frequency in a corpus: here the subset is the lowest token ids (byte-level
+BPE numbers tokens in merge order, roughly most frequent first) and the end
+tokens, since no corpus statistics ship with the models.
 """
 
 from __future__ import annotations
