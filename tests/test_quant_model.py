@@ -146,6 +146,24 @@ def test_a_pass_over_k_tokens_equals_k_one_token_passes_bit_for_bit():
     assert torch.equal(together, alone)
 
 
+def test_a_long_prefill_in_chunks_equals_one_pass_bit_for_bit(monkeypatch):
+    """Prompts longer than PREFILL_CHUNK run through the native layers chunk by chunk (faster
+    for long prompts); the logits and the cache they leave are those of one pass."""
+    from specdec.models import transformer
+
+    model = quantised_model(13, "int8", torch.float32)
+    tokens = torch.randint(0, 48, (37,), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for chunk in (10_000, 8, 5, 1):  # one pass; chunks with a remainder; one token each
+        monkeypatch.setattr(transformer, "PREFILL_CHUNK", chunk)
+        cache = model.new_cache(capacity=64)
+        model(tokens[:4], torch.arange(4), cache)  # a cache that already holds tokens
+        logits = model(tokens[4:], torch.arange(4, 37), cache, logits_rows=slice(None))
+        runs.append((logits, cache.k[1][:, :37].clone(), cache.v[1][:, :37].clone()))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other, strict=True))
+
+
 def test_native_layers_agree_with_the_torch_path():
     model = quantised_model(12, "int8", torch.float32)
     tokens = torch.randint(0, 48, (20,), generator=torch.Generator().manual_seed(0))

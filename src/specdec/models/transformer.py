@@ -118,6 +118,13 @@ class Attention(nn.Module):
 # native kernel in float32: torch's CPU SDPA costs ~100 us a call for one query on two
 # cores (1.5B, 300 cached tokens), mostly fixed overhead; the kernel ~10 us.
 SMALL_PASS = 16
+# A long causal pass through the native layers (a prompt's prefill) runs in chunks of this
+# many tokens, each over the cache the earlier ones wrote. Every row's arithmetic is the
+# same either way (rows are independent in the kernels; attention sums a row's visible
+# keys by rank), so the results are bit for bit those of one pass; but the chunks' int8
+# activations stay in cache: measured on the 1.5B Q4_K_M, 700 tokens took 5.42 s in one
+# pass, 4.89 s in chunks of 256, 4.01 s of 128, 4.23 s of 64.
+PREFILL_CHUNK = 128
 _NATIVE: list[bool] = []
 
 
@@ -224,9 +231,18 @@ class Transformer(nn.Module):
         order = range(len(self.layers)) if layers is None else layers
         if self.native_layers is not None and h.dtype == torch.float32:
             h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
-            mask = None if mask is None else mask.contiguous()
-            for i in order:
-                self.native_layers[i](h, cos, sin, cache.k[i], cache.v[i], start, mask)
+            if attn_mask is None and n > PREFILL_CHUNK:  # causal: in chunks (see above)
+                parts = [(s, min(n, s + PREFILL_CHUNK)) for s in range(0, n, PREFILL_CHUNK)]
+            else:
+                parts = [(0, n)]
+            for s, e in parts:
+                part = (
+                    mask if len(parts) == 1 else _attention_mask(None, start + s, e - s, h.device)
+                )
+                part = None if part is None else part.contiguous()
+                hs, cs, ss = h[s:e], cos[s:e], sin[s:e]  # row slices: contiguous views
+                for i in order:
+                    self.native_layers[i](hs, cs, ss, cache.k[i], cache.v[i], start + s, part)
         else:
             for i in order:
                 block = self.layers[i]
