@@ -281,6 +281,7 @@ def test_profile_reports_the_step_against_the_machine(capsys, files):
     assert p["bandwidth_gbs"] > 0 and p["weight_bytes_per_step"] > 0 and p["floor_ms"] > 0
     assert p["step_ms"] == p["pass_ms"]["1"] > 0
     assert {"1", "2", "4", "8", "16"} <= set(p["pass_ms"])
+    assert 0 < p["prefill_tokens"] <= 512 and p["prefill_ms"] > 0
     if p["quant"] != "none":  # the tiny Q8_0 file runs in the kernel where it can
         assert p["roofline_ms"]["1"] == p["floor_ms"] and p["int8_peak_gmacs"] > 0
         # Q8_0 takes the integer-offset path: 2 float multiply-adds per 8 vpdpbusd

@@ -3,8 +3,9 @@
 Reports the memory bandwidth (measured once per machine and cached), the weight bytes
 one decode step reads and the floor they imply (bytes / bandwidth), the measured step,
 and the cost of one pass over k = 1 ... 64 tokens on 256 cached tokens: the same cached
-curve the engine sizes its draft trees by. For quantised models it adds the roofline
-of each pass, max(bytes / bandwidth, k x multiply-adds / peak int8 rate), with the
+curve the engine sizes its draft trees by; and a prompt's prefill over 512 tokens. For
+quantised models it adds the roofline of each pass, max(bytes / bandwidth, k x
+multiply-adds / peak int8 rate), with the
 peak measured by the kernel library's vpdpbusd micro-benchmark; the roofline leaves
 out the cost of unpacking weights, so it is a bound no kernel reaches. Beside it, the
 same bound at the rate that micro-benchmark reaches with the kernel's own float work
@@ -72,6 +73,27 @@ def linears_ms(model: torch.nn.Module, rows: int = 1, repeats: int = 5) -> float
     return best * 1e3
 
 
+PREFILL_TOKENS = 512
+
+
+def prefill_ms(model: torch.nn.Module, n: int = PREFILL_TOKENS, repeats: int = 2) -> float:
+    """Milliseconds of a prompt's pass over ``n`` random tokens on an empty cache, logits for
+    the last row only (what a request's prefill does); the best of ``repeats``."""
+    import time
+
+    n = min(n, model.config.max_position_embeddings)
+    tokens = torch.randint(
+        0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)
+    )
+    best = float("inf")
+    for _ in range(repeats):
+        cache = model.new_cache(capacity=n)
+        t = time.perf_counter()
+        model(tokens, torch.arange(n), cache, logits_rows=slice(-1, None))
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
 def profile(gen: Any, refresh: bool = False) -> dict[str, Any]:
     """The profile of a loaded `specdec.api.Generator` (see the module docstring)."""
     from specdec.bench.machine import machine_info
@@ -93,6 +115,8 @@ def profile(gen: Any, refresh: bool = False) -> dict[str, Any]:
         "floor_ms": None,
         "step_ms": round(step, 3),
         "pass_ms": {k: round(v, 3) for k, v in curve.ms.items()},
+        "prefill_tokens": None,
+        "prefill_ms": None,
         "pass_relative": {k: round(v, 3) for k, v in curve.relative().items()},
         "linears_ms": None,
         "other_ms": None,
@@ -107,6 +131,8 @@ def profile(gen: Any, refresh: bool = False) -> dict[str, Any]:
         return out
     nbytes = loaded.weight_bytes
     floor = nbytes / (bandwidth * 1e9) * 1e3
+    n = min(PREFILL_TOKENS, loaded.model.config.max_position_embeddings)
+    out.update(prefill_tokens=n, prefill_ms=round(prefill_ms(loaded.model, n), 3))
     out.update(weight_bytes_per_step=nbytes, floor_ms=round(floor, 3))
     if loaded.quant != "none":
         from specdec.kernels.native import path, vnni_peak_gmacs
@@ -146,6 +172,11 @@ def render(p: dict[str, Any]) -> str:
     if p["floor_ms"]:
         step += f" ({p['step_ms'] / p['floor_ms']:.2f}x the floor)"
     lines.append(step)
+    if p.get("prefill_ms"):
+        lines.append(
+            f"prefill              {p['prefill_tokens']} tokens in {p['prefill_ms']:.0f} ms "
+            f"({p['prefill_tokens'] / p['prefill_ms'] * 1e3:.0f} tokens/s)"
+        )
     if p["linears_ms"] is not None:
         lines.append(
             f"  of which matmuls   {p['linears_ms']:.1f} ms alone; the rest (norms, RoPE, "
