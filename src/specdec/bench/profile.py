@@ -172,15 +172,15 @@ def render(p: dict[str, Any]) -> str:
     if p["floor_ms"]:
         step += f" ({p['step_ms'] / p['floor_ms']:.2f}x the floor)"
     lines.append(step)
-    if p.get("prefill_ms"):
-        lines.append(
-            f"prefill              {p['prefill_tokens']} tokens in {p['prefill_ms']:.0f} ms "
-            f"({p['prefill_tokens'] / p['prefill_ms'] * 1e3:.0f} tokens/s)"
-        )
     if p["linears_ms"] is not None:
         lines.append(
             f"  of which matmuls   {p['linears_ms']:.1f} ms alone; the rest (norms, RoPE, "
             f"attention, glue) ~{p['other_ms']:.1f} ms"
+        )
+    if p.get("prefill_ms"):
+        lines.append(
+            f"prefill              {p['prefill_tokens']} tokens in {p['prefill_ms']:.0f} ms "
+            f"({p['prefill_tokens'] / p['prefill_ms'] * 1e3:.0f} tokens/s)"
         )
     if p["int8_peak_gmacs"]:
         lines.append(
