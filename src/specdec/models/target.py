@@ -74,40 +74,25 @@ class NativeTarget:
         self.cache.keep(indices)
 
 
-class VocabSubset:
+class VocabSubset(NativeTarget):
     """A native target whose logits are computed for ``rows`` of the vocabulary only (the
     LM head restricted to those rows, at that fraction of its cost) and are -inf elsewhere:
-    argmax, top-k and softmax downstream see no mass outside the subset. For a draft model:
-    what it proposes is still checked by the full target, so the output does not change;
-    under sampling its distribution q is exactly the one it sampled from (zero outside)."""
+    argmax, top-k and softmax downstream see no mass outside the subset. It shares the
+    model and the KV cache of ``inner``. For a draft model: what it proposes is still
+    checked by the full target, so the output does not change; under sampling its
+    distribution q is exactly the one it sampled from (zero outside)."""
 
     def __init__(self, inner: NativeTarget, rows: torch.Tensor) -> None:
-        self.inner = inner
-        self.config = inner.config
+        self.model, self.config, self.cache = inner.model, inner.config, inner.cache
         self.rows = torch.unique(rows.to(torch.long))  # sorted, as the head expects
         self.vocab = inner.config.vocab_size
         if self.rows.numel() == 0 or int(self.rows[0]) < 0 or int(self.rows[-1]) >= self.vocab:
             raise ValueError(f"vocabulary rows must lie in [0, {self.vocab})")
 
-    @property
-    def length(self) -> int:
-        return self.inner.length
-
-    @property
-    def max_length(self) -> int:
-        return self.inner.max_length
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def forward(self, tokens, positions=None, attn_mask=None, logits_rows=None):
-        part = self.inner.forward(tokens, positions, attn_mask, logits_rows, vocab_rows=self.rows)
-        out = torch.full((part.shape[0], self.vocab), float("-inf"), dtype=part.dtype)
+    def forward(self, tokens, positions=None, attn_mask=None, logits_rows=None, **kw):
+        part = super().forward(tokens, positions, attn_mask, logits_rows, vocab_rows=self.rows)
+        out = torch.full(
+            (part.shape[0], self.vocab), float("-inf"), dtype=part.dtype, device=part.device
+        )
         out[:, self.rows] = part
         return out
-
-    def rollback(self, n: int) -> None:
-        self.inner.rollback(n)
-
-    def keep(self, indices: list[int]) -> None:
-        self.inner.keep(indices)

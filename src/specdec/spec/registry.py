@@ -472,9 +472,9 @@ AUTO: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         # mixed --limit 1 --max-new-tokens 128`); the 20-prompt, 256-token run is in
         # docs/BENCHMARKS.md
         "float": ("draft", {"draft_model": "qwen2.5-coder-0.5b", "tree": "dynamic"}),
-        # Spec-Bench subset, 12 questions x 128 tokens, --quant gguf, two runs: pld (sized
-        # by the pass-cost curve) 1.25x and 1.25x, ngram-cache 1.19x, recycle 1.07x and
-        # 1.05x; the dynamic draft tree was 0.89x (a pass over 4 tokens costs ~1.2-1.5x one)
+        # Spec-Bench subset, 12 questions x 128 tokens, --quant gguf, four runs: pld (sized
+        # by the pass-cost curve) 1.16-1.25x, ngram-cache 1.14-1.19x, recycle 1.05-1.07x;
+        # the dynamic draft tree was 0.89x (a pass over 4 tokens costs ~1.2-1.5x one)
         "quantised": ("pld", {}),
     },
 }
