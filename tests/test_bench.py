@@ -396,6 +396,11 @@ BAD = {
     "no-run alone": (["--no-run"], "--no-run needs"),
     "compare to nothing": (["--compare-to", "/nonexistent"], "no summary.json"),
     "zero tokens": (["--max-new-tokens", "0"], "--max-new-tokens"),
+    "warm without limit": (["--warm-questions", "1"], "--warm-questions needs --limit"),
+    "nothing left to warm on": (
+        ["--warm-questions", "1", "--limit", "2"],
+        "no questions left after the first 2",
+    ),
 }
 
 
@@ -444,6 +449,34 @@ def test_builtin_datasets():
     assert len(mixed.questions) == 32
     pick = sb.select(["summarization", "writing"], limit=2)
     assert [q.question_id for q in pick.questions] == [81, 82, 241, 242]
+    after = sb.select(["summarization", "writing"], limit=2, skip=2)
+    assert [q.question_id for q in after.questions] == [83, 84, 243, 244]
     for ds in (sb, he, gs):  # shipped with their licences
         folder = Path(ds.files[0]["path"]).parent
         assert any(p.name.startswith("LICENSE") for p in folder.iterdir())
+
+
+def test_warm_questions_run_untimed_before_the_measured_ones(env, tmp_path, monkeypatch):
+    """--warm-questions: every specdec method but ar first runs the questions after the
+    measured ones (turn by turn), and only the measured ones are timed and reported."""
+    calls = []
+    real = R.SpecdecRunner.run
+
+    def spy(self, messages, ids, budget, temperature, seed):
+        calls.append((self.name, messages[0]["content"], len(messages)))
+        return real(self, messages, ids, budget, temperature, seed)
+
+    monkeypatch.setattr(R.SpecdecRunner, "run", spy)
+    out = tmp_path / "warm"
+    argv = ["--model", env["target"], "--methods", "ar,recycle", "--dataset", env["data"]]
+    argv += ["--limit", "1", "--warm-questions", "1", "--out", out, *FAST]
+    assert main(["bench", *map(str, argv)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["warm_question_ids"] == ["two", 5]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["question_id"] for r in rows} == {1, 3, 4}
+    measured_start = calls.index(("ar", "hello there", 1), 2)  # after the two warm-up turns
+    warm = calls[2:measured_start]  # calls[:2]: the 8-token warm-up of ar and recycle
+    # question 5 does not fit the context: only "the cat sat" is run, by recycle alone
+    assert warm == [("recycle", "the cat sat", 1)]
+    assert "hot start" in (out / "report.md").read_text()

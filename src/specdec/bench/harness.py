@@ -90,6 +90,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--limit", type=int, default=None, metavar="N", help="the first N questions per category"
     )
     p.add_argument(
+        "--warm-questions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hot start: before timing, run every specdec method but ar over N further "
+        "questions per category (those after the --limit measured ones), untimed, so drafters "
+        "that learn across requests (recycle, stand, ngram-cache) start warm as in Token "
+        "Recycling's paper; default 0 (cold)",
+    )
+    p.add_argument(
         "--max-new-tokens",
         type=int,
         default=256,
@@ -496,6 +506,39 @@ def _progress_bars(names: list[str], total: int, enabled: bool) -> dict[str, Any
     }
 
 
+def warm_up_drafters(gen, runners, warm_set, args, ctx, show: bool) -> None:
+    """Run every specdec method but ar over ``warm_set`` (turn by turn, each with its own
+    answers as the history), untimed: what a drafter keeps across requests is then what
+    it learnt from those questions, not from none (Token Recycling's "hot start")."""
+    from tqdm import tqdm
+
+    warm = {m: r for m, r in runners.items() if r.kind == "specdec" and m != "ar"}
+    if not warm:
+        return
+    turns = sum(len(q.turns) for q in warm_set.questions)
+    with tqdm(
+        total=turns * len(warm),
+        desc="warm-up",
+        unit="turn",
+        file=sys.stderr,
+        disable=not show,
+        dynamic_ncols=True,
+    ) as bar:
+        for m, r in warm.items():
+            for qi, q in enumerate(warm_set.questions):
+                history: list[dict[str, str]] = []
+                for t, text in enumerate(q.turns):
+                    messages = [*history, {"role": "user", "content": text}]
+                    ids = gen.prompt_ids(messages)
+                    if len(ids) >= ctx:
+                        bar.update(len(q.turns) - t)
+                        break
+                    budget = min(args.max_new_tokens, ctx - len(ids))
+                    o = r.run(messages, ids, budget, args.temperature, 10**6 + qi * 100 + t)
+                    history = [*messages, {"role": "assistant", "content": o.text}]
+                    bar.update(1)
+
+
 def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
     """Run the benchmark described by the parsed `specdec bench` arguments; the output folder."""
     from specdec.bench import report
@@ -515,9 +558,24 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
     categories = (
         [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     )
-    dataset = load_dataset(args.dataset).select(categories, args.limit)
+    full = load_dataset(args.dataset)
+    dataset = full.select(categories, args.limit)
     if not dataset.questions:
         raise InvalidRequestError("no questions selected")
+    warm_set = None
+    if args.warm_questions:
+        if args.warm_questions < 0:
+            raise InvalidRequestError(f"--warm-questions must be >= 0, got {args.warm_questions}")
+        if args.limit is None:
+            raise InvalidRequestError(
+                "--warm-questions needs --limit: the warm-up questions are those after the "
+                "measured ones"
+            )
+        warm_set = full.select(categories, args.warm_questions, skip=args.limit)
+        if not warm_set.questions:
+            raise InvalidRequestError(
+                f"no questions left after the first {args.limit} per category to warm up on"
+            )
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"bench-out/{stamp}").expanduser()
     if out.exists() and not out.is_dir():
@@ -541,6 +599,9 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
             for r in runners.values():
                 r.run(msgs, ids, budget, args.temperature, 0)
             break
+
+    if warm_set is not None:
+        warm_up_drafters(gen, runners, warm_set, args, ctx, show)
 
     bars = _progress_bars(list(runners), len(dataset.questions), show)
     sums = {m: [0, 0.0] for m in runners}  # new tokens, wall
@@ -624,6 +685,9 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
             "warmup_tokens": WARMUP_TOKENS,
+            # hot start: the questions every specdec method but ar ran, untimed, before timing
+            "warm_questions": args.warm_questions,
+            "warm_question_ids": [q.question_id for q in warm_set.questions] if warm_set else [],
             "context": ctx,
         },
         "model_files": None

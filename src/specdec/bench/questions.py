@@ -60,9 +60,11 @@ class Dataset:
         """Categories in order of first appearance."""
         return list(dict.fromkeys(q.category for q in self.questions))
 
-    def select(self, categories: list[str] | None = None, limit: int | None = None) -> Dataset:
-        """The questions of the given categories (a subcategory name matches too), the first
-        ``limit`` of each category."""
+    def select(
+        self, categories: list[str] | None = None, limit: int | None = None, skip: int = 0
+    ) -> Dataset:
+        """The questions of the given categories (a subcategory name matches too): of each
+        category, ``limit`` questions (all if None) after its first ``skip``."""
         questions = self.questions
         if categories:
             known = set(self.categories) | {q.subcategory for q in questions if q.subcategory}
@@ -74,14 +76,14 @@ class Dataset:
                 )
             wanted = set(categories)
             questions = [q for q in questions if q.category in wanted or q.subcategory in wanted]
-        if limit is not None:
-            if limit < 1:
-                raise InvalidRequestError(f"--limit must be >= 1, got {limit}")
-            taken: dict[str, int] = {}
+        if limit is not None and limit < 1:
+            raise InvalidRequestError(f"--limit must be >= 1, got {limit}")
+        if limit is not None or skip:
+            seen: dict[str, int] = {}
             kept = []
             for q in questions:
-                if taken.get(q.category, 0) < limit:
-                    taken[q.category] = taken.get(q.category, 0) + 1
+                n = seen[q.category] = seen.get(q.category, 0) + 1
+                if n > skip and (limit is None or n <= skip + limit):
                     kept.append(q)
             questions = kept
         return Dataset(self.name, questions, self.files)

@@ -180,6 +180,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"up to {st['max_new_tokens']} new "
         f"tokens per turn; temperature {st['temperature']} "
         f"({'greedy' if st['temperature'] == 0 else 'sampled'})",
+        *(
+            [
+                f"- hot start: every specdec method but ar first ran "
+                f"{_n(len(st['warm_question_ids']), 'other question')} untimed "
+                f"({st['warm_questions']} per category, after the measured ones)"
+            ]
+            if st.get("warm_question_ids")
+            else []
+        ),
         f"- model `{st['model']}`"
         + (f", draft `{st['draft']}`" if st["draft"] else "")
         + (f", server {st['server']}" if st["server"] else f", {st['dtype']} on {st['device']}"),
