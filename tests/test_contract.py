@@ -137,6 +137,7 @@ def make_lookahead(target_model, rng: random.Random):
         ngram=rng.randint(3, 5),
         guesses=rng.randint(1, 5),
         pool_from_prompt=rng.random() < 0.5,
+        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]),
     )
 
 

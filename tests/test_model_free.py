@@ -435,6 +435,48 @@ def test_lookahead_pool_keeps_the_most_recent_guesses_and_fits_the_budget():
         LookaheadDrafter(ngram=2)
 
 
+def test_lookahead_runs_its_window_only_while_what_it_earns_pays_for_its_nodes():
+    from specdec.spec.drafters.lookahead import LookaheadDrafter
+
+    seq = [1, 2, 3, 1, 2, 3, 1]  # the pool (from the text) guesses (2, 3) after 1
+    window_nodes = 1 + 1 * 2  # W 2, N 3
+    flat = LookaheadDrafter(window=2, ngram=3, guesses=1, pass_cost=PassCost({1: 1.0, 64: 1.0}))
+    assert len(flat.propose(state(seq))) == 2 + window_nodes  # free nodes: the window runs
+
+    steep = PassCost({1: 1.0, 64: 8.0})
+    d = LookaheadDrafter(window=2, ngram=3, guesses=1, pass_cost=steep)
+    sizes = []
+    for _ in range(32):
+        tree = d.propose(state(seq))
+        sizes.append(len(tree))
+        right = [0, 1] if tree.tokens[:2] == [2, 3] else []  # the target goes on 2, 3
+        d.observe(state(seq), tree, Outcome(right, 1, torch.zeros(len(tree) + 1, 8)))
+    # half a token of worth does not pay for 3 more nodes on this curve: the guess only,
+    # and the window once in EXPLORE_EVERY passes so that its worth is measured again
+    assert sizes.count(2) == 30 and sizes.count(2 + window_nodes) == 2
+
+    d = LookaheadDrafter(window=2, ngram=3, guesses=1, pass_cost=PassCost({1: 1.0, 64: 8.0}))
+    d._worth_tokens, d._worth_passes = 0.0, 1.0  # the window has earned nothing
+    assert len(d.propose(state(seq))) == 2
+    d = LookaheadDrafter(window=2, ngram=3, guesses=1, pass_cost=PassCost({1: 1.0, 64: 8.0}))
+    d.pool_from_prompt = False
+    d.reset([])
+    d.levels = [[10], [20, 21]]
+    tree = d.propose(state([5]))  # prior worth, nothing to guess: the window runs
+    assert tree.tokens == [10, 20, 21]
+    logits = torch.zeros(4, 40)
+    logits[2, 30] = logits[3, 31] = 1.0  # after the level-1 tokens 20 and 21
+    d.observe(state([5]), tree, Outcome([], 7, logits))
+    assert d.pool[5] == {(20, 30): True} and d.pool[10] == {(21, 31): True}
+    before = d.window_worth
+    tree = d.propose(state([5, 7, 10]))
+    assert tree.tokens[:2] == [21, 31]
+    d.observe(state([5, 7, 10]), tree, Outcome([0, 1], 9, torch.zeros(len(tree) + 1, 40)))
+    assert d.window_worth > before  # two tokens accepted through what only the window made
+    d._pool_committed([10, 21, 31])  # the text now has it too: no longer the window's alone
+    assert d.pool[10] == {(21, 31): False}
+
+
 def test_stand_keeps_running_means_of_the_targets_distributions():
     from specdec.spec.drafters.stand import StandDrafter
 

@@ -524,7 +524,7 @@ def warm_up_drafters(gen, runners, warm_set, args, ctx, show: bool) -> None:
         disable=not show,
         dynamic_ncols=True,
     ) as bar:
-        for m, r in warm.items():
+        for r in warm.values():
             for qi, q in enumerate(warm_set.questions):
                 history: list[dict[str, str]] = []
                 for t, text in enumerate(q.turns):

@@ -255,6 +255,7 @@ class TrieSizer:
         self.calibration = ShareCalibration()
         self._skipped: dict[object, int] = {}
         self._drafted: tuple[object, list[int], list[float]] | None = None  # key, depths, shares
+        self.expected = 0.0  # the last cut's expected accepted tokens
 
     def cut(self, tree, shares: list[float], key: object):
         """``tree`` with ``shares[i]`` for node i (parents first) -> the kept subtree."""
@@ -272,6 +273,7 @@ class TrieSizer:
             if self._skipped[key] % self.EXPLORE_EVERY == 0:
                 n = 1
         keep = order[:n]
+        self.expected = sum(scores[i] for i in keep)  # tokens the kept nodes should add
         self._drafted = (key, [depths[i] for i in keep], [shares[i] for i in keep])
         return tree.subtree(keep)
 

@@ -217,7 +217,8 @@ def _build_ngram_cache(ctx: Any, opts: dict[str, Any]) -> Drafter:
 def _build_lookahead(ctx: Any, opts: dict[str, Any]) -> Drafter:
     from specdec.spec.drafters.lookahead import LookaheadDrafter
 
-    return LookaheadDrafter(**opts)
+    opts, cost = _sized_by_cost(ctx, opts)
+    return LookaheadDrafter(pass_cost=cost, **opts)
 
 
 def _build_stand(ctx: Any, opts: dict[str, Any]) -> Drafter:
@@ -413,6 +414,13 @@ METHODS: dict[str, Method] = {
                 "guesses": Option(int, 4, "n-grams verified per pass (G)", minimum=1),
                 "pool_from_prompt": Option(
                     _boolean, True, "seed the pool with the prompt's and the output's n-grams"
+                ),
+                "size_by_cost": Option(
+                    _boolean,
+                    True,
+                    "cut the guesses to what pays on the target's measured pass-cost curve, and "
+                    "run the window only while what it earns pays for its nodes (else every "
+                    "pass runs the whole window and all guesses)",
                 ),
             },
         ),

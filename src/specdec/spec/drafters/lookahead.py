@@ -33,6 +33,19 @@ nodes, so a window chain that happens to be right is accepted too, and a
 fully accepted guess also gets the bonus token; defaults are small (ngram 4,
 window 4, guesses 4: 23 nodes per pass), since on a CPU a pass over many
 tokens is not free (docs/BENCHMARKS.md).
+
+Deviation for targets whose pass grows with its tokens (given the target's
+pass-cost curve; the paper runs the whole window every step): the guesses'
+trie is cut to what pays (`TrieSizer`, as prompt lookup's), and the window,
+an investment whose tokens are rarely accepted in the pass that carries them,
+is run only while it pays for its nodes. Its worth is learnt online: the
+tokens later accepted through n-grams only the window made (or through the
+window's own chain), per pass that carried it (a decaying mean, a prior of
+half a token). A pass takes the window when (1 + expected guess tokens +
+that worth) per unit of pass time beats the pass without it, and, so that its
+worth can be learnt again, once in ``EXPLORE_EVERY`` passes regardless; the
+levels are not advanced while the window is left out, so such a pass finds
+them stale and its worth is measured low, never high.
 """
 
 from __future__ import annotations
@@ -44,15 +57,23 @@ import torch
 
 from specdec.errors import InvalidRequestError
 from specdec.spec.drafters.base import Drafter, DraftState
+from specdec.spec.policies import TrieSizer
 from specdec.spec.tree import DraftTree
 from specdec.spec.verifiers.base import Outcome
 
 
 class LookaheadDrafter(Drafter):
     name = "lookahead"
+    EXPLORE_EVERY = 16
+    WORTH_DECAY = 0.95  # per pass with the window: its worth is a mean over ~20 such passes
 
     def __init__(
-        self, window: int = 4, ngram: int = 4, guesses: int = 4, pool_from_prompt: bool = True
+        self,
+        window: int = 4,
+        ngram: int = 4,
+        guesses: int = 4,
+        pool_from_prompt: bool = True,
+        pass_cost=None,
     ) -> None:
         if window < 2 or ngram < 3 or guesses < 1:
             raise InvalidRequestError(
@@ -61,23 +82,41 @@ class LookaheadDrafter(Drafter):
             )
         self.W, self.N, self.G = window, ngram, guesses
         self.pool_from_prompt = pool_from_prompt
+        # given the target's PassCost, the guesses are cut and the window run while it pays
+        self.sizer = TrieSizer(pass_cost) if pass_cost is not None else None
+        # the window's worth: tokens accepted through what only it made, per pass with it
+        # (decayed sums; the prior is half a token over 4 passes); kept across requests
+        self._worth_tokens, self._worth_passes = 2.0, 4.0
+        self._without_window = 0  # passes since the window was last run
         self.reset([])
 
     @property
+    def window_nodes(self) -> int:
+        return (self.W - 1) + (self.N - 2) * self.W
+
+    @property
     def nodes_per_pass(self) -> int:
-        return (self.W - 1) + (self.N - 2) * self.W + self.G * (self.N - 1)
+        return self.window_nodes + self.G * (self.N - 1)
+
+    @property
+    def window_worth(self) -> float:
+        """Tokens accepted, sooner or later, per pass that runs the window."""
+        return self._worth_tokens / self._worth_passes
 
     def reset(self, prompt_ids: list[int]) -> None:
-        self.pool: dict[int, OrderedDict[tuple[int, ...], None]] = {}
+        # first token -> n-gram (the tokens after it) -> made by the window alone
+        self.pool: dict[int, OrderedDict[tuple[int, ...], bool]] = {}
         self.levels: list[list[int]] | None = None
         self.pooled = 0  # prompt/committed positions whose n-grams are in the pool
         self._columns: list[int] | None = None  # node of each column's newest-level token
+        self._guesses: list[tuple[tuple[int, ...], bool]] = []  # the pass's, with their origin
+        self._guess_nodes = 0  # nodes of the pass's tree before the window's
         self._rand = random.Random(0)  # the window's initial tokens: reproducible runs
 
-    def _add(self, key: int, gram: tuple[int, ...]) -> None:
+    def _add(self, key: int, gram: tuple[int, ...], from_window: bool) -> None:
         entries = self.pool.setdefault(key, OrderedDict())
-        entries.pop(gram, None)
-        entries[gram] = None  # most recent last
+        # the window's only while the committed text has not produced it too
+        entries[gram] = entries.pop(gram, True) and from_window  # most recent last
         if len(entries) > self.G:
             entries.popitem(last=False)
 
@@ -85,7 +124,7 @@ class LookaheadDrafter(Drafter):
         """N-grams of the committed sequence (prompt lookup's source) into the pool."""
         n = self.N
         for start in range(max(self.pooled, 0), len(tokens) - n + 1):
-            self._add(tokens[start], tuple(tokens[start + 1 : start + n]))
+            self._add(tokens[start], tuple(tokens[start + 1 : start + n]), False)
         self.pooled = max(self.pooled, len(tokens) - n + 1)
 
     def _init_window(self, tokens: list[int]) -> None:
@@ -100,20 +139,26 @@ class LookaheadDrafter(Drafter):
             self._init_window(tokens)
         if self.pool_from_prompt:
             self._pool_committed(tokens)
-        guesses = list(self.pool.get(tokens[-1], {}))[::-1][: self.G]  # newest first
+        entries = self.pool.get(tokens[-1], {})
+        self._guesses = list(entries.items())[::-1][: self.G]  # newest first
         depth = min(self.N - 1, state.budget)
-        tree = (
-            DraftTree.from_paths(
-                [list(g[:depth]) for g in guesses],
-                [1.0] * len(guesses),
-                min(self.G * depth, state.budget),
-            )
-            if guesses and depth > 0
-            else DraftTree()
-        )
+        paths = [list(g[:depth]) for g, _ in self._guesses] if depth > 0 else []
+        limit = min(self.G * depth, state.budget)
+        if self.sizer is not None:
+            self.sizer.forget()
+        if not paths:
+            tree = DraftTree()
+        elif self.sizer is None:
+            tree = DraftTree.from_paths(paths, [1.0] * len(paths), limit)
+        else:
+            trie, weights = DraftTree.weighted_trie(paths, [1.0] * len(paths), limit)
+            tree = self.sizer.cut(trie, [w / len(paths) for w in weights], 0)
+        self._guess_nodes = len(tree)
         self._columns = None
-        if len(tree) + self.nodes_per_pass - self.G * (self.N - 1) > state.budget:
-            return tree  # no room for the window near the end: guesses only, window kept
+        if len(tree) + self.window_nodes > state.budget or not self._window_pays(len(tree)):
+            self._without_window += 1
+            return tree  # guesses only, the window kept as it is
+        self._without_window = 0
         levels = self.levels
         trunk = [-1]  # column j's anchor: the root, then the level-0 chain
         for tok in levels[0]:
@@ -127,7 +172,20 @@ class LookaheadDrafter(Drafter):
         self._columns = columns
         return tree
 
+    def _window_pays(self, guess_nodes: int) -> bool:
+        if self.sizer is None:
+            return True
+        if (self._without_window + 1) % self.EXPLORE_EVERY == 0:
+            return True  # now and then regardless, so its worth is learnt again
+        cost, expected = self.sizer.cost, 1.0 + (self.sizer.expected if guess_nodes else 0.0)
+        without = expected / cost(guess_nodes + 1)
+        with_window = (expected + self.window_worth) / cost(guess_nodes + self.window_nodes + 1)
+        return with_window > without
+
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
+        if self.sizer is not None:
+            self.sizer.observe(outcome.path)
+        self._credit(tree, outcome.path)
         if self._columns is None or outcome.logits is None or self.levels is None:
             return
         rows = torch.tensor([c + 1 for c in self._columns])  # row i + 1: after node i
@@ -136,6 +194,23 @@ class LookaheadDrafter(Drafter):
         root = state.tokens[-1]
         for j in range(self.W):
             key = root if j == 0 else levels[0][j - 1]
-            self._add(key, tuple(levels[r][j] for r in range(1, self.N - 1)) + (new[j],))
+            self._add(key, tuple(levels[r][j] for r in range(1, self.N - 1)) + (new[j],), True)
         self.levels = [levels[1][1:], *levels[2:], new]
         self._columns = None
+
+    def _credit(self, tree: DraftTree, path: list[int]) -> None:
+        """Add the tokens the window earned this pass to its worth: accepted nodes of its own
+        chain, or of guesses that no n-gram of the committed text proposed too."""
+        if self._columns is not None:
+            d = self.WORTH_DECAY
+            self._worth_tokens, self._worth_passes = d * self._worth_tokens, d * self._worth_passes
+            self._worth_passes += 1
+        if not path:
+            return
+        if path[0] >= self._guess_nodes:  # the window's chain
+            self._worth_tokens += len(path)
+            return
+        accepted = tuple(tree.tokens[i] for i in path)
+        made = [w for g, w in self._guesses if g[: len(accepted)] == accepted]
+        if made and all(made):
+            self._worth_tokens += len(path)
