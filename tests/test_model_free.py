@@ -335,6 +335,34 @@ def test_rest_drafts_the_longest_matching_suffixes_continuations_by_frequency(tm
     assert len(RetrievalDrafter(store, max_nodes=2).propose(state([2, 3]))) == 2
 
 
+def test_rest_bisection_finds_the_same_longest_span_as_a_longest_first_scan(tmp_path):
+    from specdec.spec import datastore as ds
+    from specdec.spec.drafters.retrieval import RetrievalDrafter
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 4, size=int(rng.integers(5, 40))).tolist() for _ in range(30)]
+    ds.write(docs, tmp_path / "s", "fp")
+    store = ds.Datastore(tmp_path / "s")
+    d = RetrievalDrafter(store, min_span=2, max_span=12)
+    found = 0
+    for _ in range(300):
+        tokens = rng.integers(0, 5, size=int(rng.integers(1, 16))).tolist()  # 4: unseen
+        scan = next(
+            (
+                (n, store.lookup(tokens[-n:]))
+                for n in range(min(12, len(tokens)), 1, -1)
+                if len(store.lookup(tokens[-n:]))
+            ),
+            None,
+        )
+        got = d._longest_match(tokens)
+        assert (got is None) == (scan is None)
+        if scan is not None:
+            found += 1
+            assert got[0] == scan[0] and got[1].tolist() == scan[1].tolist()
+    assert found > 100
+
+
 def test_rest_sizes_its_tree_by_the_pass_cost_and_learns_what_a_match_is_worth(tmp_path):
     from specdec.spec import datastore as ds
     from specdec.spec.drafters.retrieval import RetrievalDrafter

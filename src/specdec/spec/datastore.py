@@ -216,8 +216,14 @@ class Datastore:
             self.tokens = np.zeros(0, dtype=np.int32)
             self.suffixes = np.zeros(0, dtype=np.int32)
         else:
-            self.tokens = np.memmap(folder / "tokens.bin", dtype=np.int32, mode="r", shape=(n,))
-            self.suffixes = np.memmap(folder / "suffixes.bin", dtype=np.int32, mode="r", shape=(n,))
+            # plain ndarray views of the maps: the pages are still read on demand, but
+            # indexing skips np.memmap's per-item Python overhead (a lookup does ~40)
+            self.tokens = np.asarray(
+                np.memmap(folder / "tokens.bin", dtype=np.int32, mode="r", shape=(n,))
+            )
+            self.suffixes = np.asarray(
+                np.memmap(folder / "suffixes.bin", dtype=np.int32, mode="r", shape=(n,))
+            )
         self.span = self.meta["span"]
 
     @property

