@@ -288,3 +288,14 @@ def test_profile_reports_the_step_against_the_machine(capsys, files):
         assert 0 < p["int8_mix_gmacs"] and set(p["over_mix_roofline"]) == set(p["pass_ms"])
     rc, out, err = run_cli(capsys, "profile", "--model", str(files["gguf"]), "--quiet")
     assert rc == 0 and "pass over k tokens" in out and "floor" in out
+
+
+def test_python_dash_m_specdec_is_the_command():
+    proc = subprocess.run(
+        [sys.executable, "-m", "specdec", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("specdec "), proc.stderr
