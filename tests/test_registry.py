@@ -208,3 +208,5 @@ def test_auto_depends_on_the_weights():
     assert resolve_auto("qwen2.5-coder-1.5b", "gguf") == ("pld", {})
     assert resolve_auto("qwen2.5-coder-1.5b", "int4") == ("pld", {})
     assert resolve_auto("some-other-model", "gguf") == ("ar", {})
+    assert resolve_auto("smollm2-135m", "none") == ("pld+recycle", {})
+    assert resolve_auto("smollm2-135m", "gguf") == ("pld", {})

@@ -485,6 +485,13 @@ AUTO: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         # the dynamic draft tree was 0.89x (a pass over 4 tokens costs ~1.2-1.5x one)
         "quantised": ("pld", {}),
     },
+    "smollm2-135m": {
+        # Spec-Bench subset, 12 questions x 128 tokens (docs/BENCHMARKS.md, issue 7): in
+        # bfloat16 pld+recycle 1.67x, pld 1.63x; on its gguf weights (a 7 ms step) pld 1.19x,
+        # ngram-cache 1.20x (pld keeps nothing across requests, and ties)
+        "float": ("pld+recycle", {}),
+        "quantised": ("pld", {}),
+    },
 }
 
 
