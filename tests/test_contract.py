@@ -196,7 +196,10 @@ def make_merged(target_model, rng: random.Random):
         make_draft,
     ]
     first, second = rng.sample(parts, 2)
-    return MergedDrafter([first(target_model, rng), second(target_model, rng)])
+    return MergedDrafter(
+        [first(target_model, rng), second(target_model, rng)],
+        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]),
+    )
 
 
 # method name -> factory(target_model, rng) -> drafter

@@ -237,6 +237,71 @@ def test_merged_tree_shares_equal_deterministic_nodes_and_keeps_sampled_ones():
     assert torch.equal(ob.logits, logits[[0, 1, 4, 5]])  # rows of b's nodes: 1, 4, 3
 
 
+class Scored(Fixed):
+    """A `Fixed` that knows its nodes' chances and keeps what the merge tells it to."""
+
+    def __init__(self, tree, scores, name="scored"):
+        super().__init__(tree, name)
+        self.scores, self.kept = scores, []
+
+    def node_scores(self):
+        return list(self.scores)
+
+    def keep_only(self, nodes):
+        self.kept.append(nodes)
+
+
+def test_merged_tree_is_cut_jointly_to_what_pays_and_parts_learn_only_from_what_was_kept():
+    # a: 1 -> 2 (chances 0.9, 0.5) and 3 (0.05); b: 1 -> 5 (0.9, 0.3) and 6 (0.01)
+    a = Scored(DraftTree([1, 2, 3], [-1, 0, -1]), [0.9, 0.5, 0.05])
+    b = Scored(DraftTree([1, 5, 6], [-1, 0, -1]), [0.9, 0.3, 0.01])
+    flat = MergedDrafter([a, b], pass_cost=PassCost({1: 1.0, 64: 1.0}))
+    assert len(flat.propose(state([0]))) == 5  # free nodes: the whole union
+    assert a.kept == [] and b.kept == []
+
+    steep = MergedDrafter([a, b], pass_cost=PassCost({1: 1.0, 64: 7.3}))  # +0.1 a node
+    tree = steep.propose(state([0]))
+    # worth its 0.1: the shared 1 (0.9), 2 (0.5), 5 (0.3); not 3 (0.05) or 6 (0.01)
+    assert tree.tokens == [1, 2, 5] and tree.parents == [-1, 0, 0]
+    assert a.kept == [[0, 1]] and b.kept == [[0, 1]]
+    # the target takes 1 then 5, then says 8: each part sees its kept subtree's indices
+    logits = torch.arange(4 * 3, dtype=torch.float32).view(4, 3)
+    steep.observe(state([0]), tree, Outcome([0, 2], 8, logits))
+    (oa,), (ob,) = a.seen, b.seen
+    assert (oa.path, oa.bonus) == ([0], 5) and (ob.path, ob.bonus) == ([0, 1], 8)
+    assert torch.equal(ob.logits, logits[[0, 1, 3]])
+
+    # a part without scores keeps its whole tree; the scored part's nodes are cut beside it
+    c = Fixed(DraftTree([7, 3], [-1, -1]))
+    a.kept = []
+    mixed = MergedDrafter([a, c], pass_cost=PassCost({1: 1.0, 64: 7.3}))
+    tree = mixed.propose(state([0]))
+    # c's 3 is a's 3 too: kept, since c has no scores; a's 2 still pays, its 1 too
+    assert sorted(tree.tokens) == [1, 2, 3, 7] and a.kept == []
+
+
+def test_sized_drafters_give_node_scores_and_keep_only_what_they_are_told():
+    cost = PassCost({1: 1.0, 64: 1.0})
+    d = PromptLookupDrafter(num_draft_tokens=3, pass_cost=cost)
+    seq = [1, 2, 3, 4, 1, 2, 3, 5, 1, 2]
+    tree = d.propose(state(seq))
+    scores = d.node_scores()
+    assert len(scores) == len(tree) > 2
+    assert all(scores[c] <= scores[p] for c, p in enumerate(tree.parents) if p >= 0)
+    keep = [0, 1]
+    d.keep_only(keep)
+    assert d.node_scores() == [scores[0], scores[1]]
+    d.observe(state(seq), tree.subtree(keep), Outcome([0, 1], 9))  # no error: 2 nodes known
+    r = TokenRecyclingDrafter(16, top_k=2, max_nodes=6, pass_cost=cost)
+    r.matrix[2] = torch.tensor([3, 4], dtype=torch.int32)
+    r.matrix[3] = torch.tensor([5, 6], dtype=torch.int32)
+    tree = r.propose(state([1, 2]))
+    assert len(r.node_scores()) == len(tree) == 4  # 2 -> 3, 4; 3 -> 5, 6
+    r.keep_only([0, 1])
+    r.observe(state([1, 2]), tree.subtree([0, 1]), Outcome([0], 4))
+    assert r.acceptance.trials.sum() > 0
+
+
 def test_merged_methods_from_the_registry():
     method = get_method("pld+recycle")
     assert method.lossless and "max_nodes" in method.options
@@ -251,6 +316,16 @@ def test_merged_methods_from_the_registry():
     opts = effective_options("pld+recycle", {"max_nodes": 5})
     assert opts["pld"]["max_nodes"] == opts["recycle"]["max_nodes"] == 5
     assert opts["pld"]["branches"] == 3 and opts["recycle"]["top_k"] == 8
+    assert opts["merge"] == {"joint": True} and drafter.pass_cost is None  # no curve here
+
+    class Measured(Context):
+        def pass_cost(self):
+            return PassCost({1: 1.0, 64: 8.0})
+
+    joint = method.build(Measured(), method.validate({}))
+    assert joint.pass_cost is not None and all(d.name for d in joint.drafters)
+    assert method.build(Measured(), method.validate({"joint": False})).pass_cost is None
+    assert method.build(Measured(), method.validate({"size_by_cost": False})).pass_cost is None
     assert effective_options("pld", {})["max_nodes"] == 16
     for bad in ["ar+pld", "pld+nope", "pld+"]:
         with pytest.raises(InvalidRequestError):

@@ -15,6 +15,7 @@ import torch
 from random_models import CharTokenizer, full_logits, perturbed_copy, random_transformer
 
 from specdec.engine import Engine, Generation
+from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget, VocabSubset
 from specdec.spec.drafters.base import NoDrafter
 from specdec.spec.drafters.draft_model import DraftModelDrafter
@@ -82,6 +83,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+STEEP = PassCost({1: 1.0, 64: 8.0})  # +0.11 of a one-token pass per node
+
 CASES = {
     "ar": lambda m: NoDrafter,
     "draft-k2": lambda m: lambda: DraftModelDrafter(NativeTarget(perturbed_copy(m, 0.3)), V, 2),
@@ -117,6 +120,18 @@ CASES = {
     "pld+recycle": lambda m: (
         lambda: MergedDrafter(
             [PromptLookupDrafter(3, branches=2), TokenRecyclingDrafter(V, top_k=2, max_nodes=4)]
+        )
+    ),
+    # sized jointly on a steep pass cost: pld's and recycle's nodes cut by their scores, the
+    # sampled STAND siblings (no scores) always kept beside them
+    "pld+recycle+stand-joint": lambda m: (
+        lambda: MergedDrafter(
+            [
+                PromptLookupDrafter(3, branches=2, pass_cost=STEEP),
+                TokenRecyclingDrafter(V, top_k=2, max_nodes=4, pass_cost=STEEP),
+                StandDrafter(V, top_k=4, max_ngram=2, max_nodes=3),
+            ],
+            pass_cost=STEEP,
         )
     ),
     # the draft's logits over a subset of the vocabulary (``draft_vocab``): it never proposes
@@ -181,6 +196,7 @@ MULTI_DRAFT_RUNS = 4_000  # fewer runs than above, to keep the suite short
         ("stand", T1),
         ("stand", SHAPED),
         ("draft-k3-vocab-subset", SHAPED),
+        ("pld+recycle+stand-joint", SHAPED),
     ],
     ids=[
         "spectr-2,2-t1",
@@ -192,6 +208,7 @@ MULTI_DRAFT_RUNS = 4_000  # fewer runs than above, to keep the suite short
         "stand-t1",
         "stand-t1.2-k4-p0.95",
         "draft-vocab-subset-t1.2-k4-p0.95",
+        "pld+recycle+stand-joint-t1.2-k4-p0.95",
     ],
 )
 def test_engine_multi_draft_sampling_matches_target_distribution(case, params):

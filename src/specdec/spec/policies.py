@@ -16,6 +16,7 @@ The policy only decides lengths, so every policy is lossless with every verifier
 from __future__ import annotations
 
 import heapq
+import math
 
 import torch
 
@@ -197,13 +198,14 @@ class RankAcceptance:
         return out
 
 
-def best_size(scores: list[float], cost) -> int:
+def best_size(scores: list[float], cost, fixed: int = 0) -> int:
     """How many of the nodes (best first, ``scores`` = chance each is accepted) maximise
-    expected tokens per unit of pass time under the pass-cost curve ``cost``."""
-    best_n, best_rate, expected = 0, 1.0 / cost(1), 1.0
+    expected tokens per unit of pass time under the pass-cost curve ``cost``, beside
+    ``fixed`` nodes the pass carries anyway (counted in its size, not in its tokens)."""
+    best_n, best_rate, expected = 0, 1.0 / cost(fixed + 1), 1.0
     for n, s in enumerate(scores, start=1):
         expected += s
-        rate = expected / cost(n + 1)
+        rate = expected / cost(fixed + n + 1)
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n
@@ -256,6 +258,7 @@ class TrieSizer:
         self._skipped: dict[object, int] = {}
         self._drafted: tuple[object, list[int], list[float]] | None = None  # key, depths, shares
         self.expected = 0.0  # the last cut's expected accepted tokens
+        self.scores: list[float] = []  # the last cut's nodes' chances of acceptance
 
     def cut(self, tree, shares: list[float], key: object):
         """``tree`` with ``shares[i]`` for node i (parents first) -> the kept subtree."""
@@ -268,18 +271,30 @@ class TrieSizer:
         # prefix of this order is a tree
         order = sorted(range(len(tree)), key=lambda i: (-scores[i], depths[i], i))
         n = best_size([scores[i] for i in order], self.cost)
+        exploring = False
         if n == 0 and len(tree):
             self._skipped[key] = self._skipped.get(key, 0) + 1
             if self._skipped[key] % self.EXPLORE_EVERY == 0:
-                n = 1
+                n, exploring = 1, True
         keep = order[:n]
         self.expected = sum(scores[i] for i in keep)  # tokens the kept nodes should add
+        # what a merge sizes by; a node drafted only to learn again must be verified
+        self.scores = [math.inf] if exploring else [scores[i] for i in keep]
         self._drafted = (key, [depths[i] for i in keep], [shares[i] for i in keep])
         return tree.subtree(keep)
 
     def forget(self) -> None:
         """Nothing was drafted through `cut` this step."""
         self._drafted = None
+        self.scores = []
+
+    def keep_only(self, nodes: list[int]) -> None:
+        """Only ``nodes`` (ascending indices into the last cut's tree) were verified."""
+        if self._drafted is None:
+            return
+        key, depths, shares = self._drafted
+        self._drafted = (key, [depths[i] for i in nodes], [shares[i] for i in nodes])
+        self.scores = [self.scores[i] for i in nodes]
 
     def observe(self, path: list[int]) -> None:
         """The verified tree was the last `cut`'s; ``path``: its accepted nodes."""

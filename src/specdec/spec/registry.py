@@ -92,6 +92,14 @@ def _max_nodes(default: int) -> dict[str, Option]:
     return {"max_nodes": Option(int, default, "most tree nodes verified in one pass", minimum=1)}
 
 
+_JOINT = Option(
+    _boolean,
+    True,
+    "cut the union of the parts' trees once more, by the chances of acceptance the parts "
+    "give their nodes, to what pays on the target's pass-cost curve (else each part sizes "
+    "its own tree and the union is verified whole)",
+)
+
 _SIZE_BY_COST = Option(
     _boolean,
     True,
@@ -521,7 +529,7 @@ def _merged_method(name: str) -> Method:
     if len(parts) < 2 or any(p.name == "ar" for p in parts):
         raise InvalidRequestError(f"{name!r}: merge two or more drafting methods, e.g. pld+recycle")
     # no defaults here: a part gets only the options given, and its own defaults for the rest
-    options: dict[str, Option] = {}
+    options: dict[str, Option] = {"joint": _JOINT}
     for p in parts:
         for key, opt in p.options.items():
             options.setdefault(key, Option(opt.type, None, opt.help, opt.minimum))
@@ -530,11 +538,18 @@ def _merged_method(name: str) -> Method:
         from specdec.spec.drafters.merged import MergedDrafter
 
         given = {k: v for k, v in opts.items() if v is not None}
+        # the union is sized jointly unless that or sizing by cost is turned off
+        joint = (
+            given.pop("joint", True)
+            and given.get("size_by_cost", True)
+            and hasattr(ctx, "pass_cost")
+        )
         return MergedDrafter(
             [
                 p.build(ctx, p.validate({k: v for k, v in given.items() if k in p.options}))
                 for p in parts
-            ]
+            ],
+            pass_cost=ctx.pass_cost() if joint else None,
         )
 
     return Method(
@@ -552,12 +567,14 @@ def effective_options(name: str, given: dict[str, Any]) -> dict[str, Any]:
     one such dict per part, since each part keeps its own defaults."""
     if "+" not in name:
         return get_method(name).validate(given)
-    get_method(name)  # the merge itself is valid
+    merge = get_method(name)  # the merge itself is valid
     parts = [get_method(p.strip()) for p in name.split("+")]
-    return {
+    out = {
         p.name: p.validate({k: v for k, v in given.items() if k in p.options and v is not None})
         for p in parts
     }
+    out["merge"] = {"joint": merge.validate(given).get("joint")}
+    return out
 
 
 def resolve_auto(model: str, quant: str = "none") -> tuple[str, dict[str, Any]]:

@@ -74,6 +74,20 @@ class Drafter:
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
         """The target verified ``tree``; ``outcome`` says what it kept."""
 
+    def node_scores(self) -> list[float] | None:
+        """After `propose`: each node's chance of being accepted (the tokens it adds in
+        expectation; never more than its parent's; ``inf`` for a node that must be verified,
+        e.g. one drafted to learn what it is worth), so that a merge can size the union of
+        several drafters' trees jointly. None (the default): unknown, and a merge keeps the
+        whole tree. A drafter that gives scores must take `keep_only`."""
+        return None
+
+    def keep_only(self, nodes: list[int]) -> None:
+        """After `propose` and `node_scores`: only ``nodes`` of the proposed tree (ascending,
+        each with its parent) are verified, so the next `observe` gets
+        ``tree.subtree(nodes)`` and a path in its indices; learn only from those."""
+        raise NotImplementedError(f"{self.name} gives node scores but cannot keep a subtree")
+
     def verifier(self, sampling: SamplingParams) -> Verifier | None:
         """The verifier this drafter's trees need under ``sampling`` (e.g. SpecTr for i.i.d.
         siblings); None leaves the choice to the engine (greedy or speculative sampling)."""

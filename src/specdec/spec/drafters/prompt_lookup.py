@@ -111,3 +111,9 @@ class PromptLookupDrafter(Drafter):
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
         if self.sizer:
             self.sizer.observe(outcome.path)
+
+    def node_scores(self) -> list[float] | None:
+        return self.sizer.scores if self.sizer else None
+
+    def keep_only(self, nodes: list[int]) -> None:
+        self.sizer.keep_only(nodes)

@@ -34,6 +34,7 @@ whose step takes 7 ms (SmolLM2-135M quantised) a step's retrieval went from
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from specdec.errors import InvalidRequestError
@@ -77,6 +78,8 @@ class RetrievalDrafter(Drafter):
 
     def propose(self, state: DraftState) -> DraftTree:
         self._drafted = None
+        self._scores: list[float] | None = None if self.pass_cost is None else []
+        self._weights: list[float] = []
         limit = min(self.max_nodes, state.budget)
         if limit <= 0:
             return DraftTree()
@@ -100,14 +103,29 @@ class RetrievalDrafter(Drafter):
         tree, weights = DraftTree.weighted_trie(
             [list(p) for p in paths], [counts[p] / total for p in paths], limit
         )
+        scores = None
         if self.pass_cost is not None:  # heaviest first: every prefix of the nodes is a tree
             factor = self.calibration.factor(span)
-            n = best_size([factor * w for w in weights], self.pass_cost)
+            scores = [factor * w for w in weights]
+            n = best_size(scores, self.pass_cost)
             if n == 0:
                 n = 1 if exploring else self._explore(span)
+                exploring = n == 1
             tree, weights = tree.subtree(list(range(n))), weights[:n]
+            # for a merge: a node drafted only to learn again must be verified
+            scores = [math.inf] if exploring else scores[:n]
         self._drafted = (span, sum(weights))
+        self._scores, self._weights = scores, weights
         return tree
+
+    def node_scores(self) -> list[float] | None:
+        return self._scores
+
+    def keep_only(self, nodes: list[int]) -> None:
+        self._weights = [self._weights[i] for i in nodes]
+        self._scores = [self._scores[i] for i in nodes]
+        if self._drafted is not None:
+            self._drafted = (self._drafted[0], sum(self._weights))
 
     def _longest_match(self, tokens: list[int]) -> tuple[int, object] | None:
         """(span, starts) of the longest suffix of ``tokens`` found, ``min_span`` ..

@@ -138,6 +138,7 @@ class TokenRecyclingDrafter(Drafter):
 
     def propose(self, state: DraftState) -> DraftTree:
         limit = min(self.max_nodes, state.budget)
+        self._ranks, self._scores = [], []
         if limit <= 0:
             return DraftTree()
         probs = self.acceptance.probs()
@@ -170,7 +171,15 @@ class TokenRecyclingDrafter(Drafter):
         if self.pass_cost is not None and len(tree):
             tree = tree.subtree(list(range(best_size(scores, self.pass_cost))))
         self._ranks = ranks[: len(tree)]  # the rank each node was drafted at, for observe
+        self._scores = scores[: len(tree)]
         return tree
+
+    def node_scores(self) -> list[float] | None:
+        return self._scores
+
+    def keep_only(self, nodes: list[int]) -> None:
+        self._ranks = [self._ranks[i] for i in nodes]
+        self._scores = [self._scores[i] for i in nodes]
 
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
         if len(tree):
