@@ -238,6 +238,21 @@ class ShareCalibration:
         self._accepted[key] = self._accepted.get(key, 0.0) + accepted
 
 
+class Revisit:
+    """Per kind of proposal (e.g. the length of the match it came from): counts the steps
+    on which that kind was judged not worth drafting, and says when to draft it anyway
+    (every ``every``-th such step), so that what it is worth can be learnt again."""
+
+    def __init__(self, every: int = 16) -> None:
+        self.every = every
+        self._skipped: dict[object, int] = {}
+
+    def now(self, key: object) -> bool:
+        """One more skipped step for ``key``; True if this one should draft regardless."""
+        n = self._skipped[key] = self._skipped.get(key, 0) + 1
+        return n % self.every == 0
+
+
 class TrieSizer:
     """Cuts a weighted trie of deterministic proposals (prompt lookup, an n-gram cache) to
     the size that maximises expected tokens per unit of the target's pass time.
@@ -255,7 +270,7 @@ class TrieSizer:
     def __init__(self, cost) -> None:
         self.cost = cost
         self.calibration = ShareCalibration()
-        self._skipped: dict[object, int] = {}
+        self.revisit = Revisit(self.EXPLORE_EVERY)
         self._drafted: tuple[object, list[int], list[float]] | None = None  # key, depths, shares
         self.expected = 0.0  # the last cut's expected accepted tokens
         self.scores: list[float] = []  # the last cut's nodes' chances of acceptance
@@ -271,11 +286,9 @@ class TrieSizer:
         # prefix of this order is a tree
         order = sorted(range(len(tree)), key=lambda i: (-scores[i], depths[i], i))
         n = best_size([scores[i] for i in order], self.cost)
-        exploring = False
-        if n == 0 and len(tree):
-            self._skipped[key] = self._skipped.get(key, 0) + 1
-            if self._skipped[key] % self.EXPLORE_EVERY == 0:
-                n, exploring = 1, True
+        exploring = n == 0 and len(tree) > 0 and self.revisit.now(key)
+        if exploring:
+            n = 1
         keep = order[:n]
         self.expected = sum(scores[i] for i in keep)  # tokens the kept nodes should add
         # what a merge sizes by; a node drafted only to learn again must be verified
@@ -287,6 +300,7 @@ class TrieSizer:
         """Nothing was drafted through `cut` this step."""
         self._drafted = None
         self.scores = []
+        self.expected = 0.0
 
     def keep_only(self, nodes: list[int]) -> None:
         """Only ``nodes`` (ascending indices into the last cut's tree) were verified."""

@@ -177,7 +177,7 @@ class LookaheadDrafter(Drafter):
             return True
         if (self._without_window + 1) % self.EXPLORE_EVERY == 0:
             return True  # now and then regardless, so its worth is learnt again
-        cost, expected = self.sizer.cost, 1.0 + (self.sizer.expected if guess_nodes else 0.0)
+        cost, expected = self.sizer.cost, 1.0 + self.sizer.expected
         without = expected / cost(guess_nodes + 1)
         with_window = (expected + self.window_worth) / cost(guess_nodes + self.window_nodes + 1)
         return with_window > without

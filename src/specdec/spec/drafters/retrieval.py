@@ -40,14 +40,13 @@ from collections import Counter
 from specdec.errors import InvalidRequestError
 from specdec.spec.datastore import Datastore
 from specdec.spec.drafters.base import Drafter, DraftState
-from specdec.spec.policies import ShareCalibration, best_size
+from specdec.spec.policies import Revisit, ShareCalibration, best_size
 from specdec.spec.tree import DraftTree
 from specdec.spec.verifiers.base import Outcome
 
 
 class RetrievalDrafter(Drafter):
     name = "rest"
-    EXPLORE_EVERY = 16  # a span whose tree is cut to nothing still drafts once in this many
 
     def __init__(
         self,
@@ -73,13 +72,15 @@ class RetrievalDrafter(Drafter):
         self.max_matches = max_matches
         self.pass_cost = pass_cost  # PassCost of the target, or None: always max_nodes
         self.calibration = ShareCalibration()
-        self._drafted: tuple[int, float] | None = None  # (span, predicted tokens) of the tree
-        self._skipped: dict[int, int] = {}  # span -> times its tree was cut to nothing
+        # (span, each node's share of the retrieved continuations) of the tree drafted
+        self._drafted: tuple[int, list[float]] | None = None
+        # a span judged worthless is still tried now and then (its heaviest node), or what
+        # it is worth could never be learnt again (e.g. when the text changes)
+        self.revisit = Revisit()
 
     def propose(self, state: DraftState) -> DraftTree:
         self._drafted = None
         self._scores: list[float] | None = None if self.pass_cost is None else []
-        self._weights: list[float] = []
         limit = min(self.max_nodes, state.budget)
         if limit <= 0:
             return DraftTree()
@@ -91,7 +92,7 @@ class RetrievalDrafter(Drafter):
         if self.pass_cost is not None and not self._may_pay(span):
             # even the whole share on one node would not pay: skip retrieving the
             # continuations (the costly part of a step) unless it is this span's turn
-            if not self._explore(span):
+            if not self.revisit.now(span):
                 return DraftTree()
             exploring = True
         length = min(self.continuation, state.budget)
@@ -109,23 +110,22 @@ class RetrievalDrafter(Drafter):
             scores = [factor * w for w in weights]
             n = best_size(scores, self.pass_cost)
             if n == 0:
-                n = 1 if exploring else self._explore(span)
-                exploring = n == 1
+                exploring = exploring or self.revisit.now(span)
+                n = int(exploring)
             tree, weights = tree.subtree(list(range(n))), weights[:n]
             # for a merge: a node drafted only to learn again must be verified
             scores = [math.inf] if exploring else scores[:n]
-        self._drafted = (span, sum(weights))
-        self._scores, self._weights = scores, weights
+        self._drafted, self._scores = (span, weights), scores
         return tree
 
     def node_scores(self) -> list[float] | None:
         return self._scores
 
     def keep_only(self, nodes: list[int]) -> None:
-        self._weights = [self._weights[i] for i in nodes]
         self._scores = [self._scores[i] for i in nodes]
         if self._drafted is not None:
-            self._drafted = (self._drafted[0], sum(self._weights))
+            span, weights = self._drafted
+            self._drafted = (span, [weights[i] for i in nodes])
 
     def _longest_match(self, tokens: list[int]) -> tuple[int, object] | None:
         """(span, starts) of the longest suffix of ``tokens`` found, ``min_span`` ..
@@ -153,12 +153,7 @@ class RetrievalDrafter(Drafter):
         most the whole share."""
         return best_size([self.calibration.factor(span)], self.pass_cost) > 0
 
-    def _explore(self, span: int) -> int:
-        """A span judged worthless is still tried now and then (its heaviest node), or what
-        it is worth could never be learnt again (e.g. when the text changes)."""
-        self._skipped[span] = self._skipped.get(span, 0) + 1
-        return 1 if self._skipped[span] % self.EXPLORE_EVERY == 0 else 0
-
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
         if self._drafted is not None and len(tree):
-            self.calibration.observe(*self._drafted, len(outcome.path))
+            span, weights = self._drafted
+            self.calibration.observe(span, sum(weights), len(outcome.path))
