@@ -27,9 +27,9 @@ When even the whole share on one node would not pay after a match of that
 length, the continuations are not retrieved at all (except on the turns it is
 tried again), and the longest span is found by bisection over the span
 lengths (a suffix that occurs has every shorter one occur), the same span as
-the longest-first scan in about 5 lookups instead of up to 15: on a target
-whose step takes 7 ms (SmolLM2-135M quantised) a step's retrieval went from
-1.6 ms to 0.23 ms.
+the longest-first scan in about 5 lookups instead of up to 15. On a target
+whose step takes 7 ms (SmolLM2-135M quantised), that took REST from 0.75x to
+1.00x of `ar` (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
