@@ -14,7 +14,7 @@ from fixtures import CONTEXT, corrupt_copies, save_hf_folder, tiny_hf_model, wri
 
 from specdec.cli import main
 from specdec.errors import SpecdecError
-from specdec.models.registry import KNOWN_MODELS
+from specdec.models.catalog import KNOWN_MODELS
 
 FAST = ["--quiet", "--max-new-tokens", "4", "--dtype", "float32"]
 

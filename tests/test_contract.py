@@ -15,18 +15,19 @@ from specdec.engine import Engine, Generation
 from specdec.errors import InvalidRequestError
 from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget, VocabSubset
-from specdec.spec.drafters.base import NoDrafter
-from specdec.spec.drafters.draft_model import DraftModelDrafter
-from specdec.spec.drafters.lookahead import LookaheadDrafter
-from specdec.spec.drafters.merged import MergedDrafter
-from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
-from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
-from specdec.spec.drafters.stand import StandDrafter
-from specdec.spec.drafters.token_recycling import TokenRecyclingDrafter
-from specdec.spec.policies import AdaptiveLength, FixedLength, TreeBudget
-from specdec.spec.registry import METHODS
-from specdec.spec.sampling import SamplingParams
-from specdec.spec.verifiers.spectr import SpecTrVerifier
+from specdec.speculation.drafters.base import NoDrafter
+from specdec.speculation.drafters.draft_model import DraftModelDrafter
+from specdec.speculation.drafters.lookahead import LookaheadDrafter
+from specdec.speculation.drafters.merged import MergedDrafter
+from specdec.speculation.drafters.ngram_cache import NgramCacheDrafter
+from specdec.speculation.drafters.prompt_lookup import PromptLookupDrafter
+from specdec.speculation.drafters.stand import StandDrafter
+from specdec.speculation.drafters.token_recycling import TokenRecyclingDrafter
+from specdec.speculation.draft_length import AdaptiveLength, FixedLength
+from specdec.speculation.sizing import TreeBudget
+from specdec.speculation.methods import METHODS
+from specdec.speculation.sampling import SamplingParams
+from specdec.speculation.verifiers.spectr import SpecTrVerifier
 
 
 def make_draft(target_model, rng: random.Random, shape: str | None = None):
@@ -72,7 +73,7 @@ def make_cross_vocab(target_model, rng: random.Random):
     or the target (perturbed) in the draft's ids with random chunk tokens beside."""
     from random_models import ChunkTokenizer, chunk_vocabulary, remap_vocab
 
-    from specdec.spec.drafters.cross_vocab import CrossVocabDrafter
+    from specdec.speculation.drafters.cross_vocab import CrossVocabDrafter
 
     vocab = target_model.config.vocab_size
     ttok = CharTokenizer(vocab)
@@ -162,8 +163,8 @@ def make_rest(target_model, rng: random.Random):
     """A datastore of random documents over the model's vocabulary (short spans match)."""
     import tempfile
 
-    from specdec.spec import datastore as ds
-    from specdec.spec.drafters.retrieval import RetrievalDrafter
+    from specdec.speculation import datastore as ds
+    from specdec.speculation.drafters.retrieval import RetrievalDrafter
 
     vocab = target_model.config.vocab_size
     if vocab not in _STORES:

@@ -30,9 +30,9 @@ from test_sampling_exactness import V, chi2_pvalue, exact_distribution, sample_c
 
 from specdec.engine import Engine, Generation
 from specdec.models.target import NativeTarget
-from specdec.spec.drafters.base import DraftState, NoDrafter
-from specdec.spec.drafters.cross_vocab import CommittedText, CrossVocabDrafter, translate
-from specdec.spec.sampling import SamplingParams
+from specdec.speculation.drafters.base import DraftState, NoDrafter
+from specdec.speculation.drafters.cross_vocab import CommittedText, CrossVocabDrafter, translate
+from specdec.speculation.sampling import SamplingParams
 
 CODE = ["f", "i", "b", "fi", "fib", "(", "n", ")", "(n", " ", " fi", " fib", ":", "\n"]
 
@@ -219,8 +219,8 @@ def test_chunk_drafts_become_several_target_tokens():
 def test_adaptive_length_through_the_registry():
     from types import SimpleNamespace
 
-    from specdec.spec.policies import AdaptiveLength
-    from specdec.spec.registry import get_method
+    from specdec.speculation.draft_length import AdaptiveLength
+    from specdec.speculation.methods import get_method
 
     model = random_transformer("qwen2", seed=5, vocab=48)
     draft, dtok = letters_draft(model)

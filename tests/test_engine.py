@@ -7,7 +7,7 @@ from random_models import CharTokenizer, full_logits, random_transformer
 from specdec.engine import Engine, Generation
 from specdec.errors import InvalidRequestError
 from specdec.models.target import NativeTarget
-from specdec.spec.sampling import SamplingParams
+from specdec.speculation.sampling import SamplingParams
 
 
 def reference_greedy(model, prompt, n, eos):

@@ -10,14 +10,14 @@ import torch
 
 from specdec.errors import InvalidRequestError
 from specdec.models.pass_cost import PassCost
-from specdec.spec.drafters.base import Drafter, DraftState
-from specdec.spec.drafters.merged import MergedDrafter
-from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
-from specdec.spec.drafters.token_recycling import TokenRecyclingDrafter
-from specdec.spec.registry import effective_options, get_method
-from specdec.spec.sampling import SamplingParams
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome
+from specdec.speculation.drafters.base import Drafter, DraftState
+from specdec.speculation.drafters.merged import MergedDrafter
+from specdec.speculation.drafters.prompt_lookup import PromptLookupDrafter
+from specdec.speculation.drafters.token_recycling import TokenRecyclingDrafter
+from specdec.speculation.methods import effective_options, get_method
+from specdec.speculation.sampling import SamplingParams
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome
 
 
 def state(tokens, budget=100):
@@ -345,7 +345,7 @@ class WordTokenizer:
 
 
 def test_suffix_array_sorts_positions_by_their_first_16_tokens():
-    from specdec.spec import datastore as ds
+    from specdec.speculation import datastore as ds
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(-1, 4, size=500).astype(np.int32)
@@ -356,7 +356,7 @@ def test_suffix_array_sorts_positions_by_their_first_16_tokens():
 
 
 def test_datastore_build_lookup_and_continuations(tmp_path):
-    from specdec.spec import datastore as ds
+    from specdec.speculation import datastore as ds
 
     for i, text in enumerate(["abc abd abc", "hab abc", "xyz"]):
         (tmp_path / "in" / f"{i}.txt").parent.mkdir(exist_ok=True)
@@ -393,8 +393,8 @@ def test_datastore_build_lookup_and_continuations(tmp_path):
 
 
 def test_rest_drafts_the_longest_matching_suffixes_continuations_by_frequency(tmp_path):
-    from specdec.spec import datastore as ds
-    from specdec.spec.drafters.retrieval import RetrievalDrafter
+    from specdec.speculation import datastore as ds
+    from specdec.speculation.drafters.retrieval import RetrievalDrafter
 
     docs = [[1, 2, 3, 4, 5]] * 3 + [[1, 2, 3, 6]] + [[9, 2, 3, 7, 7]] * 5
     ds.write(docs, tmp_path / "s", "fp")
@@ -411,8 +411,8 @@ def test_rest_drafts_the_longest_matching_suffixes_continuations_by_frequency(tm
 
 
 def test_rest_bisection_finds_the_same_longest_span_as_a_longest_first_scan(tmp_path):
-    from specdec.spec import datastore as ds
-    from specdec.spec.drafters.retrieval import RetrievalDrafter
+    from specdec.speculation import datastore as ds
+    from specdec.speculation.drafters.retrieval import RetrievalDrafter
 
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 4, size=int(rng.integers(5, 40))).tolist() for _ in range(30)]
@@ -439,8 +439,8 @@ def test_rest_bisection_finds_the_same_longest_span_as_a_longest_first_scan(tmp_
 
 
 def test_rest_sizes_its_tree_by_the_pass_cost_and_learns_what_a_match_is_worth(tmp_path):
-    from specdec.spec import datastore as ds
-    from specdec.spec.drafters.retrieval import RetrievalDrafter
+    from specdec.speculation import datastore as ds
+    from specdec.speculation.drafters.retrieval import RetrievalDrafter
 
     docs = [[1, 2, 3, 4, 5, 6, 7]] * 3 + [[1, 2, 3, 8, 9]]
     ds.write(docs, tmp_path / "s", "fp")
@@ -463,7 +463,7 @@ def test_rest_sizes_its_tree_by_the_pass_cost_and_learns_what_a_match_is_worth(t
 
 
 def test_ngram_cache_learns_across_requests_and_drafts_confident_continuations():
-    from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
+    from specdec.speculation.drafters.ngram_cache import NgramCacheDrafter
 
     d = NgramCacheDrafter(num_draft_tokens=4, min_ngram=1, max_ngram=2, branches=2)
     d.reset([1, 2, 3, 4])
@@ -484,7 +484,7 @@ def test_ngram_cache_learns_across_requests_and_drafts_confident_continuations()
 
 
 def test_ngram_cache_sizes_its_tree_by_the_pass_cost():
-    from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
+    from specdec.speculation.drafters.ngram_cache import NgramCacheDrafter
 
     seq = [1, 2, 3, 4, 5] * 3 + [1]
     flat = NgramCacheDrafter(num_draft_tokens=4, pass_cost=PassCost({1: 1.0, 64: 1.0}))
@@ -502,7 +502,7 @@ def test_ngram_cache_sizes_its_tree_by_the_pass_cost():
 
 
 def test_lookahead_runs_its_window_as_a_tree_and_pools_the_columns():
-    from specdec.spec.drafters.lookahead import LookaheadDrafter
+    from specdec.speculation.drafters.lookahead import LookaheadDrafter
 
     d = LookaheadDrafter(window=3, ngram=3, guesses=2, pool_from_prompt=False)
     d.reset([])
@@ -527,7 +527,7 @@ def test_lookahead_runs_its_window_as_a_tree_and_pools_the_columns():
 
 
 def test_lookahead_pool_keeps_the_most_recent_guesses_and_fits_the_budget():
-    from specdec.spec.drafters.lookahead import LookaheadDrafter
+    from specdec.speculation.drafters.lookahead import LookaheadDrafter
 
     d = LookaheadDrafter(window=2, ngram=3, guesses=2)
     d.reset([])
@@ -539,7 +539,7 @@ def test_lookahead_pool_keeps_the_most_recent_guesses_and_fits_the_budget():
 
 
 def test_lookahead_runs_its_window_only_while_what_it_earns_pays_for_its_nodes():
-    from specdec.spec.drafters.lookahead import LookaheadDrafter
+    from specdec.speculation.drafters.lookahead import LookaheadDrafter
 
     seq = [1, 2, 3, 1, 2, 3, 1]  # the pool (from the text) guesses (2, 3) after 1
     window_nodes = 1 + 1 * 2  # W 2, N 3
@@ -581,7 +581,7 @@ def test_lookahead_runs_its_window_only_while_what_it_earns_pays_for_its_nodes()
 
 
 def test_stand_keeps_running_means_of_the_targets_distributions():
-    from specdec.spec.drafters.stand import StandDrafter
+    from specdec.speculation.drafters.stand import StandDrafter
 
     d = StandDrafter(10, top_k=3, min_ngram=1, max_ngram=2)
     d._record([1, 2], [5, 6, 7], [0.7, 0.2, 0.05])
@@ -610,7 +610,7 @@ def test_stand_keeps_running_means_of_the_targets_distributions():
 
 
 def test_stand_drafts_ranked_children_greedily_and_samples_them_without_replacement():
-    from specdec.spec.drafters.stand import StandDrafter
+    from specdec.speculation.drafters.stand import StandDrafter
 
     d = StandDrafter(10, top_k=3, min_ngram=1, max_ngram=1, max_nodes=6, max_depth=2)
     d._record([2], [5, 6, 7], [0.6, 0.3, 0.1])

@@ -26,7 +26,7 @@ from specdec.models.quant_linear import (
     pack_float_model,
     quantise_linears,
 )
-from specdec.spec.drafters.base import NoDrafter
+from specdec.speculation.drafters.base import NoDrafter
 
 
 @pytest.fixture(autouse=True)

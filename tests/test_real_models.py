@@ -17,7 +17,7 @@ PARITY_MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b"]
 
 @pytest.mark.parametrize("model", PARITY_MODELS)
 def test_logits_and_greedy_match_transformers(model, record_property):
-    from specdec.bench.parity import check_parity
+    from benchmarks.parity import check_parity
 
     report = check_parity(model)
     record_property("parity", json.dumps(report))
@@ -52,7 +52,7 @@ def test_tokenizer_matches_transformers(model):
     from transformers import AutoTokenizer
 
     from specdec.models.loading import converted_folder
-    from specdec.models.registry import pull
+    from specdec.models.catalog import pull
     from specdec.models.tokenizer import Tokenizer
 
     path = pull(model, progress=False)
@@ -125,7 +125,7 @@ def test_cli_generate_streams_on_real_model(tmp_path):
 
 
 def test_models_lists_pulled_paths():
-    from specdec.models.registry import pull
+    from specdec.models.catalog import pull
 
     path = pull("smollm2-135m", progress=False)
     proc = subprocess.run(

@@ -9,7 +9,7 @@ from transformers.generation.logits_process import (
 )
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.sampling import SamplingParams, probabilities, sample
+from specdec.speculation.sampling import SamplingParams, probabilities, sample
 
 
 @pytest.mark.parametrize(

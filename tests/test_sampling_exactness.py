@@ -17,14 +17,14 @@ from random_models import CharTokenizer, full_logits, perturbed_copy, random_tra
 from specdec.engine import Engine, Generation
 from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget, VocabSubset
-from specdec.spec.drafters.base import NoDrafter
-from specdec.spec.drafters.draft_model import DraftModelDrafter
-from specdec.spec.drafters.lookahead import LookaheadDrafter
-from specdec.spec.drafters.merged import MergedDrafter
-from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
-from specdec.spec.drafters.stand import StandDrafter
-from specdec.spec.drafters.token_recycling import TokenRecyclingDrafter
-from specdec.spec.sampling import SamplingParams, probabilities
+from specdec.speculation.drafters.base import NoDrafter
+from specdec.speculation.drafters.draft_model import DraftModelDrafter
+from specdec.speculation.drafters.lookahead import LookaheadDrafter
+from specdec.speculation.drafters.merged import MergedDrafter
+from specdec.speculation.drafters.prompt_lookup import PromptLookupDrafter
+from specdec.speculation.drafters.stand import StandDrafter
+from specdec.speculation.drafters.token_recycling import TokenRecyclingDrafter
+from specdec.speculation.sampling import SamplingParams, probabilities
 
 V, N, RUNS = 6, 3, 20_000
 PROMPT = [1, 4, 2]

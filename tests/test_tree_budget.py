@@ -8,9 +8,9 @@ from random_models import CharTokenizer, perturbed_copy, random_transformer
 from specdec.engine import Engine, Generation
 from specdec.models.pass_cost import PassCost, cached_pass_cost, measure_pass_cost
 from specdec.models.target import NativeTarget
-from specdec.spec.drafters.draft_model import DraftModelDrafter
-from specdec.spec.policies import TreeBudget
-from specdec.spec.tree import DraftTree
+from specdec.speculation.drafters.draft_model import DraftModelDrafter
+from specdec.speculation.sizing import TreeBudget
+from specdec.speculation.tree import DraftTree
 
 
 def test_pass_cost_interpolates_and_extrapolates():

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.sampling import SamplingParams, probabilities
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.greedy import GreedyVerifier
-from specdec.spec.verifiers.spectr import SpecTrVerifier, beta, k_seq_residual, optimal_rho
-from specdec.spec.verifiers.speculative import SpeculativeSampler
-from specdec.spec.without_replacement import beam_level, conditionals, gumbel_top_k
+from specdec.speculation.sampling import SamplingParams, probabilities
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.greedy import GreedyVerifier
+from specdec.speculation.verifiers.spectr import SpecTrVerifier, beta, k_seq_residual, optimal_rho
+from specdec.speculation.verifiers.speculative import SpeculativeSampler
+from specdec.speculation.without_replacement import beam_level, conditionals, gumbel_top_k
 
 V = 5  # vocabulary size
 LENGTH = 3  # tokens whose joint distribution is checked

@@ -18,11 +18,11 @@ from typing import Any
 from specdec.engine import Engine, Generation
 from specdec.errors import InvalidRequestError
 from specdec.models.loading import load_model, resolve_dtype
-from specdec.models.registry import DEFAULT_MODEL
+from specdec.models.catalog import DEFAULT_MODEL
 from specdec.models.target import NativeTarget, Target
 from specdec.models.tokenizer import Tokenizer
-from specdec.spec.registry import get_method, resolve_auto
-from specdec.spec.sampling import SamplingParams
+from specdec.speculation.methods import get_method, resolve_auto
+from specdec.speculation.sampling import SamplingParams
 
 Prompt = str | list[dict[str, Any]]
 
@@ -121,7 +121,7 @@ class Generator:
         return loaded.quant if loaded is not None else "none"
 
     def auto_method(self) -> tuple[str, dict[str, Any]]:
-        """The method and options ``auto`` runs for this target (`spec.registry.AUTO`)."""
+        """The method and options ``auto`` runs for this target (`speculation.methods.AUTO`)."""
         return resolve_auto(self.name, self.weights_quant)
 
     def resolved_method(self, method: str) -> str:
@@ -176,7 +176,7 @@ class Generator:
         if backend == "llamacpp":
             from specdec.models.llamacpp_target import LlamaCppTarget
             from specdec.models.loading import load_tokenizer
-            from specdec.models.registry import resolve_model_file
+            from specdec.models.catalog import resolve_model_file
 
             where = resolve_model_file(str(model), auto_pull=True, progress=progress)
             if isinstance(where, str) or where.is_dir() or where.suffix != ".gguf":
@@ -187,7 +187,7 @@ class Generator:
             tokenizer = load_tokenizer(model, progress=progress)
             return cls(target, tokenizer, model, "auto", device, progress, quant)
         if backend == "hf":
-            from specdec.models.hf_adapter import load_hf_target
+            from specdec.models.hf_target import load_hf_target
 
             target, info = load_hf_target(model, dtype=dtype, device=device, progress=progress)
             if info.tokenizer is None:

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from specdec.models.registry import DEFAULT_MODEL
+    from specdec.models.catalog import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(
         prog="specdec",
@@ -352,7 +352,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from specdec.spec.registry import METHODS
+    from specdec.speculation.methods import METHODS
 
     rows = [
         {
@@ -370,7 +370,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    from specdec.spec.registry import AUTO
+    from specdec.speculation.methods import AUTO
 
     print(
         "auto  the fastest lossless method measured for the model and its weights "
@@ -409,7 +409,7 @@ def _enable_info_logging() -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from specdec.models.registry import DEFAULT_MODEL, KNOWN_MODELS, local_path
+    from specdec.models.catalog import DEFAULT_MODEL, KNOWN_MODELS, local_path
 
     rows = []
     for m in KNOWN_MODELS.values():
@@ -438,7 +438,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from specdec.models.registry import pull
+    from specdec.models.catalog import pull
 
     path = pull(args.name, progress=not args.quiet, force=args.force)
     print(path)
@@ -447,7 +447,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_datastore_build(args: argparse.Namespace) -> int:
     from specdec.models.loading import load_tokenizer
-    from specdec.spec.datastore import build, default_path, input_files
+    from specdec.speculation.datastore import build, default_path, input_files
 
     tokenizer = load_tokenizer(args.model, progress=not args.quiet)
     files = input_files(args.input)

@@ -16,10 +16,10 @@ import torch
 from specdec.errors import InvalidRequestError
 from specdec.models.target import Target
 from specdec.models.tokenizer import Tokenizer
-from specdec.spec.drafters.base import Drafter, DraftState, NoDrafter
-from specdec.spec.sampling import SamplingParams, probabilities
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome, Verifier
+from specdec.speculation.drafters.base import Drafter, DraftState, NoDrafter
+from specdec.speculation.sampling import SamplingParams, probabilities
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome, Verifier
 
 
 @dataclass
@@ -188,8 +188,8 @@ class Engine:
 
 
 def default_verifier(sampling: SamplingParams) -> Verifier:
-    from specdec.spec.verifiers.greedy import GreedyVerifier
-    from specdec.spec.verifiers.speculative import SpeculativeSampler
+    from specdec.speculation.verifiers.greedy import GreedyVerifier
+    from specdec.speculation.verifiers.speculative import SpeculativeSampler
 
     return GreedyVerifier() if sampling.greedy else SpeculativeSampler()
 

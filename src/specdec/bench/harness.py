@@ -161,7 +161,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 def parse_methods(text: str | None, server: bool) -> list[str]:
     """Method names, validated, `ar` first (added if missing)."""
     from specdec.bench.runners import PEERS
-    from specdec.spec.registry import METHODS, is_method
+    from specdec.speculation.methods import METHODS, is_method
 
     if server:
         if text is not None:
@@ -194,7 +194,7 @@ def parse_options(
     items: list[str], methods: list[str], draft: str | None, model: str
 ) -> dict[str, dict[str, Any]]:
     """Per specdec method, its options (validated by the method registry)."""
-    from specdec.spec.registry import get_method, is_method, resolve_auto
+    from specdec.speculation.methods import get_method, is_method, resolve_auto
 
     def spec_of(m: str):
         m = base_method(m)
@@ -243,7 +243,7 @@ def _sha256(path: Path) -> str:
 
 def model_files(spec: str) -> dict[str, Any]:
     """Where a model's weights came from and their sha256 (a known model: the checked hash)."""
-    from specdec.models.registry import KNOWN_MODELS, local_path
+    from specdec.models.catalog import KNOWN_MODELS, local_path
 
     if spec in KNOWN_MODELS:
         km = KNOWN_MODELS[spec]
@@ -385,7 +385,7 @@ def build_runners(args, methods, options, skipped) -> tuple[Any, dict[str, Any]]
 
 
 def _gguf_path(model: str) -> str | None:
-    from specdec.models.registry import resolve_model_file
+    from specdec.models.catalog import resolve_model_file
 
     try:
         where = resolve_model_file(model, auto_pull=False, progress=False)

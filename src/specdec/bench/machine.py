@@ -37,7 +37,7 @@ def measure_bandwidth_gbs(gib: float = 2.0, repeats: int = 5) -> float:
 
 def machine_info(refresh: bool = False) -> dict:
     """Cores, threads, memory bandwidth; cached in the specdec cache folder per machine."""
-    from specdec.models.registry import cache_dir
+    from specdec.models.catalog import cache_dir
 
     key = f"{platform.node()}-{os.cpu_count()}-{torch.get_num_threads()}"
     path = cache_dir() / "machine.json"

@@ -4,7 +4,7 @@ A runner turns (chat messages, their token ids, a token budget) into a `TurnOutp
 the wall time measured around generation only. Every runner on a local model receives
 the same chat-templated token ids; a server receives the messages.
 
-- `SpecdecRunner`: a method of `specdec.spec.registry.METHODS` (or ``auto``) through the
+- `SpecdecRunner`: a method of `specdec.speculation.methods.METHODS` (or ``auto``) through the
   engine; time, τ, drafted and accepted come from the engine's own statistics.
 - `HFRunner`: ``transformers`` ``generate`` on the same model files — ``hf-ar`` (plain
   greedy), ``hf-assisted`` (assisted generation with the same draft model), ``hf-pld``
@@ -95,7 +95,7 @@ class SpecdecRunner(Runner):
     kind = "specdec"
 
     def __init__(self, gen: Any, method: str, options: dict[str, Any]) -> None:
-        from specdec.spec.registry import effective_options, get_method
+        from specdec.speculation.methods import effective_options, get_method
 
         # ``method`` may be a labelled variant, ``draft@wide``: the label names the results
         self.gen, self.name, self.options = gen, method, options
@@ -220,7 +220,7 @@ def load_hf_models(gen: Any, model: str, draft: str | None, dtype: str, device: 
     draft as ``transformers`` models, from the same files the native loader reads."""
     import transformers
 
-    from specdec.models.hf_adapter import HFTarget, load_hf_target
+    from specdec.models.hf_target import HFTarget, load_hf_target
 
     if not gen.progress:
         transformers.utils.logging.disable_progress_bar()

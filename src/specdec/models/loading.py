@@ -84,7 +84,7 @@ def load_model(
     ``quant`` (`specdec.models.quant_linear.QUANTS`) swaps the linears for the
     quantised kernel's; ``dtype`` is then the dtype of everything else."""
     from specdec.models.quant_linear import check_quant, resolve_quant
-    from specdec.models.registry import resolve_model_file
+    from specdec.models.catalog import resolve_model_file
 
     check_quant(quant)
     dev = _check_device(device)
@@ -111,7 +111,7 @@ def load_model(
 
 def load_tokenizer(spec: str | Path, *, progress: bool = True) -> Tokenizer:
     """The tokenizer of a model, without loading its weights (converting a GGUF once)."""
-    from specdec.models.registry import resolve_model_file
+    from specdec.models.catalog import resolve_model_file
 
     where = resolve_model_file(str(spec), auto_pull=True, progress=progress)
     if isinstance(where, str):
@@ -209,7 +209,7 @@ def _file_key(path: Path) -> str:
 
 def converted_folder(gguf_path: Path, *, progress: bool = True) -> Path:
     """The runtime-layout folder of a GGUF file, converting it on first use."""
-    from specdec.models.registry import cache_dir
+    from specdec.models.catalog import cache_dir
 
     gguf_path = Path(gguf_path)
     if not gguf_path.exists():

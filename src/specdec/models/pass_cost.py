@@ -127,7 +127,7 @@ def cached_pass_cost(
     """The curve of ``target`` (``identity`` names model file, dtype, device, backend),
     measured on first use on this machine (or when ``refresh``) and read from the cache
     afterwards."""
-    from specdec.models.registry import cache_dir
+    from specdec.models.catalog import cache_dir
 
     raw = f"{MEASURE_VERSION}|{identity}|{machine_key()}|{tuple(sizes)}"
     key = hashlib.sha256(raw.encode()).hexdigest()[:16]

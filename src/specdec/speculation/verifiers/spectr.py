@@ -53,11 +53,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from specdec.spec.sampling import SamplingParams, sample
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome, Verifier, check_rows
-from specdec.spec.verifiers.greedy import GreedyVerifier
-from specdec.spec.verifiers.speculative import SpeculativeSampler
+from specdec.speculation.sampling import SamplingParams, sample
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome, Verifier, check_rows
+from specdec.speculation.verifiers.greedy import GreedyVerifier
+from specdec.speculation.verifiers.speculative import SpeculativeSampler
 
 
 def beta(p: torch.Tensor, q: torch.Tensor, rho: float) -> float:

@@ -30,7 +30,7 @@ same rule, with no verifier of its own: its siblings are drawn *without*
 replacement (RSD-C: Gumbel-Top-k; RSD-S: stochastic beam search), and each
 carries as its ``q`` the drafter's distribution with the earlier siblings
 removed and renormalised, the distribution it was drawn from given them
-(`specdec.spec.without_replacement`). The rule stays exact because what it
+(`specdec.speculation.without_replacement`). The rule stays exact because what it
 needs holds: given the earlier siblings and their rejections, a child is a
 draw from its own ``q``, and the residual after a rejection does not depend on
 the rejected token. Whether one more sibling exists may depend on the earlier
@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import torch
 
-from specdec.spec.sampling import SamplingParams, sample
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome, Verifier, check_rows
+from specdec.speculation.sampling import SamplingParams, sample
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome, Verifier, check_rows
 
 
 class SpeculativeSampler(Verifier):

@@ -25,10 +25,10 @@ depth after matches of the same n-gram length.
 from __future__ import annotations
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, DraftState, ngram_orders
-from specdec.spec.policies import TrieSizer
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome
+from specdec.speculation.drafters.base import Drafter, DraftState, ngram_orders
+from specdec.speculation.sizing import TrieSizer
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome
 
 
 class PromptLookupDrafter(Drafter):

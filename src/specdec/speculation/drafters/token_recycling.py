@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, DraftState, unseen_token_rows
-from specdec.spec.policies import RankAcceptance, best_size
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome
+from specdec.speculation.drafters.base import Drafter, DraftState, unseen_token_rows
+from specdec.speculation.sizing import RankAcceptance, best_size
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome
 
 
 class TokenRecyclingDrafter(Drafter):

@@ -1,6 +1,6 @@
 """A retrieval datastore: a corpus tokenised by the target, and a suffix array over it.
 
-For REST (`specdec.spec.drafters.retrieval`). On disk, one folder:
+For REST (`specdec.speculation.drafters.retrieval`). On disk, one folder:
 
 - ``tokens.bin``: int32 token ids of every document, each followed by -1 (a
   separator no match or continuation crosses);
@@ -173,7 +173,7 @@ def suffix_array(tokens: np.ndarray) -> np.ndarray:
 
 def default_path(tokenizer: Any) -> Path:
     """Where the default code datastore (the standard library) for a tokenizer lives."""
-    from specdec.models.registry import cache_dir
+    from specdec.models.catalog import cache_dir
 
     return cache_dir() / "datastores" / tokenizer_fingerprint(tokenizer) / "python-stdlib"
 

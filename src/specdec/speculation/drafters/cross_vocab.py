@@ -25,7 +25,7 @@ text, the one thing both tokenizers agree on:
 5. The target tokens go to the verifier as a chain with ``q`` None: a point
    mass, chosen independently of the target's randomness, so greedy and
    speculative-sampling verification are both exact (see
-   `specdec.spec.verifiers.speculative`).
+   `specdec.speculation.verifiers.speculative`).
 
 This is the text-level translation of Hugging Face's universal assisted
 generation (assisted decoding with different tokenizers; Timor et al. 2025,
@@ -60,10 +60,10 @@ import torch
 
 from specdec.errors import InvalidRequestError
 from specdec.models.target import Target
-from specdec.spec.drafters.base import Drafter, DraftState
-from specdec.spec.policies import DraftLengthPolicy, FixedLength
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome
+from specdec.speculation.drafters.base import Drafter, DraftState
+from specdec.speculation.draft_length import DraftLengthPolicy, FixedLength
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome
 
 _REPLACEMENT = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, NoDrafter
+from specdec.speculation.drafters.base import Drafter, NoDrafter
 
 
 @dataclass(frozen=True)
@@ -121,11 +121,11 @@ def _build_ar(ctx: Any, opts: dict[str, Any]) -> Drafter:
 
 
 def _build_draft(ctx: Any, opts: dict[str, Any]) -> Drafter:
-    from specdec.spec.drafters.draft_model import DraftModelDrafter
+    from specdec.speculation.drafters.draft_model import DraftModelDrafter
 
     if not opts["draft_model"]:
         raise InvalidRequestError("method 'draft' needs a draft model: --draft MODEL")
-    from specdec.spec.policies import AdaptiveLength, FixedLength
+    from specdec.speculation.draft_length import AdaptiveLength, FixedLength
 
     siblings, verifier = opts["siblings"], opts["verifier"]
     static = bool(opts["tree"]) and str(opts["tree"]).strip().lower() != "dynamic"
@@ -146,7 +146,7 @@ def _build_draft(ctx: Any, opts: dict[str, Any]) -> Drafter:
     policy = kind(opts["num_draft_tokens"], confidence=opts["confidence"])
     branching, budget = None, None
     if str(opts["tree"]).strip().lower() == "dynamic":
-        from specdec.spec.policies import TreeBudget
+        from specdec.speculation.sizing import TreeBudget
 
         target_cost, draft_cost = ctx.pass_costs(opts["draft_model"])
         budget = TreeBudget(target_cost, draft_cost, max_nodes=opts["tree_nodes"])
@@ -184,8 +184,8 @@ def _vocab_subset(ctx: Any, draft: Any, n: int) -> Any:
 
 
 def _build_cross_vocab(ctx: Any, opts: dict[str, Any]) -> Drafter:
-    from specdec.spec.drafters.cross_vocab import CrossVocabDrafter
-    from specdec.spec.policies import AdaptiveLength, FixedLength
+    from specdec.speculation.drafters.cross_vocab import CrossVocabDrafter
+    from specdec.speculation.draft_length import AdaptiveLength, FixedLength
 
     if not opts["draft_model"]:
         raise InvalidRequestError("method 'cross-vocab' needs a draft model: --draft MODEL")
@@ -209,35 +209,35 @@ def _sized_by_cost(ctx: Any, opts: dict[str, Any]) -> tuple[dict[str, Any], Any]
 
 
 def _build_pld(ctx: Any, opts: dict[str, Any]) -> Drafter:
-    from specdec.spec.drafters.prompt_lookup import PromptLookupDrafter
+    from specdec.speculation.drafters.prompt_lookup import PromptLookupDrafter
 
     opts, cost = _sized_by_cost(ctx, opts)
     return PromptLookupDrafter(pass_cost=cost, **opts)
 
 
 def _build_ngram_cache(ctx: Any, opts: dict[str, Any]) -> Drafter:
-    from specdec.spec.drafters.ngram_cache import NgramCacheDrafter
+    from specdec.speculation.drafters.ngram_cache import NgramCacheDrafter
 
     opts, cost = _sized_by_cost(ctx, opts)
     return NgramCacheDrafter(pass_cost=cost, **opts)
 
 
 def _build_lookahead(ctx: Any, opts: dict[str, Any]) -> Drafter:
-    from specdec.spec.drafters.lookahead import LookaheadDrafter
+    from specdec.speculation.drafters.lookahead import LookaheadDrafter
 
     opts, cost = _sized_by_cost(ctx, opts)
     return LookaheadDrafter(pass_cost=cost, **opts)
 
 
 def _build_stand(ctx: Any, opts: dict[str, Any]) -> Drafter:
-    from specdec.spec.drafters.stand import StandDrafter
+    from specdec.speculation.drafters.stand import StandDrafter
 
     opts, cost = _sized_by_cost(ctx, opts)
     return StandDrafter(ctx.vocab_size, pass_cost=cost, **opts)
 
 
 def _build_recycle(ctx: Any, opts: dict[str, Any]) -> Drafter:
-    from specdec.spec.drafters.token_recycling import TokenRecyclingDrafter
+    from specdec.speculation.drafters.token_recycling import TokenRecyclingDrafter
 
     opts, cost = _sized_by_cost(ctx, opts)
     return TokenRecyclingDrafter(
@@ -252,8 +252,8 @@ def _build_recycle(ctx: Any, opts: dict[str, Any]) -> Drafter:
 
 
 def _build_rest(ctx: Any, opts: dict[str, Any]) -> Drafter:
-    from specdec.spec.datastore import open_datastore
-    from specdec.spec.drafters.retrieval import RetrievalDrafter
+    from specdec.speculation.datastore import open_datastore
+    from specdec.speculation.drafters.retrieval import RetrievalDrafter
 
     opts, cost = _sized_by_cost(ctx, opts)
     store = open_datastore(opts.pop("datastore"), ctx.tokenizer, getattr(ctx, "progress", False))
@@ -535,7 +535,7 @@ def _merged_method(name: str) -> Method:
             options.setdefault(key, Option(opt.type, None, opt.help, opt.minimum))
 
     def build(ctx: Any, opts: dict[str, Any]) -> Drafter:
-        from specdec.spec.drafters.merged import MergedDrafter
+        from specdec.speculation.drafters.merged import MergedDrafter
 
         given = {k: v for k, v in opts.items() if v is not None}
         # the union is sized jointly unless that or sizing by cost is turned off

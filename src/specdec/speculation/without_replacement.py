@@ -19,7 +19,7 @@ token:
 The ``i``-th sibling drawn without replacement is a draw from ``q`` with the
 ``i - 1`` earlier siblings removed and renormalised (`conditionals`). With that
 distribution as the node's ``q``, the tree is verified exactly by the plain
-recursive rejection sampler (`specdec.spec.verifiers.speculative`); RSD needs no
+recursive rejection sampler (`specdec.speculation.verifiers.speculative`); RSD needs no
 verifier of its own (see that module's docstring for why the rule stays exact).
 """
 

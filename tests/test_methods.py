@@ -14,7 +14,7 @@ import pytest
 
 from specdec.errors import IntegrityError, ModelNotFoundError, RegistryUnreachableError
 from specdec.models import registry
-from specdec.models.registry import KnownModel
+from specdec.models.catalog import KnownModel
 
 PARTS = [b"GGUF" + bytes(range(256)) * 40, b"second part " * 500]
 
@@ -202,7 +202,7 @@ def test_catalogue():
 
 
 def test_auto_depends_on_the_weights():
-    from specdec.spec.registry import resolve_auto
+    from specdec.speculation.methods import resolve_auto
 
     assert resolve_auto("qwen2.5-coder-1.5b", "none")[0] == "draft"
     assert resolve_auto("qwen2.5-coder-1.5b", "gguf") == ("pld", {})

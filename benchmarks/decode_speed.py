@@ -1,7 +1,7 @@
 """Autoregressive decode speed of the native runtime against `transformers`, llama.cpp and
 the floor, for each weight format.
 
-    python -m specdec.bench.decode_speed --models qwen2.5-coder-0.5b,qwen2.5-coder-1.5b \
+    python -m benchmarks.decode_speed --models qwen2.5-coder-0.5b,qwen2.5-coder-1.5b \
         --quants none,gguf,int8,int4 --dtypes bfloat16 --new-tokens 64 --out speed.json
 
 For each model and weight format (``--quants``; ``none`` once per ``--dtypes`` entry,

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.spec.sampling import SamplingParams
-from specdec.spec.tree import DraftTree
+from specdec.speculation.sampling import SamplingParams
+from specdec.speculation.tree import DraftTree
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Outcome:
 class Verifier:
     """``verify(tree, p, params, rng)``: ``p`` holds the target's distribution after the
     root (row 0) and after each node ``i`` (row ``i + 1``), already shaped by
-    ``params`` (temperature / top-k / top-p) with `specdec.spec.sampling.probabilities`."""
+    ``params`` (temperature / top-k / top-p) with `specdec.speculation.sampling.probabilities`."""
 
     name: str = ""
     lossless: bool = True

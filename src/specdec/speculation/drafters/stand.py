@@ -10,7 +10,7 @@ and cut back to the top ``top_k``). A node's children come from the entry of
 the longest n-gram ending at it: under sampling, drawn without replacement
 with the Gumbel-Top-k trick from the entry renormalised, each carrying as its
 ``q`` the entry with the earlier siblings removed (RSD-C; exact under the
-recursive rejection sampler, `specdec.spec.verifiers.speculative`); under
+recursive rejection sampler, `specdec.speculation.verifiers.speculative`); under
 greedy decoding, the entry's most probable tokens.
 
 The tree shape: the paper fits a static 80-node tree offline (from 30 AIME
@@ -38,12 +38,12 @@ from __future__ import annotations
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, DraftState, ngram_orders, unseen_token_rows
-from specdec.spec.policies import RankAcceptance, best_size
-from specdec.spec.sampling import SamplingParams, probabilities
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome
-from specdec.spec.without_replacement import conditionals, gumbel
+from specdec.speculation.drafters.base import Drafter, DraftState, ngram_orders, unseen_token_rows
+from specdec.speculation.sizing import RankAcceptance, best_size
+from specdec.speculation.sampling import SamplingParams, probabilities
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome
+from specdec.speculation.without_replacement import conditionals, gumbel
 
 
 class _Entry:

@@ -6,7 +6,7 @@ merged tree has at most the sum of their sizes. A deterministic node (``q`` None
 parent already has a deterministic child with the same token is that child;
 any other node is added as it is. Nodes drawn from a distribution are never
 merged: whether a sampled sibling exists must not depend on its own token
-(see `specdec.spec.verifiers.speculative`), so a sampled duplicate stays a
+(see `specdec.speculation.verifiers.speculative`), so a sampled duplicate stays a
 sibling of its own; under greedy the verifier takes the first match anyway.
 The verifier is the first drafter's (the others must not ask for another).
 
@@ -32,11 +32,11 @@ import math
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, DraftState
-from specdec.spec.policies import best_size
-from specdec.spec.sampling import SamplingParams
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome, Verifier
+from specdec.speculation.drafters.base import Drafter, DraftState
+from specdec.speculation.sizing import best_size
+from specdec.speculation.sampling import SamplingParams
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome, Verifier
 
 
 class MergedDrafter(Drafter):

@@ -1,6 +1,6 @@
 """Parity of the native runtime with `transformers` on the same GGUF file.
 
-    python -m specdec.bench.parity --model qwen2.5-coder-0.5b
+    python -m benchmarks.parity --model qwen2.5-coder-0.5b
 
 Loads the file twice (native, and `transformers` with `gguf_file=`), compares
 the logits of a fixed 256-token text in float32, and compares 64 greedy tokens.

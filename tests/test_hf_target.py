@@ -24,9 +24,9 @@ from specdec.errors import (
     ModelFormatError,
     ModelNotFoundError,
 )
-from specdec.models.hf_adapter import HFTarget, load_hf_target
+from specdec.models.hf_target import HFTarget, load_hf_target
 from specdec.models.tokenizer import Tokenizer
-from specdec.spec.sampling import SamplingParams
+from specdec.speculation.sampling import SamplingParams
 
 VOCAB = 64
 TOL = 1e-10

@@ -56,10 +56,10 @@ from collections import OrderedDict
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.drafters.base import Drafter, DraftState
-from specdec.spec.policies import TrieSizer
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome
+from specdec.speculation.drafters.base import Drafter, DraftState
+from specdec.speculation.sizing import TrieSizer
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome
 
 
 class LookaheadDrafter(Drafter):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.sampling import SamplingParams
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome, Verifier, check_rows
+from specdec.speculation.sampling import SamplingParams
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome, Verifier, check_rows
 
 
 class GreedyVerifier(Verifier):

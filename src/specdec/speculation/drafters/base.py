@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.spec.sampling import SamplingParams
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome, Verifier
+from specdec.speculation.sampling import SamplingParams
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome, Verifier
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Matmul kernels for one linear layer, side by side, at the row counts of a decode step
 and of verifying a draft.
 
-    python -m specdec.bench.linear_kernels --shape 8960x1536 --rows 1,2,4,8,16,64
-    python -m specdec.bench.linear_kernels --quantised --rows 1,2,4,8,16,32,64
+    python -m benchmarks.linear_kernels --shape 8960x1536 --rows 1,2,4,8,16,64
+    python -m benchmarks.linear_kernels --quantised --rows 1,2,4,8,16,32,64
 
 Float (default): ``F.linear`` against oneDNN-prepacked weights, per dtype.
 ``--quantised``: the weight-only kernels torch 2.13 ships for the CPU
@@ -44,7 +44,7 @@ def _gguf_blocks(out_f: int, in_f: int, copies: int) -> dict[str, list]:
     import gguf
     import numpy as np
 
-    from specdec.models.registry import pull
+    from specdec.models.catalog import pull
 
     reader = gguf.GGUFReader(str(pull("qwen2.5-coder-1.5b", progress=False)))
     found: dict[str, list] = {}

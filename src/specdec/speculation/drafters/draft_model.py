@@ -7,7 +7,7 @@ of what it has seen and what was committed survives) and runs the tokens it has
 not seen yet in one pass. Under sampling each drafted token is drawn from the
 drafter's distribution shaped by the same temperature / top-k / top-p as the
 target's, and that distribution travels with the node for the verifier.
-How many tokens to draft is the policy's call (`specdec.spec.policies`).
+How many tokens to draft is the policy's call (`specdec.speculation.sizing`).
 
 With the ``draft_vocab`` option the draft computes its logits over part of the
 vocabulary only (`specdec.models.target.VocabSubset`: the LM head restricted to
@@ -26,12 +26,13 @@ import torch
 
 from specdec.errors import InvalidRequestError
 from specdec.models.target import Target
-from specdec.spec.drafters.base import Drafter, DraftState
-from specdec.spec.policies import DraftLengthPolicy, FixedLength, TreeBudget
-from specdec.spec.sampling import SamplingParams, probabilities, sample
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome, Verifier
-from specdec.spec.without_replacement import beam_level, conditionals, gumbel_top_k
+from specdec.speculation.drafters.base import Drafter, DraftState
+from specdec.speculation.draft_length import DraftLengthPolicy, FixedLength
+from specdec.speculation.sizing import TreeBudget
+from specdec.speculation.sampling import SamplingParams, probabilities, sample
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome, Verifier
+from specdec.speculation.without_replacement import beam_level, conditionals, gumbel_top_k
 
 
 class DraftModelDrafter(Drafter):
@@ -158,7 +159,7 @@ class DraftModelDrafter(Drafter):
         (Kool et al. 2019), beam width ``max(branching)``, one depth per entry of ``branching``.
 
         Each depth keeps the beam's best children by perturbed sequence log
-        probability (`specdec.spec.without_replacement.beam_level`). A parent's kept
+        probability (`specdec.speculation.without_replacement.beam_level`). A parent's kept
         children are its first draws without replacement, so each carries its
         conditional q and `SpeculativeSampler` verifies the tree exactly. Under
         greedy it is plain beam search over the drafter's log probabilities (q None).
@@ -202,7 +203,7 @@ class DraftModelDrafter(Drafter):
     def verifier(self, sampling: SamplingParams) -> Verifier | None:
         """SpecTr's k-sequential selection when configured for it, under sampling."""
         if self.verify == "spectr" and not sampling.greedy:
-            from specdec.spec.verifiers.spectr import SpecTrVerifier
+            from specdec.speculation.verifiers.spectr import SpecTrVerifier
 
             return SpecTrVerifier()
         return None

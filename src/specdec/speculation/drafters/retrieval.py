@@ -1,7 +1,7 @@
 """REST: drafts retrieved from a datastore by the longest matching suffix of the context.
 
 He et al. 2023/2024, "REST: Retrieval-Based Speculative Decoding". The
-datastore (`specdec.spec.datastore`) is a corpus tokenised by the target with
+datastore (`specdec.speculation.datastore`) is a corpus tokenised by the target with
 a suffix array over it. Each step looks up the last ``span`` tokens of the
 sequence for ``span`` = 16 down to 2 and stops at the first span that occurs;
 the ``continuation`` tokens after up to ``max_matches`` of its occurrences
@@ -38,11 +38,11 @@ import math
 from collections import Counter
 
 from specdec.errors import InvalidRequestError
-from specdec.spec.datastore import Datastore
-from specdec.spec.drafters.base import Drafter, DraftState
-from specdec.spec.policies import Revisit, ShareCalibration, best_size
-from specdec.spec.tree import DraftTree
-from specdec.spec.verifiers.base import Outcome
+from specdec.speculation.datastore import Datastore
+from specdec.speculation.drafters.base import Drafter, DraftState
+from specdec.speculation.sizing import Revisit, ShareCalibration, best_size
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.base import Outcome
 
 
 class RetrievalDrafter(Drafter):

@@ -325,7 +325,7 @@ def load_hf_target(
     dev = _check_device(device)
     name = str(folder_or_id)
     path = Path(folder_or_id).expanduser()
-    from specdec.models.registry import KNOWN_MODELS, resolve_model_file
+    from specdec.models.catalog import KNOWN_MODELS, resolve_model_file
 
     if name in KNOWN_MODELS or name.lower().endswith(".gguf"):
         return _load_hf_gguf(
