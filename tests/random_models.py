@@ -52,8 +52,11 @@ class CharTokenizer:
     """A stand-in tokenizer: id i is the letter chr(65 + i); the last id is EOS."""
 
     def __init__(self, vocab: int = 64) -> None:
-        self.vocab = vocab
+        self.size = vocab
         self.eos_token_ids = frozenset({vocab - 1})
+
+    def vocab(self) -> dict[str, int]:
+        return {chr(65 + i): i for i in range(self.size)}
 
     def decode(self, ids, skip_special_tokens=False):
         return "".join(

@@ -1,11 +1,16 @@
 """The conformance suite: every registered method through the same exactness checks.
 
 Greedy: on small random float64 models, a method's output equals plain
-autoregressive decoding token for token (random prompts, lengths, draft sizes,
-EOS inside drafts). A method cannot be registered without an entry here.
+autoregressive decoding token for token (random prompts, lengths, options, EOS
+inside drafts). Every method is built the way users build it, through the method
+table (`get_method(name).build(ctx, options)`) with random valid options, so its
+builder and its option checks are exercised too. A method cannot be registered
+without a factory here.
 """
 
+import dataclasses
 import random
+import tempfile
 
 import pytest
 import torch
@@ -15,207 +20,218 @@ from specdec.engine import Engine, Generation
 from specdec.errors import InvalidRequestError
 from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget, VocabSubset
-from specdec.speculation.drafters.base import NoDrafter
-from specdec.speculation.drafters.draft_model import DraftModelDrafter
-from specdec.speculation.drafters.lookahead import LookaheadDrafter
-from specdec.speculation.drafters.merged import MergedDrafter
-from specdec.speculation.drafters.ngram_cache import NgramCacheDrafter
-from specdec.speculation.drafters.prompt_lookup import PromptLookupDrafter
-from specdec.speculation.drafters.stand import StandDrafter
-from specdec.speculation.drafters.token_recycling import TokenRecyclingDrafter
+from specdec.speculation import datastore
 from specdec.speculation.draft_length import AdaptiveLength, FixedLength
-from specdec.speculation.sizing import TreeBudget
-from specdec.speculation.methods import METHODS
+from specdec.speculation.drafters.base import BuildContext, NoDrafter
+from specdec.speculation.drafters.draft_model import DraftModelDrafter
+from specdec.speculation.methods import METHODS, get_method
 from specdec.speculation.sampling import SamplingParams
 from specdec.speculation.verifiers.spectr import SpecTrVerifier
 
+COSTS = [None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]
 
-def make_draft(target_model, rng: random.Random, shape: str | None = None):
-    noise = rng.choice([0.0, 0.02, 0.1, 1.0])  # identical, close, loose, unrelated
-    draft = perturbed_copy(target_model, noise, seed=rng.randrange(1000))
-    shape = shape or rng.choice(["chain", "chain", "static", "dynamic"])
-    extra = {}
-    if shape == "static":
-        extra["branching"] = [rng.randint(1, 3) for _ in range(rng.randint(1, 4))]
-        # how siblings are drawn (i.i.d., without replacement: RSD-C, beam search: RSD-S) and
-        # SpecTr; greedy output must not depend on any of them
-        extra["sibling_sampling"], extra["verify"] = rng.choice(
-            [
-                ("iid", "specinfer"),
-                ("iid", "spectr"),
-                ("without_replacement", "specinfer"),
-                ("beam", "specinfer"),
-            ]
-        )
-    elif shape == "dynamic":
-        # a flat or a steep verification cost: tiny trees, or wide ones
-        slope = rng.choice([0.0, 0.05, 1.0])
-        extra["tree_budget"] = TreeBudget(
-            PassCost({1: 1.0, 64: 1.0 + 63 * slope}),
-            PassCost({1: rng.choice([0.05, 0.3])}),
-            max_nodes=rng.randint(1, 24),
-        )
-        extra["width"], extra["max_depth"] = rng.randint(1, 4), rng.randint(1, 6)
-    draft_target = NativeTarget(draft, capacity=4)
-    if rng.random() < 0.3:  # draft_vocab: logits over a subset of the vocabulary only
-        vocab = target_model.config.vocab_size
-        draft_target = VocabSubset(draft_target, torch.tensor(rng.sample(range(vocab), vocab // 3)))
-    return DraftModelDrafter(
-        draft_target,
-        target_model.config.vocab_size,
-        num_draft_tokens=rng.randint(1, 6),
-        **extra,
+
+def context(model, tok, cost=None, draft=None, draft_tokenizer=None, draft_cost=None):
+    """A `BuildContext` for ``model``: the target's pass-cost curve ``cost`` (None: not
+    measurable), and ``draft`` (a Target) as every draft model asked for."""
+
+    def load_draft(spec, same_tokenizer=True):
+        assert draft is not None, "this method loaded a draft model"
+        return draft if same_tokenizer else (draft, draft_tokenizer)
+
+    return BuildContext(
+        tokenizer=tok,
+        vocab_size=model.config.vocab_size,
+        load_draft=load_draft,
+        pass_cost=None if cost is None else (lambda: cost),
+        draft_pass_cost=None if draft_cost is None else (lambda spec: draft_cost),
     )
 
 
-def make_cross_vocab(target_model, rng: random.Random):
+def draft_options(model, tok, rng: random.Random, shape: str | None = None):
+    noise = rng.choice([0.0, 0.02, 0.1, 1.0])  # identical, close, loose, unrelated
+    draft = NativeTarget(perturbed_copy(model, noise, seed=rng.randrange(1000)), capacity=4)
+    shape = shape or rng.choice(["chain", "chain", "static", "dynamic"])
+    opts = {"draft_model": "the-draft", "num_draft_tokens": rng.randint(1, 6)}
+    cost = draft_cost = None
+    if shape == "chain":
+        opts["adaptive"] = rng.choice(["true", "false"])
+        opts["confidence"] = rng.choice([0.0, 0.0, 0.3])
+    elif shape == "static":
+        opts["tree"] = ",".join(str(rng.randint(1, 3)) for _ in range(rng.randint(1, 4)))
+        # how siblings are drawn (i.i.d., without replacement: RSD-C, beam search: RSD-S) and
+        # SpecTr; greedy output must not depend on any of them
+        opts["siblings"], opts["verifier"] = rng.choice(
+            [
+                ("iid", "specinfer"),
+                ("iid", "spectr"),
+                ("without-replacement", "specinfer"),
+                ("beam", "specinfer"),
+            ]
+        )
+    else:
+        # a flat or a steep verification cost: tiny trees, or wide ones
+        slope = rng.choice([0.0, 0.05, 1.0])
+        cost = PassCost({1: 1.0, 64: 1.0 + 63 * slope})
+        draft_cost = PassCost({1: rng.choice([0.05, 0.3])})
+        opts.update(
+            tree="dynamic",
+            tree_nodes=rng.randint(1, 24),
+            tree_width=rng.randint(1, 4),
+            tree_depth=rng.randint(1, 6),
+        )
+    if rng.random() < 0.3:  # draft_vocab: logits over part of the vocabulary only
+        opts["draft_vocab"] = rng.randint(1, model.config.vocab_size)
+    return opts, context(model, tok, cost, draft=draft, draft_cost=draft_cost)
+
+
+def cross_vocab_options(model, tok, rng: random.Random):
     """A draft with another tokenizer (letters and chunks of them, other ids): unrelated,
     or the target (perturbed) in the draft's ids with random chunk tokens beside."""
     from random_models import ChunkTokenizer, chunk_vocabulary, remap_vocab
 
-    from specdec.speculation.drafters.cross_vocab import CrossVocabDrafter
-
-    vocab = target_model.config.vocab_size
-    ttok = CharTokenizer(vocab)
-    pieces = chunk_vocabulary(ttok.decode(range(vocab)), rng.choice([0, 8, 40]), rng.randrange(99))
+    vocab = model.config.vocab_size
+    pieces = chunk_vocabulary(tok.decode(range(vocab)), rng.choice([0, 8, 40]), rng.randrange(99))
     dtok = ChunkTokenizer(pieces, eos=[rng.randrange(len(pieces))] if rng.random() < 0.3 else [])
     if rng.random() < 0.5:
         draft = random_transformer("llama", seed=rng.randrange(1000), vocab=len(pieces), layers=1)
     else:
-        old = [ttok.encode(p.decode())[0] if len(p) == 1 else None for p in dtok.pieces]
-        noisy = perturbed_copy(target_model, rng.choice([0.0, 0.05]), seed=rng.randrange(1000))
+        old = [tok.encode(p.decode())[0] if len(p) == 1 else None for p in dtok.pieces]
+        noisy = perturbed_copy(model, rng.choice([0.0, 0.05]), seed=rng.randrange(1000))
         draft = remap_vocab(noisy, old, seed=rng.randrange(1000))
-    return CrossVocabDrafter(
-        NativeTarget(draft, capacity=4),
-        dtok,
-        ttok,
-        num_draft_tokens=rng.randint(1, 6),
-        target_vocab_size=vocab,
-    )
+    opts = {
+        "draft_model": "the-draft",
+        "num_draft_tokens": rng.randint(1, 6),
+        "adaptive": rng.choice([True, False]),
+    }
+    return opts, context(model, tok, draft=NativeTarget(draft, capacity=4), draft_tokenizer=dtok)
 
 
-def make_pld(target_model, rng: random.Random):
-    lo = rng.randint(1, 3)
-    return PromptLookupDrafter(
-        num_draft_tokens=rng.randint(1, 8),
-        min_ngram=lo,
-        max_ngram=lo + rng.randint(0, 2),
-        branches=rng.randint(1, 4),
-        max_nodes=rng.randint(1, 20),
-        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]),
-    )
+def ngram_range(rng: random.Random, lowest: int, spread: int) -> dict:
+    lo = rng.randint(1, lowest)
+    return {"min_ngram": lo, "max_ngram": lo + rng.randint(0, spread)}
 
 
-def make_recycle(target_model, rng: random.Random):
-    cost = rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})])
-    return TokenRecyclingDrafter(
-        target_model.config.vocab_size,
-        top_k=rng.randint(1, 8),
-        max_nodes=rng.randint(1, 30),
-        max_depth=rng.randint(1, 8),
-        pass_cost=cost,
-    )
+def pld_options(model, tok, rng: random.Random):
+    opts = {
+        "num_draft_tokens": rng.randint(1, 8),
+        **ngram_range(rng, 3, 2),
+        "branches": rng.randint(1, 4),
+        "max_nodes": rng.randint(1, 20),
+        "size_by_cost": rng.choice([True, False]),
+    }
+    return opts, context(model, tok, rng.choice(COSTS))
 
 
-def make_ngram_cache(target_model, rng: random.Random):
-    lo = rng.randint(1, 3)
-    return NgramCacheDrafter(
-        num_draft_tokens=rng.randint(1, 8),
-        min_ngram=lo,
-        max_ngram=lo + rng.randint(0, 2),
-        branches=rng.randint(1, 3),
-        max_nodes=rng.randint(1, 20),
-        min_count=rng.randint(1, 2),
-        min_share=rng.choice([0.0, 0.3, 0.9]),
-        max_entries=rng.choice([5, 10_000]),
-        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]),
-    )
+def recycle_options(model, tok, rng: random.Random):
+    opts = {
+        "top_k": rng.randint(1, 8),
+        "max_nodes": rng.randint(1, 30),
+        "max_depth": rng.randint(1, 8),
+        "prompt_rows": rng.choice([0, 3, 128]),
+        "size_by_cost": rng.choice([True, False]),
+    }
+    return opts, context(model, tok, rng.choice(COSTS))
 
 
-def make_lookahead(target_model, rng: random.Random):
-    return LookaheadDrafter(
-        window=rng.randint(2, 5),
-        ngram=rng.randint(3, 5),
-        guesses=rng.randint(1, 5),
-        pool_from_prompt=rng.random() < 0.5,
-        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]),
-    )
+def ngram_cache_options(model, tok, rng: random.Random):
+    opts = {
+        "num_draft_tokens": rng.randint(1, 8),
+        **ngram_range(rng, 3, 2),
+        "branches": rng.randint(1, 3),
+        "max_nodes": rng.randint(1, 20),
+        "min_count": rng.randint(1, 2),
+        "min_share": rng.choice([0.0, 0.3, 0.9]),
+        "max_entries": rng.choice([5, 10_000]),
+    }
+    return opts, context(model, tok, rng.choice(COSTS))
 
 
-def make_stand(target_model, rng: random.Random):
-    lo = rng.randint(1, 2)
-    return StandDrafter(
-        target_model.config.vocab_size,
-        top_k=rng.randint(1, 10),
-        min_ngram=lo,
-        max_ngram=lo + rng.randint(0, 3),
-        max_nodes=rng.randint(1, 30),
-        max_depth=rng.randint(1, 8),
-        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0})]),
-        max_entries=rng.choice([3, 100_000]),
-    )
+def lookahead_options(model, tok, rng: random.Random):
+    opts = {
+        "window": rng.randint(2, 5),
+        "ngram": rng.randint(3, 5),
+        "guesses": rng.randint(1, 5),
+        "pool_from_prompt": rng.random() < 0.5,
+        "size_by_cost": rng.choice([True, False]),
+    }
+    return opts, context(model, tok, rng.choice(COSTS))
 
 
-_STORES: dict[int, object] = {}
+def stand_options(model, tok, rng: random.Random):
+    opts = {
+        "top_k": rng.randint(1, 10),
+        **ngram_range(rng, 2, 3),
+        "max_nodes": rng.randint(1, 30),
+        "max_depth": rng.randint(1, 8),
+        "max_entries": rng.choice([3, 100_000]),
+        "prompt_rows": rng.choice([0, 128]),
+    }
+    return opts, context(model, tok, rng.choice(COSTS[:2]))
 
 
-def make_rest(target_model, rng: random.Random):
+_STORES: dict[int, str] = {}
+
+
+def rest_options(model, tok, rng: random.Random):
     """A datastore of random documents over the model's vocabulary (short spans match)."""
-    import tempfile
-
-    from specdec.speculation import datastore as ds
-    from specdec.speculation.drafters.retrieval import RetrievalDrafter
-
-    vocab = target_model.config.vocab_size
+    vocab = model.config.vocab_size
     if vocab not in _STORES:
         g = random.Random(vocab)
         docs = [[g.randrange(vocab) for _ in range(g.randint(1, 60))] for _ in range(40)]
-        folder = tempfile.mkdtemp(prefix="specdec-test-store-")
-        ds.write(docs, folder, "test")
-        _STORES[vocab] = ds.Datastore(folder)
+        folder = tempfile.mkdtemp(prefix="specdec-test-store-") + "/store"
+        datastore.write(docs, folder, datastore.tokenizer_fingerprint(tok))
+        _STORES[vocab] = folder
     lo = rng.randint(1, 3)
-    return RetrievalDrafter(
-        _STORES[vocab],
-        max_nodes=rng.randint(1, 20),
-        continuation=rng.randint(1, 8),
-        min_span=lo,
-        max_span=lo + rng.randint(0, 4),
-        max_matches=rng.choice([1, 4, 512]),
-        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]),
-    )
+    opts = {
+        "datastore": _STORES[vocab],
+        "max_nodes": rng.randint(1, 20),
+        "continuation": rng.randint(1, 8),
+        "min_span": lo,
+        "max_span": lo + rng.randint(0, 4),
+        "max_matches": rng.choice([1, 4, 512]),
+    }
+    return opts, context(model, tok, rng.choice(COSTS))
 
 
-def make_merged(target_model, rng: random.Random):
-    """Model-free trees merged with each other or with a draft model's (sampled q nodes)."""
-    parts = [
-        make_pld,
-        make_recycle,
-        make_rest,
-        make_ngram_cache,
-        make_lookahead,
-        make_stand,
-        make_draft,
-    ]
-    first, second = rng.sample(parts, 2)
-    return MergedDrafter(
-        [first(target_model, rng), second(target_model, rng)],
-        pass_cost=rng.choice([None, PassCost({1: 1.0, 64: 2.0}), PassCost({1: 1.0, 64: 64.0})]),
-    )
+def merged_options(model, tok, rng: random.Random):
+    """Two or three drafting methods merged (a draft model's sampled q nodes among them,
+    maybe); an option goes to every part that takes it, so the first part's win."""
+    names = rng.sample(sorted(set(FACTORIES) - {"ar", "cross-vocab", "A+B"}), rng.choice([2, 3]))
+    opts, base = {}, context(model, tok, rng.choice(COSTS))
+    for name in reversed(names):
+        part, ctx = FACTORIES[name](model, tok, rng)
+        opts.update(part)
+        if name == "draft":  # its draft model (and the costs a dynamic tree needs)
+            base = ctx if ctx.pass_cost is not None else dataclasses.replace(
+                ctx, pass_cost=base.pass_cost
+            )
+    opts["joint"] = rng.choice([True, False])
+    return "+".join(names), opts, base
 
 
-# method name -> factory(target_model, rng) -> drafter
+# method name -> factory(model, tokenizer, rng) -> (options, BuildContext); "A+B": merges
 FACTORIES = {
-    "ar": lambda model, rng: NoDrafter(),
-    "draft": make_draft,
-    "cross-vocab": make_cross_vocab,
-    "pld": make_pld,
-    "recycle": make_recycle,
-    "rest": make_rest,
-    "ngram-cache": make_ngram_cache,
-    "lookahead": make_lookahead,
-    "stand": make_stand,
-    "pld+recycle": make_merged,
+    "ar": lambda model, tok, rng: ({}, context(model, tok)),
+    "draft": draft_options,
+    "cross-vocab": cross_vocab_options,
+    "pld": pld_options,
+    "recycle": recycle_options,
+    "rest": rest_options,
+    "ngram-cache": ngram_cache_options,
+    "lookahead": lookahead_options,
+    "stand": stand_options,
+    "A+B": merged_options,
 }
+
+
+def make_drafter(method: str, model, tok, rng: random.Random):
+    """The drafter of ``method`` with random valid options, built as users build it."""
+    if method == "A+B":
+        method, opts, ctx = merged_options(model, tok, rng)
+    else:
+        opts, ctx = FACTORIES[method](model, tok, rng)
+    return get_method(method).build(ctx, opts)
 
 
 def test_every_method_is_covered():
@@ -258,14 +274,33 @@ def run(model, drafter, prompt, n, tok, sampling=SamplingParams()):
 @pytest.mark.parametrize("seed", range(16))
 def test_greedy_equals_autoregressive(method, seed):
     rng, model, tok, prompt, n, ref = greedy_case(seed)
-    check_same(run(model, FACTORIES[method](model, rng), prompt, n, tok), ref)
+    check_same(run(model, make_drafter(method, model, tok, rng), prompt, n, tok), ref)
+
+
+@pytest.mark.parametrize("method", sorted(set(FACTORIES) - {"ar"}))
+def test_every_method_drafts(method):
+    """A drafter that proposes nothing would pass the equality test: each must draft."""
+    drafted = 0
+    for seed in range(4):
+        rng, model, tok, prompt, n, ref = greedy_case(seed)
+        prompt = (prompt * 4)[:40]  # repeated text: lookups and caches find matches
+        if method == "A+B":
+            name, opts, ctx = merged_options(model, tok, rng)
+        else:
+            name, (opts, ctx) = method, FACTORIES[method](model, tok, rng)
+        if ctx.pass_cost is not None:  # a pass that costs little more with more tokens
+            ctx = dataclasses.replace(ctx, pass_cost=lambda: COSTS[1])
+        drafter = get_method(name).build(ctx, opts)
+        drafted += run(model, drafter, prompt, 30, tok).stats.drafted
+    assert drafted > 0
 
 
 @pytest.mark.parametrize("shape", ["static", "dynamic"])
 @pytest.mark.parametrize("seed", range(100, 110))
 def test_draft_trees_greedy_equal_autoregressive(shape, seed):
     rng, model, tok, prompt, n, ref = greedy_case(seed)
-    check_same(run(model, make_draft(model, rng, shape), prompt, n, tok), ref)
+    opts, ctx = draft_options(model, tok, rng, shape)
+    check_same(run(model, get_method("draft").build(ctx, opts), prompt, n, tok), ref)
 
 
 def test_draft_with_identical_model_accepts_everything():
@@ -384,13 +419,12 @@ def test_multi_draft_options_pick_their_verifier_and_are_validated():
         with pytest.raises(InvalidRequestError):
             DraftModelDrafter(draft, 48, **bad)
 
-    class Context:  # combinations are refused before any model is loaded
-        vocab_size = 48
+    def refuse(spec, same_tokenizer=True):
+        raise AssertionError("loaded a draft model for a refused combination")
 
-        def load_draft(self, spec):
-            raise AssertionError("loaded a draft model for a refused combination")
-
-    method = METHODS["draft"]
+    # combinations are refused before any model is loaded
+    ctx = BuildContext(tokenizer=CharTokenizer(48), vocab_size=48, load_draft=refuse)
+    method = get_method("draft")
     for opts, message in [
         ({"siblings": "beam"}, "static tree"),
         ({"verifier": "spectr", "tree": "dynamic"}, "static tree"),
@@ -398,4 +432,4 @@ def test_multi_draft_options_pick_their_verifier_and_are_validated():
         ({"siblings": "sideways", "tree": "2,2"}, "one of iid, without-replacement, beam"),
     ]:
         with pytest.raises(InvalidRequestError, match=message):
-            method.build(Context(), method.validate({"draft_model": "x", **opts}))
+            method.build(ctx, {"draft_model": "x", **opts})

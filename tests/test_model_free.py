@@ -14,7 +14,7 @@ from specdec.speculation.drafters.base import Drafter, DraftState
 from specdec.speculation.drafters.merged import MergedDrafter
 from specdec.speculation.drafters.prompt_lookup import PromptLookupDrafter
 from specdec.speculation.drafters.token_recycling import TokenRecyclingDrafter
-from specdec.speculation.methods import effective_options, get_method
+from specdec.speculation.methods import get_method
 from specdec.speculation.sampling import SamplingParams
 from specdec.speculation.tree import DraftTree
 from specdec.speculation.verifiers.base import Outcome
@@ -302,31 +302,29 @@ def test_sized_drafters_give_node_scores_and_keep_only_what_they_are_told():
     assert r.acceptance.trials.sum() > 0
 
 
-def test_merged_methods_from_the_registry():
+def test_merged_methods_from_the_table():
+    from specdec.speculation.drafters.base import BuildContext
+
     method = get_method("pld+recycle")
-    assert method.lossless and "max_nodes" in method.options
-
-    class Context:
-        vocab_size = 32
-
-    drafter = method.build(Context(), method.validate({"max_nodes": 5, "size_by_cost": False}))
+    assert method.lossless and "max_nodes" in method.option_names()
+    ctx = BuildContext(tokenizer=None, vocab_size=32)  # no pass-cost curve here
+    drafter = method.build(ctx, {"max_nodes": 5, "size_by_cost": False})
     assert isinstance(drafter, MergedDrafter) and drafter.name == "pld+recycle"
     assert [d.max_nodes for d in drafter.drafters] == [5, 5]
     # what each part runs with, its own defaults for what was not given (bench reports it)
-    opts = effective_options("pld+recycle", {"max_nodes": 5})
+    opts = method.effective_options({"max_nodes": 5})
     assert opts["pld"]["max_nodes"] == opts["recycle"]["max_nodes"] == 5
     assert opts["pld"]["branches"] == 3 and opts["recycle"]["top_k"] == 8
-    assert opts["merge"] == {"joint": True} and drafter.pass_cost is None  # no curve here
+    assert opts["merge"] == {"joint": True} and drafter.pass_cost is None
 
-    class Measured(Context):
-        def pass_cost(self):
-            return PassCost({1: 1.0, 64: 8.0})
-
-    joint = method.build(Measured(), method.validate({}))
+    measured = BuildContext(
+        tokenizer=None, vocab_size=32, pass_cost=lambda: PassCost({1: 1.0, 64: 8.0})
+    )
+    joint = method.build(measured, {})
     assert joint.pass_cost is not None and all(d.name for d in joint.drafters)
-    assert method.build(Measured(), method.validate({"joint": False})).pass_cost is None
-    assert method.build(Measured(), method.validate({"size_by_cost": False})).pass_cost is None
-    assert effective_options("pld", {})["max_nodes"] == 16
+    assert method.build(measured, {"joint": False}).pass_cost is None
+    assert method.build(measured, {"size_by_cost": False}).pass_cost is None
+    assert get_method("pld").effective_options({})["max_nodes"] == 16
     for bad in ["ar+pld", "pld+nope", "pld+"]:
         with pytest.raises(InvalidRequestError):
             get_method(bad)

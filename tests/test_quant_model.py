@@ -15,7 +15,7 @@ import pytest
 import torch
 from fixtures import hf_logits, quantized_reference, save_hf_folder, tiny_hf_model, write_gguf
 from random_models import path_to, random_transformer, tree_mask_and_depths
-from test_contract import FACTORIES, check_same, run
+from test_contract import FACTORIES, check_same, make_drafter, run
 
 from specdec.errors import UnsupportedModelError
 from specdec.kernels import packing
@@ -120,7 +120,7 @@ def quantised_case(seed: int, quant: str, dtype=torch.float64):
 @pytest.mark.parametrize("seed", range(4))
 def test_quantised_targets_stay_greedy_exact(method, quant, seed):
     rng, model, tok, prompt, n, ref = quantised_case(seed, quant)
-    check_same(run(model, FACTORIES[method](model, rng), prompt, n, tok), ref)
+    check_same(run(model, make_drafter(method, model, tok, rng), prompt, n, tok), ref)
 
 
 # every method of the contract suite; cross-vocab's factory builds its draft by remapping
@@ -131,7 +131,7 @@ def test_native_float32_layers_stay_greedy_exact(method, seed):
     """In float32 there is no float64 headroom: exactness rests on rows being computed
     identically whatever the pass size."""
     rng, model, tok, prompt, n, ref = quantised_case(seed, "int8", torch.float32)
-    check_same(run(model, FACTORIES[method](model, rng), prompt, n, tok), ref)
+    check_same(run(model, make_drafter(method, model, tok, rng), prompt, n, tok), ref)
 
 
 def test_a_pass_over_k_tokens_equals_k_one_token_passes_bit_for_bit():

@@ -51,8 +51,8 @@ CHATS = [
 def test_tokenizer_matches_transformers(model):
     from transformers import AutoTokenizer
 
-    from specdec.models.loading import converted_folder
     from specdec.models.catalog import pull
+    from specdec.models.loading import converted_folder
     from specdec.models.tokenizer import Tokenizer
 
     path = pull(model, progress=False)

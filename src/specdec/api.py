@@ -17,11 +17,12 @@ from typing import Any
 
 from specdec.engine import Engine, Generation
 from specdec.errors import InvalidRequestError
-from specdec.models.loading import load_model, resolve_dtype
 from specdec.models.catalog import DEFAULT_MODEL
+from specdec.models.loading import load_model, resolve_dtype
 from specdec.models.target import NativeTarget, Target
 from specdec.models.tokenizer import Tokenizer
-from specdec.speculation.methods import get_method, resolve_auto
+from specdec.speculation.drafters.base import BuildContext, Drafter
+from specdec.speculation.methods import get_method, resolve
 from specdec.speculation.sampling import SamplingParams
 
 Prompt = str | list[dict[str, Any]]
@@ -104,15 +105,26 @@ class Generator:
         identity = f"{self.name}|{source}|{weights}|{self.device}"
         return cached_pass_cost(self.target, identity, progress=self.progress, refresh=refresh)
 
-    def pass_costs(self, draft_spec: str):
-        """Pass-cost curves of the target and of a draft model (same dtype and device)."""
+    def draft_pass_cost(self, draft_spec: str):
+        """The pass-cost curve of a draft model (same dtype and device as the target)."""
         from specdec.models.pass_cost import cached_pass_cost
 
         draft_target = self.load_draft(draft_spec)
         weights = f"{draft_target.model.dtype}|{self._draft_quant.get(draft_spec, self.quant)}"
         identity = f"{draft_spec}|draft|{weights}|{self.device}"
-        draft = cached_pass_cost(draft_target, identity, progress=self.progress)
-        return self.pass_cost(), draft
+        return cached_pass_cost(draft_target, identity, progress=self.progress)
+
+    def build_context(self) -> BuildContext:
+        """What a method's builder may use (`specdec.speculation.drafters.base.BuildContext`)."""
+        return BuildContext(
+            tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+            target=self.target,
+            load_draft=self.load_draft,
+            pass_cost=self.pass_cost,
+            draft_pass_cost=self.draft_pass_cost,
+            progress=self.progress,
+        )
 
     @property
     def weights_quant(self) -> str:
@@ -120,23 +132,19 @@ class Generator:
         loaded = getattr(self, "loaded", None)
         return loaded.quant if loaded is not None else "none"
 
-    def auto_method(self) -> tuple[str, dict[str, Any]]:
-        """The method and options ``auto`` runs for this target (`speculation.methods.AUTO`)."""
-        return resolve_auto(self.name, self.weights_quant)
+    def resolve(self, method: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The method a request runs and its options: ``auto`` is the fastest lossless
+        method measured for this model and its weights (`specdec.speculation.auto.json`),
+        ``METHOD@LABEL`` is METHOD."""
+        return resolve(method, options, self.name, self.weights_quant)
 
-    def resolved_method(self, method: str) -> str:
-        return self.auto_method()[0] if method == "auto" else method
-
-    def drafter(self, method: str = "ar", **options: Any):
+    def drafter(self, method: str = "auto", **options: Any) -> Drafter:
         """The drafter of a method (built once per method and options)."""
-        if method == "auto":
-            method, auto_opts = self.auto_method()
-            options = {**auto_opts, **options}
+        method, options = self.resolve(method, options)
         spec = get_method(method)
-        opts = spec.validate(options)
-        key = (method, tuple(sorted(opts.items())))
+        key = (method, repr(spec.effective_options(options)))
         if key not in self._drafters:
-            self._drafters[key] = spec.build(self, opts)
+            self._drafters[key] = spec.build(self.build_context(), options)
         return self._drafters[key]
 
     @classmethod
@@ -174,9 +182,9 @@ class Generator:
             raise InvalidRequestError(f"--quant {quant} needs the native backend")
         dtype = resolve_dtype(dtype)
         if backend == "llamacpp":
+            from specdec.models.catalog import resolve_model_file
             from specdec.models.llamacpp_target import LlamaCppTarget
             from specdec.models.loading import load_tokenizer
-            from specdec.models.catalog import resolve_model_file
 
             where = resolve_model_file(str(model), auto_pull=True, progress=progress)
             if isinstance(where, str) or where.is_dir() or where.suffix != ".gguf":
@@ -223,13 +231,15 @@ class Generator:
         stop: tuple[str, ...] | list[str] = (),
         raw: bool = False,
         ignore_eos: bool = False,
-        method: str = "ar",
+        method: str = "auto",
         **method_options: Any,
     ) -> Iterator[str]:
         """Yield text pieces as they are generated; `self.last` holds the full result.
 
-        ``method`` names a decoding method (`specdec methods`; "auto" picks the fastest
-        measured for the model); its options come as keywords, e.g.
+        ``method`` names a decoding method (`specdec methods`). The default, "auto",
+        speculates with the fastest lossless method measured for the model and its
+        weights (plain decoding, "ar", for models not measured); the output is the
+        model's own either way. Options come as keywords, e.g.
         ``method="draft", draft_model="qwen2.5-coder-0.5b", num_draft_tokens=4``.
         """
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

@@ -12,7 +12,8 @@ import sys
 from typing import Any
 
 from specdec import __version__
-from specdec.errors import InvalidRequestError, SpecdecError
+from specdec.errors import SpecdecError
+from specdec.speculation.options import parse_assignments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,11 +246,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["draft_model"] = args.draft
     if args.num_draft_tokens is not None:
         opts["num_draft_tokens"] = args.num_draft_tokens
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidRequestError(f"--option takes KEY=VALUE, got {item!r}")
-        opts[key.replace("-", "_")] = value
+    for _, key, value in parse_assignments(args.option):
+        opts[key] = value
     return opts
 
 
@@ -298,7 +296,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         result = gen.last
     report = _result_json(result)
-    report["method"] = gen.resolved_method(method)
+    report["method"] = gen.resolve(method, method_opts)[0]
     if args.json and getattr(gen, "loaded", None) is not None:
         from specdec.bench.machine import machine_info
 
@@ -352,46 +350,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from specdec.speculation.methods import METHODS
+    from specdec.speculation.methods import AUTO, METHODS, MergeOptions
 
     rows = [
         {
-            "name": m.name,
-            "description": m.description,
-            "lossless": m.lossless,
-            "needs": list(m.needs),
-            "options": {
-                k: {"type": o.type.__name__.lstrip("_"), "default": o.default, "help": o.help}
-                for k, o in m.options.items()
-            },
+            "name": name,
+            "description": d.description,
+            "lossless": d.lossless,
+            "options": d.Options.describe(),
         }
-        for m in METHODS.values()
+        for name, d in METHODS.items()
     ]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    from specdec.speculation.methods import AUTO
-
     print(
         "auto  the fastest lossless method measured for the model and its weights "
         "(docs/BENCHMARKS.md)"
     )
     for model, by_weights in AUTO.items():
-        for weights, (method, opts) in by_weights.items():
-            shown = " ".join(f"{k}={v}" for k, v in opts.items())
-            print(f"    {model} ({weights} weights): {method} {shown}")
+        for weights, entry in by_weights.items():
+            shown = " ".join(f"{k}={v}" for k, v in entry["options"].items())
+            print(f"    {model} ({weights} weights): {entry['method']} {shown}")
     print("    any other model: ar\n")
     for r in rows:
         kind = "lossless" if r["lossless"] else "LOSSY"
-        needs = f", needs {', '.join(r['needs'])}" if r["needs"] else ""
-        print(f"{r['name']}  ({kind}{needs})\n    {r['description']}")
+        print(f"{r['name']}  ({kind})\n    {r['description']}")
         for k, o in r["options"].items():
             print(f"    --option {k}=<{o['type']}>  {o['help']} (default {o['default']})")
         print()
+    joint = MergeOptions.describe()["joint"]
     print(
         "A+B  (e.g. pld+recycle) the trees of several drafting methods merged into one and "
         "verified in one pass;\n    an option goes to every part that takes it"
     )
+    print(f"    --option joint=<bool>  {joint['help']} (default {joint['default']})")
     return 0
 
 

@@ -161,7 +161,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 def parse_methods(text: str | None, server: bool) -> list[str]:
     """Method names, validated, `ar` first (added if missing)."""
     from specdec.bench.runners import PEERS
-    from specdec.speculation.methods import METHODS, is_method
+    from specdec.speculation.methods import METHODS, base_name, is_method
 
     if server:
         if text is not None:
@@ -172,7 +172,7 @@ def parse_methods(text: str | None, server: bool) -> list[str]:
         raise InvalidRequestError("--methods is empty")
     known = ["auto", *METHODS, *PEERS]
     for m in names:
-        base = base_method(m)
+        base = base_name(m)
         ok = base in ("auto", *PEERS) or is_method(base)  # is_method: merges (pld+recycle) too
         if not ok or m.endswith("@") or (m != base and m in PEERS):
             raise InvalidRequestError(
@@ -184,52 +184,39 @@ def parse_methods(text: str | None, server: bool) -> list[str]:
     return ["ar", *names]
 
 
-def base_method(name: str) -> str:
-    """``draft@wide`` is method ``draft`` under the label ``wide``: variants of one method,
-    each with its own ``--option draft@wide.KEY=VALUE``, can run side by side."""
-    return name.split("@", 1)[0]
-
-
 def parse_options(
     items: list[str], methods: list[str], draft: str | None, model: str
 ) -> dict[str, dict[str, Any]]:
-    """Per specdec method, its options (validated by the method registry)."""
-    from specdec.speculation.methods import get_method, is_method, resolve_auto
+    """Per specdec method run, its options (checked by the method table; ``auto``'s once
+    the model is loaded and its weights known)."""
+    from specdec.speculation.methods import base_name, get_method, is_method, resolve
+    from specdec.speculation.options import parse_assignments
 
     def spec_of(m: str):
-        m = base_method(m)
-        return get_method(resolve_auto(model)[0] if m == "auto" else m)
+        return get_method(resolve(m, {}, model)[0])
 
-    ours = [m for m in methods if is_method(base_method(m)) or base_method(m) == "auto"]
+    ours = [m for m in methods if is_method(base_name(m)) or base_name(m) == "auto"]
     opts: dict[str, dict[str, Any]] = {m: {} for m in ours}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidRequestError(f"--option takes METHOD.KEY=VALUE, got {item!r}")
-        method, dot, key = key.rpartition(".")
-        key = key.replace("-", "_")
-        if dot:
+    for method, key, value in parse_assignments(items, scoped=True):
+        item = f"{method + '.' if method else ''}{key}={value}"
+        if method:
             if method not in opts:
                 raise InvalidRequestError(
                     f"--option {item}: {method!r} is not among the methods run ({', '.join(ours)})"
                 )
             opts[method][key] = value
         else:
-            takers = [m for m in ours if key in spec_of(m).options]
+            takers = [m for m in ours if key in spec_of(m).option_names()]
             if not takers:
                 raise InvalidRequestError(f"--option {item}: no method run takes {key!r}")
             for m in takers:
                 opts[m][key] = value
-    if draft is not None:
-        for m in ours:
-            if base_method(m) != "auto" and "draft_model" in spec_of(m).options:
-                opts[m].setdefault("draft_model", draft)
     for m in ours:
-        spec = spec_of(m)
-        if base_method(m) == "auto":
-            spec.validate({**resolve_auto(model)[1], **opts[m]})
-        else:
-            spec.validate(opts[m])
+        if base_name(m) == "auto":
+            continue
+        if draft is not None and "draft_model" in spec_of(m).option_names():
+            opts[m].setdefault("draft_model", draft)
+        spec_of(m).parse(opts[m])
     return opts
 
 

@@ -95,18 +95,16 @@ class SpecdecRunner(Runner):
     kind = "specdec"
 
     def __init__(self, gen: Any, method: str, options: dict[str, Any]) -> None:
-        from specdec.speculation.methods import effective_options, get_method
+        from specdec.speculation.methods import base_name, get_method
 
         # ``method`` may be a labelled variant, ``draft@wide``: the label names the results
         self.gen, self.name, self.options = gen, method, options
-        self.method = method.split("@", 1)[0]
-        self.resolved = gen.resolved_method(self.method)
+        self.method = base_name(method)
+        self.resolved, given = gen.resolve(self.method, options)
         spec = get_method(self.resolved)
         self.lossless = spec.lossless
-        given = {**gen.auto_method()[1], **options} if self.method == "auto" else options
-        spec.validate(given)
         # every option with its value, defaults included (per part for a merge)
-        self.validated = effective_options(self.resolved, given)
+        self.validated = spec.effective_options(given)
         gen.drafter(self.method, **options)  # build (and load any draft model) before timing
 
     def describe(self) -> dict[str, Any]:

@@ -83,8 +83,8 @@ def load_model(
 
     ``quant`` (`specdec.models.quant_linear.QUANTS`) swaps the linears for the
     quantised kernel's; ``dtype`` is then the dtype of everything else."""
-    from specdec.models.quant_linear import check_quant, resolve_quant
     from specdec.models.catalog import resolve_model_file
+    from specdec.models.quant_linear import check_quant, resolve_quant
 
     check_quant(quant)
     dev = _check_device(device)

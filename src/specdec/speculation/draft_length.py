@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from specdec.errors import InvalidRequestError
 
+ADAPTIVE_HELP = "lengthen after full acceptance (+2), shorten after a rejection (-1)"
+
 
 class DraftLengthPolicy:
     def __init__(self, k: int, confidence: float = 0.0) -> None:

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from specdec.speculation.tree import depths_of
 
 
 class TreeBudget:
@@ -120,9 +121,7 @@ class RankAcceptance:
 
     def count(self, parents: list[int], ranks: list[int], path: list[int]) -> None:
         """Every child of the root or of an accepted node was a trial of its (depth, rank)."""
-        depth: list[int] = []
-        for p in parents:
-            depth.append(0 if p < 0 else depth[p] + 1)
+        depth = depths_of(parents)
         on_path, accepted = {-1, *path}, set(path)
         for i, p in enumerate(parents):
             if p in on_path:
@@ -232,8 +231,15 @@ class TrieSizer:
         self.expected = 0.0  # the last cut's expected accepted tokens
         self.scores: list[float] = []  # the last cut's nodes' chances of acceptance
 
-    def cut(self, tree, shares: list[float], key: object):
-        """``tree`` with ``shares[i]`` for node i (parents first) -> the kept subtree."""
+    def may_pay(self, key: object) -> bool:
+        """Could a tree after a proposal of kind ``key`` pay at all? Its best node carries
+        at most the whole share."""
+        return best_size([self.calibration.factor((key, 0))], self.cost) > 0
+
+    def cut(self, tree, shares: list[float], key: object, explore: bool = False):
+        """``tree`` with ``shares[i]`` for node i (parents first) -> the kept subtree.
+        ``explore``: this step was already chosen to draft a kind judged worthless
+        (`Revisit.now` said so), so keep at least one node."""
         depths = tree.depths
         scores: list[float] = []
         for i, p in enumerate(tree.parents):
@@ -243,7 +249,7 @@ class TrieSizer:
         # prefix of this order is a tree
         order = sorted(range(len(tree)), key=lambda i: (-scores[i], depths[i], i))
         n = best_size([scores[i] for i in order], self.cost)
-        exploring = n == 0 and len(tree) > 0 and self.revisit.now(key)
+        exploring = n == 0 and len(tree) > 0 and (explore or self.revisit.now(key))
         if exploring:
             n = 1
         keep = order[:n]

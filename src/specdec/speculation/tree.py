@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+def depths_of(parents: list[int]) -> list[int]:
+    """Each node's depth (0: a child of the root), from parent indices listed parents-first."""
+    d: list[int] = []
+    for p in parents:
+        d.append(0 if p < 0 else d[p] + 1)
+    return d
+
+
 @dataclass
 class DraftTree:
     tokens: list[int] = field(default_factory=list)
@@ -47,10 +55,7 @@ class DraftTree:
 
     @property
     def depths(self) -> list[int]:
-        d: list[int] = []
-        for p in self.parents:
-            d.append(0 if p < 0 else d[p] + 1)
-        return d
+        return depths_of(self.parents)
 
     def children(self) -> dict[int, list[int]]:
         """Parent index (-1 for the root) → child node indices, in order."""
@@ -92,15 +97,12 @@ class DraftTree:
         n = len(self.tokens)
         mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
         mask[:, 0] = True
-        depth = [0] * (n + 1)
         for i, p in enumerate(self.parents):
             row = i + 1
             if p >= 0:
                 mask[row] = mask[p + 1]
             mask[row, row] = True
-            depth[row] = depth[p + 1] + 1
-        mask[0, 0] = True
-        return mask, depth
+        return mask, [0] + [d + 1 for d in self.depths]
 
     @classmethod
     def from_paths(cls, paths: list[list[int]], weights: list[float], max_nodes: int) -> DraftTree:

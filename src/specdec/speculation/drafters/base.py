@@ -1,12 +1,25 @@
-"""The drafter interface: propose a tree of guesses, learn from what was accepted."""
+"""The drafter interface: propose a tree of guesses, learn from what was accepted.
+
+A drafting method is one `Drafter` subclass in one file: its ``name`` and
+``description``, its options (an `Options` dataclass beside the code) and a
+``build(ctx, options)`` that makes it from a `BuildContext`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
+from specdec.errors import InvalidRequestError
+from specdec.models.pass_cost import PassCost
+from specdec.models.target import Target
+from specdec.models.tokenizer import Tokenizer
+from specdec.speculation.options import Options
 from specdec.speculation.sampling import SamplingParams
+from specdec.speculation.sizing import TrieSizer
 from specdec.speculation.tree import DraftTree
 from specdec.speculation.verifiers.base import Outcome, Verifier
 
@@ -26,11 +39,41 @@ class DraftState:
     budget: int  # most nodes worth drafting (tokens left to generate, tree limits)
 
 
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method's ``build`` may use: the target's facts and what can be loaded for it.
+
+    ``load_draft(spec)`` loads a draft model of the target's tokenizer once per target
+    (a `Target`); ``load_draft(spec, same_tokenizer=False)`` one of any tokenizer, as
+    ``(target, tokenizer)``. ``pass_cost()`` is the target's measured pass-cost curve
+    (measured once per machine, then cached) and ``draft_pass_cost(spec)`` a draft's;
+    None where they cannot be measured (trees are then not cut by cost).
+    """
+
+    tokenizer: Tokenizer
+    vocab_size: int
+    target: Target | None = None
+    load_draft: Callable[..., Any] | None = None
+    pass_cost: Callable[[], PassCost] | None = None
+    draft_pass_cost: Callable[[str], PassCost] | None = None
+    progress: bool = False
+
+    def cost_if(self, wanted: bool) -> PassCost | None:
+        """The target's pass-cost curve if ``wanted`` and measurable, else None."""
+        return self.pass_cost() if wanted and self.pass_cost is not None else None
+
+    def draft(self, spec: str | None, method: str, **kwargs: Any) -> Any:
+        """``load_draft(spec)``, with a clear error if no draft model was named."""
+        if not spec:
+            raise InvalidRequestError(f"method {method!r} needs a draft model: --draft MODEL")
+        if self.load_draft is None:
+            raise InvalidRequestError(f"method {method!r}: no draft models can be loaded here")
+        return self.load_draft(spec, **kwargs)
+
+
 def ngram_orders(min_ngram: int, max_ngram: int) -> range:
     """The n-gram sizes an n-gram drafter looks up, longest first (validated)."""
     if not 1 <= min_ngram <= max_ngram:
-        from specdec.errors import InvalidRequestError
-
         raise InvalidRequestError(
             f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}"
         )
@@ -51,9 +94,27 @@ def unseen_token_rows(prompt_ids: list[int], unseen: list[bool], limit: int) -> 
 
 
 class Drafter:
-    name: str = ""
-    #: what the method needs beyond tokens and logits: "draft_model", "hidden_states", ...
-    needs: frozenset[str] = frozenset()
+    """Proposes a tree of guesses each step and learns from what the target kept.
+
+    The core, which every drafter has: `reset` (a new request), `propose` (the tree
+    for this step) and `observe` (what the target kept of it). Optional capabilities,
+    with defaults that do nothing: `prompt_rows` / `observe_prompt` (learn from the
+    prefill's logits), `node_scores` / `keep_only` (let a merge size the union of
+    several trees), `verifier` (trees that need a particular verifier).
+
+    As a method: ``name``, ``description``, ``lossless``, ``Options`` (the options a
+    user can set, with defaults and checks) and `build`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    lossless: ClassVar[bool] = True
+    Options: ClassVar[type[Options]] = Options
+
+    @classmethod
+    def build(cls, ctx: BuildContext, options: Options) -> Drafter:
+        """The drafter for ``options`` (checked, defaults filled in) on ``ctx``'s target."""
+        return cls()
 
     def reset(self, prompt_ids: list[int]) -> None:
         """A new request starts."""
@@ -94,10 +155,54 @@ class Drafter:
         return None
 
 
+class TrieDrafter(Drafter):
+    """A drafter of deterministic proposals (prompt lookup, an n-gram cache, retrieval)
+    merged into one weighted trie. Given the target's pass-cost curve the trie is cut
+    to what pays (`TrieSizer`), and its nodes' chances let a merge size it jointly;
+    without one it keeps its heaviest ``limit`` nodes."""
+
+    def __init__(self, pass_cost: PassCost | None = None) -> None:
+        self.sizer = TrieSizer(pass_cost) if pass_cost is not None else None
+
+    def start_step(self) -> None:
+        """Call first in `propose`: nothing is drafted through the sizer yet."""
+        if self.sizer is not None:
+            self.sizer.forget()
+
+    def trie(
+        self,
+        paths: list[list[int]],
+        weights: list[float],
+        limit: int,
+        key: object,
+        total: float | None = None,
+        explore: bool = False,
+    ) -> DraftTree:
+        """The trie of ``paths`` (heaviest ``limit`` nodes), cut by the sizer: a node's
+        share is its weight over ``total`` (default: the sum of ``weights``), its chance
+        learnt per kind of proposal ``key`` (`TrieSizer.cut`)."""
+        tree, node_weights = DraftTree.weighted_trie(paths, weights, limit)
+        if self.sizer is None:
+            return tree
+        total = total or sum(weights)
+        return self.sizer.cut(tree, [w / total for w in node_weights], key, explore)
+
+    def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
+        if self.sizer is not None:
+            self.sizer.observe(outcome.path)
+
+    def node_scores(self) -> list[float] | None:
+        return self.sizer.scores if self.sizer is not None else None
+
+    def keep_only(self, nodes: list[int]) -> None:
+        self.sizer.keep_only(nodes)
+
+
 class NoDrafter(Drafter):
     """Autoregressive decoding: nothing drafted, one token per target pass."""
 
     name = "ar"
+    description = "plain autoregressive decoding: one token per target pass (the baseline)"
 
     def propose(self, state: DraftState) -> DraftTree:
         return DraftTree()

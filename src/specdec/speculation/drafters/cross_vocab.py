@@ -54,14 +54,21 @@ Deviations, none of which affects exactness:
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
 
 from specdec.errors import InvalidRequestError
 from specdec.models.target import Target
-from specdec.speculation.drafters.base import Drafter, DraftState
-from specdec.speculation.draft_length import DraftLengthPolicy, FixedLength
+from specdec.speculation.draft_length import (
+    ADAPTIVE_HELP,
+    AdaptiveLength,
+    DraftLengthPolicy,
+    FixedLength,
+)
+from specdec.speculation.drafters.base import BuildContext, Drafter, DraftState
+from specdec.speculation.options import Options, option, optional_str
 from specdec.speculation.tree import DraftTree
 from specdec.speculation.verifiers.base import Outcome
 
@@ -171,9 +178,26 @@ def translate(
     return out
 
 
+@dataclass(frozen=True)
+class CrossVocabOptions(Options):
+    method: ClassVar[str] = "cross-vocab"
+    draft_model: str | None = option(
+        None, "the draft model (any tokenizer): name, GGUF, folder", parse=optional_str
+    )
+    num_draft_tokens: int = option(
+        4, "draft-model tokens drafted per step (the start, if adaptive)", minimum=1
+    )
+    adaptive: bool = option(False, ADAPTIVE_HELP)
+
+
 class CrossVocabDrafter(Drafter):
     name = "cross-vocab"
-    needs = frozenset({"draft_model"})
+    description = (
+        "a draft model with another tokenizer drafts text; its text is re-tokenised into "
+        "target tokens and verified as a chain (universal assisted generation; OmniDraft's "
+        "cross-vocabulary setting)"
+    )
+    Options = CrossVocabOptions
 
     #: re-encode at most this many draft tokens of committed text per step, keep this many live
     FREEZE_AT, KEEP_LIVE = 48, 12
@@ -203,6 +227,18 @@ class CrossVocabDrafter(Drafter):
         self._reset_draft_ids()
         self.seen: list[int] = []  # draft ids in the draft model's cache, in order
         self.seen_frozen = 0  # how many of them are frozen ids
+
+    @classmethod
+    def build(cls, ctx: BuildContext, options: CrossVocabOptions) -> CrossVocabDrafter:
+        draft, draft_tokenizer = ctx.draft(options.draft_model, cls.name, same_tokenizer=False)
+        kind = AdaptiveLength if options.adaptive else FixedLength
+        return cls(
+            draft,
+            draft_tokenizer,
+            ctx.tokenizer,
+            policy=kind(options.num_draft_tokens),
+            target_vocab_size=ctx.vocab_size,
+        )
 
     def _bos_prefix(self, text: str) -> list[int]:
         """What the draft tokenizer puts before ``text`` (a BOS) unless ``text`` has it already."""

@@ -21,23 +21,131 @@ tokens, since no corpus statistics ship with the models.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.models.target import Target
-from specdec.speculation.drafters.base import Drafter, DraftState
-from specdec.speculation.draft_length import DraftLengthPolicy, FixedLength
-from specdec.speculation.sizing import TreeBudget
+from specdec.models.target import NativeTarget, Target, VocabSubset
+from specdec.speculation.draft_length import (
+    ADAPTIVE_HELP,
+    AdaptiveLength,
+    DraftLengthPolicy,
+    FixedLength,
+)
+from specdec.speculation.drafters.base import BuildContext, Drafter, DraftState
+from specdec.speculation.options import Options, one_of, option, optional_str
 from specdec.speculation.sampling import SamplingParams, probabilities, sample
+from specdec.speculation.sizing import TreeBudget
 from specdec.speculation.tree import DraftTree
 from specdec.speculation.verifiers.base import Outcome, Verifier
 from specdec.speculation.without_replacement import beam_level, conditionals, gumbel_top_k
 
 
+def check_tree_sampling(static_tree: bool, siblings: str, verifier: str) -> None:
+    """How siblings are drawn and which rule verifies them: the combinations that are exact."""
+    siblings = siblings.replace("-", "_")
+    if siblings not in ("iid", "without_replacement", "beam"):
+        raise InvalidRequestError(
+            f"siblings must be iid, without-replacement or beam, got {siblings!r}"
+        )
+    if verifier not in ("specinfer", "spectr"):
+        raise InvalidRequestError(f"verifier must be specinfer or spectr, got {verifier!r}")
+    if (siblings != "iid" or verifier != "specinfer") and not static_tree:
+        raise InvalidRequestError(
+            f"siblings={siblings} / verifier={verifier} apply to a static tree: add tree=3,2,1"
+        )
+    if verifier == "spectr" and siblings != "iid":
+        raise InvalidRequestError(
+            "verifier=spectr selects among i.i.d. siblings (siblings=iid); siblings drawn "
+            f"{'by beam search' if siblings == 'beam' else 'without replacement'} are verified "
+            "exactly by recursive rejection sampling (verifier=specinfer)"
+        )
+
+
+@dataclass(frozen=True)
+class DraftModelOptions(Options):
+    method: ClassVar[str] = "draft"
+    draft_model: str | None = option(
+        None, "the draft model (name, GGUF, folder)", parse=optional_str
+    )
+    num_draft_tokens: int = option(
+        4, "tokens drafted per step (the start, if adaptive)", minimum=1
+    )
+    tree: str | None = option(
+        None,
+        "draft a tree instead of a chain: 'dynamic' (grown by the drafter's path probability, "
+        "sized by the measured pass costs) or a static shape, children per node at each "
+        "depth, e.g. 3,2,1",
+        parse=optional_str,
+    )
+    tree_width: int = option(4, "dynamic tree: nodes expanded per depth, children per node", minimum=1)
+    tree_depth: int = option(8, "dynamic tree: most depths", minimum=1)
+    tree_nodes: int = option(32, "dynamic tree: most nodes verified in one pass", minimum=1)
+    siblings: str = option(
+        "iid",
+        "static tree under sampling: siblings drawn i.i.d. (SpecInfer, SpecTr), without "
+        "replacement (RSD-C), or by stochastic beam search of width max(tree) (RSD-S); "
+        "greedy drafts the top tokens (beam: beam search)",
+        parse=one_of("iid", "without-replacement", "beam"),
+    )
+    verifier: str = option(
+        "specinfer",
+        "static tree under sampling: recursive rejection sampling (specinfer) or SpecTr's "
+        "k-sequential selection (spectr, needs siblings=iid)",
+        parse=one_of("specinfer", "spectr"),
+    )
+    adaptive: bool = option(False, ADAPTIVE_HELP)
+    confidence: float = option(
+        0.0, "stop drafting when the drafter's top probability falls below this", minimum=0.0
+    )
+    draft_vocab: int = option(
+        0,
+        "the draft's logits over the N lowest token ids only (and the end tokens): its LM head "
+        "at N/vocabulary of the cost; byte-level BPE numbers tokens in merge order, roughly "
+        "most frequent first. 0: the whole vocabulary",
+        minimum=0,
+    )
+
+    @property
+    def dynamic(self) -> bool:
+        return str(self.tree).strip().lower() == "dynamic"
+
+    @property
+    def branching(self) -> list[int] | None:
+        """A static tree's children per node at each depth, or None."""
+        if not self.tree or self.dynamic:
+            return None
+        try:
+            return [int(x) for x in str(self.tree).split(",")]
+        except ValueError:
+            raise InvalidRequestError(
+                f"tree must be 'dynamic' or look like 3,2,1, got {self.tree!r}"
+            ) from None
+
+    def check(self) -> None:
+        check_tree_sampling(self.branching is not None, self.siblings, self.verifier)
+
+
+def vocab_subset(ctx: BuildContext, draft: Target, n: int) -> Target:
+    """``draft`` computing logits over token ids below ``n`` and the end tokens only."""
+    if not isinstance(draft, NativeTarget):
+        raise InvalidRequestError("draft_vocab needs a draft on the native backend")
+    vocab = draft.config.vocab_size
+    ends = [t for t in ctx.tokenizer.eos_token_ids if t < vocab]
+    return VocabSubset(draft, torch.cat([torch.arange(min(n, vocab)), torch.tensor(ends)]))
+
+
 class DraftModelDrafter(Drafter):
     name = "draft"
-    needs = frozenset({"draft_model"})
+    description = (
+        "a small draft model of the same vocabulary proposes a chain or a tree (static, "
+        "multi-draft, or dynamic and sized by measured pass costs); the target verifies it in "
+        "one pass (Leviathan et al. 2023, Chen et al. 2023; SpecInfer, SpecTr, RSD, "
+        "EAGLE-2/DySpec trees)"
+    )
+    Options = DraftModelOptions
 
     def __init__(
         self,
@@ -62,31 +170,40 @@ class DraftModelDrafter(Drafter):
             raise InvalidRequestError(f"tree branching must be positive integers, got {branching}")
         self.branching = branching
         # how a static tree's siblings are drawn under sampling, and which rule verifies them
-        if sibling_sampling not in ("iid", "without_replacement", "beam"):
-            raise InvalidRequestError(
-                "sibling_sampling must be iid, without_replacement or beam, "
-                f"got {sibling_sampling!r}"
-            )
-        if verify not in ("specinfer", "spectr"):
-            raise InvalidRequestError(f"verify must be specinfer or spectr, got {verify!r}")
-        if (sibling_sampling != "iid" or verify != "specinfer") and branching is None:
-            raise InvalidRequestError(
-                f"sibling_sampling={sibling_sampling!r} / verify={verify!r} apply to a static "
-                "tree: give branching (e.g. [3, 2, 1])"
-            )
-        if verify == "spectr" and sibling_sampling != "iid":
-            raise InvalidRequestError(
-                "SpecTr verifies i.i.d. siblings (sibling_sampling='iid'); siblings drawn "
-                "without replacement are verified by recursive rejection sampling "
-                "(verify='specinfer')"
-            )
-        self.sibling_sampling, self.verify = sibling_sampling, verify
+        check_tree_sampling(branching is not None, sibling_sampling, verify)
+        self.sibling_sampling, self.verify = sibling_sampling.replace("-", "_"), verify
         # a dynamic tree sized by measured costs (see _propose_dynamic) when a budget is given
         if tree_budget is not None and (width < 1 or max_depth < 1):
             raise InvalidRequestError("a dynamic tree needs width >= 1 and max_depth >= 1")
         self.tree_budget, self.width, self.max_depth = tree_budget, width, max_depth
         self._predicted = 0.0  # path probability of the last dynamic tree
         self.seen: list[int] = []  # tokens in the draft model's cache, in order
+
+    @classmethod
+    def build(cls, ctx: BuildContext, options: DraftModelOptions) -> DraftModelDrafter:
+        o = options
+        draft = ctx.draft(o.draft_model, cls.name)
+        budget = None
+        if o.dynamic:
+            if ctx.pass_cost is None or ctx.draft_pass_cost is None:
+                raise InvalidRequestError("tree=dynamic needs the measured pass costs of a target")
+            budget = TreeBudget(
+                ctx.pass_cost(), ctx.draft_pass_cost(o.draft_model), max_nodes=o.tree_nodes
+            )
+        if o.draft_vocab:
+            draft = vocab_subset(ctx, draft, o.draft_vocab)
+        kind = AdaptiveLength if o.adaptive else FixedLength
+        return cls(
+            draft,
+            ctx.vocab_size,
+            policy=kind(o.num_draft_tokens, confidence=o.confidence),
+            branching=o.branching,
+            tree_budget=budget,
+            width=o.tree_width,
+            max_depth=o.tree_depth,
+            sibling_sampling=o.siblings,
+            verify=o.verifier,
+        )
 
     def reset(self, prompt_ids: list[int]) -> None:
         self.draft.reset()
@@ -247,16 +364,14 @@ class DraftModelDrafter(Drafter):
         for node in nodes:
             slots[node] = len(slots)
         mask = torch.zeros(len(nodes), len(slots), dtype=torch.bool)
-        depths = []
         for row, node in enumerate(nodes):
-            depth, a = -1, node
-            while a >= 0:
+            for a in tree.path_to(node):  # the node and its ancestors
                 mask[row, slots[a]] = True
-                a = tree.parents[a]
-                depth += 1
-            depths.append(depth)
+        depths = tree.depths
         tokens = [tree.tokens[n] for n in nodes]
-        return self.draft.forward(tokens, [root_position + d for d in depths], attn_mask=mask)
+        return self.draft.forward(
+            tokens, [root_position + depths[n] for n in nodes], attn_mask=mask
+        )
 
     def _propose_dynamic(self, state: DraftState) -> DraftTree:
         """A tree grown by path probability and sized for this hardware (EAGLE-2; DySpec).

@@ -52,43 +52,60 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from specdec.errors import InvalidRequestError
-from specdec.speculation.drafters.base import Drafter, DraftState
-from specdec.speculation.sizing import TrieSizer
+from specdec.speculation.drafters.base import BuildContext, DraftState, TrieDrafter
+from specdec.speculation.options import Options, option
 from specdec.speculation.tree import DraftTree
 from specdec.speculation.verifiers.base import Outcome
 
 
-class LookaheadDrafter(Drafter):
+@dataclass(frozen=True)
+class LookaheadOptions(Options):
+    method: ClassVar[str] = "lookahead"
+    window: int = option(4, "positions looked ahead (W)", minimum=2)
+    ngram: int = option(4, "n-gram size (N): N - 1 Jacobi levels", minimum=3)
+    guesses: int = option(4, "n-grams verified per pass (G)", minimum=1)
+    pool_from_prompt: bool = option(True, "seed the pool with the prompt's and the output's n-grams")
+    size_by_cost: bool = option(
+        True,
+        "cut the guesses to what pays on the target's measured pass-cost curve, and run the "
+        "window only while what it earns pays for its nodes (else every pass runs the whole "
+        "window and all guesses)",
+    )
+
+
+class LookaheadDrafter(TrieDrafter):
     name = "lookahead"
     EXPLORE_EVERY = 16
     WORTH_DECAY = 0.95  # per pass with the window: its worth is a mean over ~20 such passes
 
-    def __init__(
-        self,
-        window: int = 4,
-        ngram: int = 4,
-        guesses: int = 4,
-        pool_from_prompt: bool = True,
-        pass_cost=None,
-    ) -> None:
-        if window < 2 or ngram < 3 or guesses < 1:
-            raise InvalidRequestError(
-                f"lookahead needs window >= 2, ngram >= 3, guesses >= 1; got {window}, {ngram}, "
-                f"{guesses}"
-            )
-        self.W, self.N, self.G = window, ngram, guesses
-        self.pool_from_prompt = pool_from_prompt
+    description = (
+        "Lookahead decoding: Jacobi iterations over a window of future positions, run in "
+        "the same pass, fill an n-gram pool whose n-grams starting with the last token are "
+        "verified (Fu et al. 2024)"
+    )
+    Options = LookaheadOptions
+
+    def __init__(self, options: LookaheadOptions | None = None, pass_cost=None, **given) -> None:
+        """``options``, or the options as keywords; ``pass_cost``: the target's `PassCost`."""
+        o = LookaheadOptions.of(options, given)
+        self.W, self.N, self.G = o.window, o.ngram, o.guesses
+        self.pool_from_prompt = o.pool_from_prompt
         # given the target's PassCost, the guesses are cut and the window run while it pays
-        self.sizer = TrieSizer(pass_cost) if pass_cost is not None else None
+        super().__init__(pass_cost)
         # the window's worth: tokens accepted through what only it made, per pass with it
         # (decayed sums; the prior is half a token over 4 passes); kept across requests
         self._worth_tokens, self._worth_passes = 2.0, 4.0
         self._without_window = 0  # passes since the window was last run
         self.reset([])
+
+    @classmethod
+    def build(cls, ctx: BuildContext, options: LookaheadOptions) -> LookaheadDrafter:
+        return cls(options, pass_cost=ctx.cost_if(options.size_by_cost))
 
     @property
     def window_nodes(self) -> int:
@@ -144,15 +161,8 @@ class LookaheadDrafter(Drafter):
         depth = min(self.N - 1, state.budget)
         paths = [list(g[:depth]) for g, _ in self._guesses] if depth > 0 else []
         limit = min(self.G * depth, state.budget)
-        if self.sizer is not None:
-            self.sizer.forget()
-        if not paths:
-            tree = DraftTree()
-        elif self.sizer is None:
-            tree = DraftTree.from_paths(paths, [1.0] * len(paths), limit)
-        else:
-            trie, weights = DraftTree.weighted_trie(paths, [1.0] * len(paths), limit)
-            tree = self.sizer.cut(trie, [w / len(paths) for w in weights], 0)
+        self.start_step()
+        tree = self.trie(paths, [1.0] * len(paths), limit, key=0) if paths else DraftTree()
         self._guess_nodes = len(tree)
         self._columns = None
         if len(tree) + self.window_nodes > state.budget or not self._window_pays(len(tree)):
@@ -182,9 +192,11 @@ class LookaheadDrafter(Drafter):
         with_window = (expected + self.window_worth) / cost(guess_nodes + self.window_nodes + 1)
         return with_window > without
 
+    def node_scores(self) -> None:
+        return None  # the window's nodes have no chance to give: a merge keeps them all
+
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
-        if self.sizer is not None:
-            self.sizer.observe(outcome.path)
+        super().observe(state, tree, outcome)
         self._credit(tree, outcome.path)
         if self._columns is None or outcome.logits is None or self.levels is None:
             return

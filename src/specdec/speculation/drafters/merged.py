@@ -33,8 +33,8 @@ import torch
 
 from specdec.errors import InvalidRequestError
 from specdec.speculation.drafters.base import Drafter, DraftState
-from specdec.speculation.sizing import best_size
 from specdec.speculation.sampling import SamplingParams
+from specdec.speculation.sizing import best_size
 from specdec.speculation.tree import DraftTree
 from specdec.speculation.verifiers.base import Outcome, Verifier
 
@@ -46,7 +46,6 @@ class MergedDrafter(Drafter):
         self.drafters = drafters
         self.pass_cost = pass_cost  # the target's PassCost: size the union jointly; None: not
         self.name = "+".join(d.name for d in drafters)
-        self.needs = frozenset().union(*(d.needs for d in drafters))
         self._parts: list[tuple[DraftTree, list[int]]] = []
 
     def reset(self, prompt_ids: list[int]) -> None:

@@ -25,44 +25,56 @@ matches of the same n-gram length, learnt online.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
 
-from specdec.errors import InvalidRequestError
-from specdec.speculation.drafters.base import Drafter, DraftState, ngram_orders
-from specdec.speculation.sizing import TrieSizer
+from specdec.speculation.drafters.base import BuildContext, DraftState, TrieDrafter, ngram_orders
+from specdec.speculation.options import SIZE_BY_COST_HELP, Options, option
 from specdec.speculation.tree import DraftTree
-from specdec.speculation.verifiers.base import Outcome
 
 
-class NgramCacheDrafter(Drafter):
+@dataclass(frozen=True)
+class NgramCacheOptions(Options):
+    method: ClassVar[str] = "ngram-cache"
+    num_draft_tokens: int = option(8, "most tokens per branch", minimum=1)
+    min_ngram: int = option(1, "shortest n-gram looked up", minimum=1)
+    max_ngram: int = option(4, "longest n-gram looked up (tried first)", minimum=1)
+    branches: int = option(2, "next tokens tried at the first level", minimum=1)
+    max_nodes: int = option(16, "most tree nodes verified in one pass", minimum=1)
+    min_count: int = option(1, "observations needed to extend a branch", minimum=1)
+    min_share: float = option(0.3, "share of the n-gram's observations needed to extend", minimum=0)
+    max_entries: int = option(2_000_000, "most n-grams kept", minimum=1)
+    size_by_cost: bool = option(True, SIZE_BY_COST_HELP)
+
+    def check(self) -> None:
+        ngram_orders(self.min_ngram, self.max_ngram)
+
+
+class NgramCacheDrafter(TrieDrafter):
     name = "ngram-cache"
+    description = (
+        "an n-gram cache across requests: the most frequent continuations of the longest "
+        "n-gram seen in earlier prompts and outputs (llama.cpp's lookup cache, OmniDraft)"
+    )
+    Options = NgramCacheOptions
 
-    def __init__(
-        self,
-        num_draft_tokens: int = 8,
-        min_ngram: int = 1,
-        max_ngram: int = 4,
-        branches: int = 2,
-        max_nodes: int = 16,
-        min_count: int = 1,
-        min_share: float = 0.3,
-        max_entries: int = 2_000_000,
-        pass_cost=None,
-    ) -> None:
-        if min(num_draft_tokens, branches, max_nodes, min_count) < 1:
-            raise InvalidRequestError(
-                "num_draft_tokens, branches, max_nodes and min_count must be >= 1"
-            )
-        self.k = num_draft_tokens
-        self.ngrams = ngram_orders(min_ngram, max_ngram)
-        self.branches = branches
-        self.max_nodes = max_nodes
-        self.min_count = min_count
-        self.min_share = min_share
-        self.max_entries = max_entries
-        # given the target's PassCost, trees are cut to what pays; else always max_nodes
-        self.sizer = TrieSizer(pass_cost) if pass_cost is not None else None
+    def __init__(self, options: NgramCacheOptions | None = None, pass_cost=None, **given) -> None:
+        """``options``, or the options as keywords; ``pass_cost``: the target's `PassCost`."""
+        o = NgramCacheOptions.of(options, given)
+        self.k = o.num_draft_tokens
+        self.ngrams = ngram_orders(o.min_ngram, o.max_ngram)
+        self.branches = o.branches
+        self.max_nodes = o.max_nodes
+        self.min_count = o.min_count
+        self.min_share = o.min_share
+        self.max_entries = o.max_entries
+        super().__init__(pass_cost)  # trees cut to what pays; without a cost, max_nodes
         self.next: dict[tuple[int, ...], Counter[int]] = {}  # n-gram -> next-token counts
         self.counted = 0  # positions of the current sequence already counted
+
+    @classmethod
+    def build(cls, ctx: BuildContext, options: NgramCacheOptions) -> NgramCacheDrafter:
+        return cls(options, pass_cost=ctx.cost_if(options.size_by_cost))
 
     def reset(self, prompt_ids: list[int]) -> None:
         self.counted = 0  # the counts stay: they are the cache across requests
@@ -98,8 +110,7 @@ class NgramCacheDrafter(Drafter):
         return None
 
     def propose(self, state: DraftState) -> DraftTree:
-        if self.sizer:
-            self.sizer.forget()
+        self.start_step()
         tokens = state.tokens
         self._count(tokens)
         k = min(self.k, state.budget)
@@ -122,19 +133,6 @@ class NgramCacheDrafter(Drafter):
             weights.append(float(count))
         if not paths:
             return DraftTree()
+        # a branch's share: its first token's share of the counts
         limit = min(self.max_nodes, state.budget)
-        if self.sizer is None:
-            return DraftTree.from_paths(paths, weights, limit)
-        tree, node_weights = DraftTree.weighted_trie(paths, weights, limit)
-        total = first.total()  # a branch's share: its first token's share of the counts
-        return self.sizer.cut(tree, [w / total for w in node_weights], matched)
-
-    def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
-        if self.sizer:
-            self.sizer.observe(outcome.path)
-
-    def node_scores(self) -> list[float] | None:
-        return self.sizer.scores if self.sizer else None
-
-    def keep_only(self, nodes: list[int]) -> None:
-        self.sizer.keep_only(nodes)
+        return self.trie(paths, weights, limit, key=matched, total=first.total())

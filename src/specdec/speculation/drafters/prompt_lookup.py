@@ -24,34 +24,51 @@ depth after matches of the same n-gram length.
 
 from __future__ import annotations
 
-from specdec.errors import InvalidRequestError
-from specdec.speculation.drafters.base import Drafter, DraftState, ngram_orders
-from specdec.speculation.sizing import TrieSizer
+from dataclasses import dataclass
+from typing import ClassVar
+
+from specdec.speculation.drafters.base import BuildContext, DraftState, TrieDrafter, ngram_orders
+from specdec.speculation.options import SIZE_BY_COST_HELP, Options, option
 from specdec.speculation.tree import DraftTree
-from specdec.speculation.verifiers.base import Outcome
 
 
-class PromptLookupDrafter(Drafter):
+@dataclass(frozen=True)
+class PromptLookupOptions(Options):
+    method: ClassVar[str] = "pld"
+    num_draft_tokens: int = option(10, "tokens copied per match", minimum=1)
+    min_ngram: int = option(1, "shortest n-gram matched", minimum=1)
+    max_ngram: int = option(3, "longest n-gram matched (tried first)", minimum=1)
+    branches: int = option(3, "most matches merged into the tree", minimum=1)
+    max_nodes: int = option(16, "most tree nodes verified in one pass", minimum=1)
+    size_by_cost: bool = option(True, SIZE_BY_COST_HELP)
+
+    def check(self) -> None:
+        ngram_orders(self.min_ngram, self.max_ngram)
+
+
+class PromptLookupDrafter(TrieDrafter):
     name = "pld"
+    description = (
+        "prompt lookup decoding: the last n-gram's earlier occurrences in the prompt and "
+        "output propose what followed them, several matches as one tree (Saxena 2023)"
+    )
+    Options = PromptLookupOptions
 
     def __init__(
-        self,
-        num_draft_tokens: int = 10,
-        min_ngram: int = 1,
-        max_ngram: int = 3,
-        branches: int = 3,
-        max_nodes: int = 16,
-        pass_cost=None,
+        self, options: PromptLookupOptions | None = None, pass_cost=None, **given
     ) -> None:
-        if min(num_draft_tokens, branches, max_nodes) < 1:
-            raise InvalidRequestError("num_draft_tokens, branches and max_nodes must be >= 1")
-        self.k = num_draft_tokens
-        self.ngrams = ngram_orders(min_ngram, max_ngram)
-        self.branches = branches
-        self.max_nodes = max_nodes
-        # given the target's PassCost, trees are cut to what pays; else always max_nodes
-        self.sizer = TrieSizer(pass_cost) if pass_cost is not None else None
+        """``options``, or the options as keywords; ``pass_cost``: the target's `PassCost`."""
+        o = PromptLookupOptions.of(options, given)
+        self.k = o.num_draft_tokens
+        self.ngrams = ngram_orders(o.min_ngram, o.max_ngram)
+        self.branches = o.branches
+        self.max_nodes = o.max_nodes
+        super().__init__(pass_cost)  # trees cut to what pays; without a cost, max_nodes
         self.reset([])
+
+    @classmethod
+    def build(cls, ctx: BuildContext, options: PromptLookupOptions) -> PromptLookupDrafter:
+        return cls(options, pass_cost=ctx.cost_if(options.size_by_cost))
 
     def reset(self, prompt_ids: list[int]) -> None:
         # n -> n-gram -> positions right after each of its occurrences (oldest first)
@@ -68,8 +85,7 @@ class PromptLookupDrafter(Drafter):
         self.indexed = max(len(tokens), self.indexed)
 
     def propose(self, state: DraftState) -> DraftTree:
-        if self.sizer:
-            self.sizer.forget()
+        self.start_step()
         tokens = state.tokens
         self._index(tokens)
         k = min(self.k, state.budget)
@@ -101,19 +117,4 @@ class PromptLookupDrafter(Drafter):
                 break
         if not paths:
             return DraftTree()
-        limit = min(self.max_nodes, state.budget)
-        if self.sizer is None:
-            return DraftTree.from_paths(paths, weights, limit)
-        tree, node_weights = DraftTree.weighted_trie(paths, weights, limit)
-        total = sum(weights)
-        return self.sizer.cut(tree, [w / total for w in node_weights], longest)
-
-    def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
-        if self.sizer:
-            self.sizer.observe(outcome.path)
-
-    def node_scores(self) -> list[float] | None:
-        return self.sizer.scores if self.sizer else None
-
-    def keep_only(self, nodes: list[int]) -> None:
-        self.sizer.keep_only(nodes)
+        return self.trie(paths, weights, min(self.max_nodes, state.budget), key=longest)

@@ -20,8 +20,8 @@ for a CPU, where a pass over 64 tokens costs about three one-token passes
 tree; here, given the target's pass-cost curve, the tree is cut to the size
 that maximises expected tokens per unit of pass time, a node's chance of
 acceptance taken as its share of the retrieved continuations times how many
-tokens per unit of share were accepted so far after matches of the same
-length (`ShareCalibration`): a short match in a corpus unlike the text
+tokens per unit of share were accepted so far at its depth after matches of the
+same length (`TrieSizer`, shared with prompt lookup): a short match in a corpus unlike the text
 (code retrieved for prose) soon drafts a few nodes instead of a full tree.
 When even the whole share on one node would not pay after a match of that
 length, the continuations are not retrieved at all (except on the turns it is
@@ -34,53 +34,76 @@ whose step takes 7 ms (SmolLM2-135M quantised), that took REST from 0.75x to
 
 from __future__ import annotations
 
-import math
 from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
 
 from specdec.errors import InvalidRequestError
-from specdec.speculation.datastore import Datastore
-from specdec.speculation.drafters.base import Drafter, DraftState
-from specdec.speculation.sizing import Revisit, ShareCalibration, best_size
+from specdec.speculation.datastore import Datastore, open_datastore
+from specdec.speculation.drafters.base import BuildContext, DraftState, TrieDrafter
+from specdec.speculation.options import SIZE_BY_COST_HELP, Options, option
 from specdec.speculation.tree import DraftTree
-from specdec.speculation.verifiers.base import Outcome
 
 
-class RetrievalDrafter(Drafter):
+@dataclass(frozen=True)
+class RetrievalOptions(Options):
+    method: ClassVar[str] = "rest"
+    datastore: str = option(
+        "stdlib",
+        "datastore folder (`specdec datastore build`); stdlib: the Python standard library's "
+        "source, built for the model's tokenizer on first use",
+    )
+    max_nodes: int = option(16, "most tree nodes verified in one pass", minimum=1)
+    continuation: int = option(10, "tokens retrieved after each match", minimum=1)
+    max_span: int = option(16, "longest suffix looked up", minimum=1)
+    min_span: int = option(2, "shortest suffix looked up", minimum=1)
+    max_matches: int = option(512, "most matches used per step", minimum=1)
+    size_by_cost: bool = option(True, SIZE_BY_COST_HELP)
+
+    def check(self) -> None:
+        if self.min_span > self.max_span:
+            raise InvalidRequestError(
+                f"spans must satisfy min_span <= max_span, got {self.min_span}, {self.max_span}"
+            )
+
+
+class RetrievalDrafter(TrieDrafter):
     name = "rest"
+    description = (
+        "REST, retrieval drafting: the longest suffix of the context (16 down to 2 tokens) "
+        "looked up in a datastore (suffix array over a corpus); the continuations found form "
+        "a frequency-weighted tree (He et al. 2023)"
+    )
+    Options = RetrievalOptions
 
     def __init__(
         self,
         datastore: Datastore,
-        max_nodes: int = 16,
-        continuation: int = 10,
-        max_span: int = 16,
-        min_span: int = 2,
-        max_matches: int = 512,
+        options: RetrievalOptions | None = None,
         pass_cost=None,
+        **given,
     ) -> None:
-        if not 1 <= min_span <= max_span <= datastore.span:
+        """``options``, or the options as keywords (``datastore`` there is ignored: the
+        opened one is given); ``pass_cost``: the target's `PassCost`."""
+        o = RetrievalOptions.of(options, given)
+        if o.max_span > datastore.span:
             raise InvalidRequestError(
-                f"spans must satisfy 1 <= min_span <= max_span <= {datastore.span}, got "
-                f"{min_span}, {max_span}"
+                f"max_span must be <= {datastore.span} for this datastore, got {o.max_span}"
             )
-        if min(max_nodes, continuation, max_matches) < 1:
-            raise InvalidRequestError("max_nodes, continuation and max_matches must be >= 1")
         self.datastore = datastore
-        self.max_nodes = max_nodes
-        self.continuation = continuation
-        self.min_span, self.max_span = min_span, max_span
-        self.max_matches = max_matches
-        self.pass_cost = pass_cost  # PassCost of the target, or None: always max_nodes
-        self.calibration = ShareCalibration()
-        # (span, each node's share of the retrieved continuations) of the tree drafted
-        self._drafted: tuple[int, list[float]] | None = None
-        # a span judged worthless is still tried now and then (its heaviest node), or what
-        # it is worth could never be learnt again (e.g. when the text changes)
-        self.revisit = Revisit()
+        self.max_nodes = o.max_nodes
+        self.continuation = o.continuation
+        self.min_span, self.max_span = o.min_span, o.max_span
+        self.max_matches = o.max_matches
+        super().__init__(pass_cost)  # trees cut to what pays; without a cost, max_nodes
+
+    @classmethod
+    def build(cls, ctx: BuildContext, options: RetrievalOptions) -> RetrievalDrafter:
+        store = open_datastore(options.datastore, ctx.tokenizer, ctx.progress)
+        return cls(store, options, pass_cost=ctx.cost_if(options.size_by_cost))
 
     def propose(self, state: DraftState) -> DraftTree:
-        self._drafted = None
-        self._scores: list[float] | None = None if self.pass_cost is None else []
+        self.start_step()
         limit = min(self.max_nodes, state.budget)
         if limit <= 0:
             return DraftTree()
@@ -88,44 +111,21 @@ class RetrievalDrafter(Drafter):
         if found is None:
             return DraftTree()
         span, starts = found
-        exploring = False
-        if self.pass_cost is not None and not self._may_pay(span):
+        explore = False
+        if self.sizer is not None and not self.sizer.may_pay(span):
             # even the whole share on one node would not pay: skip retrieving the
             # continuations (the costly part of a step) unless it is this span's turn
-            if not self.revisit.now(span):
+            if not self.sizer.revisit.now(span):
                 return DraftTree()
-            exploring = True
+            explore = True
         length = min(self.continuation, state.budget)
         counts = Counter(self.datastore.continuations(starts[: self.max_matches], length))
         if not counts:
             return DraftTree()
         paths = list(counts)
-        total = sum(counts.values())
-        tree, weights = DraftTree.weighted_trie(
-            [list(p) for p in paths], [counts[p] / total for p in paths], limit
+        return self.trie(
+            [list(p) for p in paths], [counts[p] for p in paths], limit, key=span, explore=explore
         )
-        scores = None
-        if self.pass_cost is not None:  # heaviest first: every prefix of the nodes is a tree
-            factor = self.calibration.factor(span)
-            scores = [factor * w for w in weights]
-            n = best_size(scores, self.pass_cost)
-            if n == 0:
-                exploring = exploring or self.revisit.now(span)
-                n = int(exploring)
-            tree, weights = tree.subtree(list(range(n))), weights[:n]
-            # for a merge: a node drafted only to learn again must be verified
-            scores = [math.inf] if exploring else scores[:n]
-        self._drafted, self._scores = (span, weights), scores
-        return tree
-
-    def node_scores(self) -> list[float] | None:
-        return self._scores
-
-    def keep_only(self, nodes: list[int]) -> None:
-        self._scores = [self._scores[i] for i in nodes]
-        if self._drafted is not None:
-            span, weights = self._drafted
-            self._drafted = (span, [weights[i] for i in nodes])
 
     def _longest_match(self, tokens: list[int]) -> tuple[int, object] | None:
         """(span, starts) of the longest suffix of ``tokens`` found, ``min_span`` ..
@@ -147,13 +147,3 @@ class RetrievalDrafter(Drafter):
             else:
                 hi = mid - 1
         return best
-
-    def _may_pay(self, span: int) -> bool:
-        """Could a tree after a match of ``span`` pay at all? Its heaviest node carries at
-        most the whole share."""
-        return best_size([self.calibration.factor(span)], self.pass_cost) > 0
-
-    def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
-        if self._drafted is not None and len(tree):
-            span, weights = self._drafted
-            self.calibration.observe(span, sum(weights), len(outcome.path))

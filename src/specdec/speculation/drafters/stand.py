@@ -35,12 +35,21 @@ the softmax at temperature 1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from specdec.errors import InvalidRequestError
-from specdec.speculation.drafters.base import Drafter, DraftState, ngram_orders, unseen_token_rows
-from specdec.speculation.sizing import RankAcceptance, best_size
+from specdec.speculation.drafters.base import (
+    BuildContext,
+    Drafter,
+    DraftState,
+    ngram_orders,
+    unseen_token_rows,
+)
+from specdec.speculation.options import PROMPT_ROWS_HELP, SIZE_BY_COST_HELP, Options, option
 from specdec.speculation.sampling import SamplingParams, probabilities
+from specdec.speculation.sizing import RankAcceptance, best_size
 from specdec.speculation.tree import DraftTree
 from specdec.speculation.verifiers.base import Outcome
 from specdec.speculation.without_replacement import conditionals, gumbel
@@ -53,35 +62,50 @@ class _Entry:
         self.ids, self.probs, self.count = ids, probs, 1
 
 
+@dataclass(frozen=True)
+class StandOptions(Options):
+    method: ClassVar[str] = "stand"
+    top_k: int = option(10, "tokens kept per n-gram", minimum=1)
+    min_ngram: int = option(1, "shortest n-gram looked up", minimum=1)
+    max_ngram: int = option(4, "longest n-gram looked up (tried first)", minimum=1)
+    max_nodes: int = option(24, "most tree nodes verified in one pass", minimum=1)
+    max_depth: int = option(8, "deepest tree level", minimum=1)
+    size_by_cost: bool = option(True, SIZE_BY_COST_HELP)
+    max_entries: int = option(2_000_000, "most n-grams kept", minimum=1)
+    prompt_rows: int = option(128, PROMPT_ROWS_HELP, minimum=0)
+
+    def check(self) -> None:
+        ngram_orders(self.min_ngram, self.max_ngram)
+
+
 class StandDrafter(Drafter):
     name = "stand"
+    description = (
+        "STAND: an n-gram model of the target's own top-10 distributions (running means), "
+        "drafted stochastically without replacement (Gumbel-Top-k) in a tree whose shape "
+        "is learnt from acceptance (Song et al. 2025)"
+    )
+    Options = StandOptions
 
     def __init__(
-        self,
-        vocab_size: int,
-        top_k: int = 10,
-        min_ngram: int = 1,
-        max_ngram: int = 4,
-        max_nodes: int = 24,
-        max_depth: int = 8,
-        pass_cost=None,
-        max_entries: int = 2_000_000,
-        prompt_rows: int = 128,
+        self, vocab_size: int, options: StandOptions | None = None, pass_cost=None, **given
     ) -> None:
-        if min(top_k, max_nodes, max_depth, max_entries) < 1:
-            raise InvalidRequestError("top_k, max_nodes, max_depth and max_entries must be >= 1")
+        """``options``, or the options as keywords; ``pass_cost``: the target's `PassCost`."""
+        o = StandOptions.of(options, given)
         self.vocab_size = vocab_size
-        self.top_k = top_k
-        self.ngrams = ngram_orders(min_ngram, max_ngram)
-        self.max_nodes = max_nodes
+        self.top_k = o.top_k
+        self.ngrams = ngram_orders(o.min_ngram, o.max_ngram)
+        self.max_nodes = o.max_nodes
         self.pass_cost = pass_cost
-        self.max_entries = max_entries
-        if prompt_rows < 0:
-            raise InvalidRequestError(f"prompt_rows must be >= 0, got {prompt_rows}")
-        self.max_prompt_rows = prompt_rows
+        self.max_entries = o.max_entries
+        self.max_prompt_rows = o.prompt_rows
         self.memory: dict[tuple[int, ...], _Entry] = {}
-        self.acceptance = RankAcceptance(max_depth, top_k)
+        self.acceptance = RankAcceptance(o.max_depth, o.top_k)
         self._ranks: list[int] = []
+
+    @classmethod
+    def build(cls, ctx: BuildContext, options: StandOptions) -> StandDrafter:
+        return cls(ctx.vocab_size, options, pass_cost=ctx.cost_if(options.size_by_cost))
 
     def _entry(self, context: list[int]) -> _Entry | None:
         for n in self.ngrams:

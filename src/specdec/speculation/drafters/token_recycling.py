@@ -38,43 +38,71 @@ from __future__ import annotations
 
 import atexit
 import heapq
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.speculation.drafters.base import Drafter, DraftState, unseen_token_rows
+from specdec.speculation.drafters.base import BuildContext, Drafter, DraftState, unseen_token_rows
+from specdec.speculation.options import (
+    PROMPT_ROWS_HELP,
+    SIZE_BY_COST_HELP,
+    Options,
+    option,
+    optional_str,
+)
 from specdec.speculation.sizing import RankAcceptance, best_size
 from specdec.speculation.tree import DraftTree
 from specdec.speculation.verifiers.base import Outcome
 
 
+@dataclass(frozen=True)
+class TokenRecyclingOptions(Options):
+    method: ClassVar[str] = "recycle"
+    top_k: int = option(8, "candidates kept per token (at most 64)", minimum=1)
+    max_nodes: int = option(24, "most tree nodes verified in one pass", minimum=1)
+    max_depth: int = option(8, "deepest tree level", minimum=1)
+    size_by_cost: bool = option(True, SIZE_BY_COST_HELP)
+    matrix_file: str | None = option(
+        None,
+        "safetensors file the matrix starts from (if it exists) and is saved to (before each "
+        "request and at exit)",
+        parse=optional_str,
+    )
+    prompt_rows: int = option(128, PROMPT_ROWS_HELP, minimum=0)
+
+    def check(self) -> None:
+        if self.top_k > 64:
+            raise InvalidRequestError(f"top_k must be in 1..64, got {self.top_k}")
+
+
 class TokenRecyclingDrafter(Drafter):
     name = "recycle"
+    description = (
+        "Token Recycling: the target's own top-k tokens after each token, kept in an "
+        "adjacency matrix and updated by every pass, drafted as a tree (Luo et al. 2024)"
+    )
+    Options = TokenRecyclingOptions
 
     def __init__(
         self,
         vocab_size: int,
-        top_k: int = 8,
-        max_nodes: int = 24,
-        max_depth: int = 8,
+        options: TokenRecyclingOptions | None = None,
         pass_cost=None,
-        matrix_file: str | None = None,
-        prompt_rows: int = 128,
+        **given,
     ) -> None:
-        if not 1 <= top_k <= 64:
-            raise InvalidRequestError(f"top_k must be in 1..64, got {top_k}")
-        if min(max_nodes, max_depth) < 1:
-            raise InvalidRequestError("max_nodes and max_depth must be >= 1")
-        if prompt_rows < 0:
-            raise InvalidRequestError(f"prompt_rows must be >= 0, got {prompt_rows}")
-        self.max_prompt_rows = prompt_rows
+        """``options``, or the options as keywords; ``pass_cost``: the target's `PassCost`
+        (None: always ``max_nodes``)."""
+        o = TokenRecyclingOptions.of(options, given)
+        self.max_prompt_rows = o.prompt_rows
         self.vocab_size = vocab_size
-        self.top_k = top_k
-        self.max_nodes = max_nodes
-        self.max_depth = max_depth
-        self.pass_cost = pass_cost  # PassCost of the target, or None: always max_nodes
-        self.matrix_file = matrix_file
+        self.top_k = top_k = o.top_k
+        self.max_nodes = o.max_nodes
+        self.max_depth = max_depth = o.max_depth
+        self.pass_cost = pass_cost
+        self.matrix_file = matrix_file = o.matrix_file
         self.matrix = torch.full((vocab_size, top_k), -1, dtype=torch.int32)  # -1: unknown
         self._dirty = False  # learnt since the last save
         if matrix_file:
@@ -82,6 +110,10 @@ class TokenRecyclingDrafter(Drafter):
                 self.load(matrix_file)
             atexit.register(self._save_if_dirty)
         self.acceptance = RankAcceptance(max_depth, top_k)
+
+    @classmethod
+    def build(cls, ctx: BuildContext, options: TokenRecyclingOptions) -> TokenRecyclingDrafter:
+        return cls(ctx.vocab_size, options, pass_cost=ctx.cost_if(options.size_by_cost))
 
     @property
     def nbytes(self) -> int:
