@@ -7,7 +7,7 @@ from random_models import random_transformer
 from torch import nn
 
 from specdec.models.cpu_linear import (
-    PackedLinear,
+    PrepackedFloatLinear,
     pack_linears,
     packing_available,
     step_weight_bytes,
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 def test_packed_linear_matches(dtype, tol, shape, bias):
     torch.manual_seed(0)
     lin = nn.Linear(shape[1], shape[0], bias=bias).to(dtype)
-    packed = PackedLinear(lin)
+    packed = PrepackedFloatLinear(lin)
     for m in (1, 2, 3, 5, 8, 16, 33, 64):
         x = torch.randn(m, shape[1]).to(dtype)
         ref = F.linear(x, lin.weight, lin.bias)

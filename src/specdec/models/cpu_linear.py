@@ -15,6 +15,8 @@ import os
 import torch
 from torch import nn
 
+from specdec.models.quant_linear import QuantLinear
+
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -31,8 +33,10 @@ def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     )
 
 
-class PackedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` held in oneDNN's blocked layout (not a Parameter)."""
+class PrepackedFloatLinear(nn.Module):
+    """A float ``nn.Linear`` (float32 or bfloat16) whose weight oneDNN has prepacked:
+    ``y = x W^T + b`` with ``W`` held in oneDNN's blocked layout (not a Parameter). Not
+    to be confused with `specdec.kernels.PackedWeight`, quantised blocks for ``qgemm``."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -51,25 +55,23 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every ``nn.Linear`` of ``model`` by a `PackedLinear`; returns how many."""
+    """Replace every ``nn.Linear`` of ``model`` by a `PrepackedFloatLinear`; returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PrepackedFloatLinear(child))
                 count += 1
     return count
 
 
 def step_weight_bytes(model: nn.Module) -> int:
     """Weight bytes one decode step reads: every linear and norm (an embedding is only indexed)."""
-    from specdec.models.quant_linear import QuantLinear
-
     total = 0
     for module in model.modules():
         if isinstance(module, QuantLinear):
             total += module.weight_nbytes + (module.bias.nbytes if module.bias is not None else 0)
-        elif isinstance(module, PackedLinear):
+        elif isinstance(module, PrepackedFloatLinear):
             total += module.weight_nbytes + (module.bias.nbytes if module.bias is not None else 0)
         elif isinstance(module, nn.Linear) or type(module).__name__ == "RMSNorm":
             total += sum(p.nbytes for p in module.parameters(recurse=False))
