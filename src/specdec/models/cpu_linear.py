@@ -9,6 +9,7 @@ results are bit-identical to ``F.linear``; float32 differ in rounding (~1e-4).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -30,7 +31,23 @@ def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
         and dtype in PACKABLE_DTYPES
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and _prepacking_works(dtype)
     )
+
+
+@functools.cache
+def _prepacking_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN prepacks ``dtype`` on this CPU: its bfloat16 path needs AVX-512
+    (BW, VL, DQ) or AVX-NE-CONVERT and raises elsewhere (an AVX2-only CPU), where the
+    layers stay ``nn.Linear``. Probed once per dtype on a tiny weight."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+        x = torch.zeros(1, 16, dtype=dtype)
+        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except RuntimeError as e:
+        log.debug("no oneDNN prepacking for %s on this CPU: %s", dtype, e)
+        return False
+    return True
 
 
 class PrepackedFloatLinear(nn.Module):
