@@ -7,20 +7,20 @@ directory; later loads memory-map that folder instead of dequantising again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from specdec.errors import (
     ModelFormatError,
@@ -28,8 +28,21 @@ from specdec.errors import (
     RegistryUnreachableError,
     UnsupportedModelError,
 )
+from specdec.models import gguf_file
+from specdec.models.catalog import cache_dir, resolve_model_file
 from specdec.models.config import ModelConfig
 from specdec.models.cpu_linear import pack_linears, packing_available, step_weight_bytes
+from specdec.models.progress import Progress, Stage
+from specdec.models.quant_linear import (
+    attach_native_layers,
+    check_quant,
+    load_packed,
+    pack_float_model,
+    pack_gguf_model,
+    quantise_linears,
+    resolve_quant,
+    save_packed,
+)
 from specdec.models.tokenizer import Tokenizer
 from specdec.models.transformer import Transformer
 
@@ -83,14 +96,11 @@ def load_model(
 
     ``quant`` (`specdec.models.quant_linear.QUANTS`) swaps the linears for the
     quantised kernel's; ``dtype`` is then the dtype of everything else."""
-    from specdec.models.quant_linear import check_quant, resolve_quant
-    from specdec.models.catalog import resolve_model_file
-
     check_quant(quant)
-    dev = _check_device(device)
+    dev = check_device(device)
     where = resolve_model_file(str(spec), auto_pull=auto_pull, progress=progress)
     if isinstance(where, str):
-        where = _download_from_hub(where)
+        where = download_from_hub(where)
     folder = None
     if where.is_dir():
         if (where / "specdec.json").exists():
@@ -111,18 +121,18 @@ def load_model(
 
 def load_tokenizer(spec: str | Path, *, progress: bool = True) -> Tokenizer:
     """The tokenizer of a model, without loading its weights (converting a GGUF once)."""
-    from specdec.models.catalog import resolve_model_file
-
     where = resolve_model_file(str(spec), auto_pull=True, progress=progress)
     if isinstance(where, str):
-        where = _download_from_hub(where)
+        where = download_from_hub(where)
     folder = where if where.is_dir() else converted_folder(where, progress=progress)
     if not (folder / "tokenizer.json").exists():
         raise ModelNotFoundError(f"{folder}: no tokenizer.json")
     return Tokenizer(folder)
 
 
-def _check_device(device: str) -> torch.device:
+def check_device(device: str) -> torch.device:
+    """The torch device of a ``--device`` value (cpu, cuda, cuda:N), refused with
+    `UnsupportedModelError` when unknown or when CUDA is asked for but absent."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UnsupportedModelError("--device cuda was asked for but no CUDA device is available")
     if device != "cpu" and not device.startswith("cuda"):
@@ -162,8 +172,6 @@ def _build(
 ) -> Transformer:
     """The model from its state dict; ``packed`` (module name → packed parts) replaces
     those linears by quantised ones, whose float weights ``state`` may then lack."""
-    from specdec.models.quant_linear import attach_native_layers, quantise_linears
-
     tied = cfg.tie_word_embeddings if packed is not None else "lm_head.weight" not in state
     if tied != cfg.tie_word_embeddings:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_word_embeddings": tied})
@@ -192,32 +200,12 @@ def _build(
 
 
 # --------------------------------------------------------------------------- GGUF
-GGUF_MAGIC = b"GGUF"
-
-
-def _file_key(path: Path) -> str:
-    """A content key that is cheap for GGUFs of a GB: size and first and last MiB."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
-
-
 def converted_folder(gguf_path: Path, *, progress: bool = True) -> Path:
     """The runtime-layout folder of a GGUF file, converting it on first use."""
-    from specdec.models.catalog import cache_dir
-
     gguf_path = Path(gguf_path)
-    if not gguf_path.exists():
-        raise ModelNotFoundError(f"no such file: {gguf_path}")
-    with open(gguf_path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise ModelFormatError(f"{gguf_path}: not a GGUF file (bad magic)")
-    folder = cache_dir() / "converted" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
+    gguf_file.check_file(gguf_path)
+    key = gguf_file.content_key(gguf_path)
+    folder = cache_dir() / "converted" / f"{gguf_path.stem}-{key}"
     if (folder / "specdec.json").exists():
         return folder
     log.info("converting %s once into %s", gguf_path, folder)
@@ -237,132 +225,43 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def _gguf_metadata(reader: Any) -> dict[str, Any]:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.endswith(
-            ("tokens", "token_type", "merges", "scores")
-        ):
-            continue  # large arrays, not needed for the config
-        try:
-            meta[key] = field.contents()
-        except Exception:  # a field type the reader cannot decode is not one we need
-            continue
-    return meta
-
-
-def _open_gguf(path: Path) -> Any:
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise ModelFormatError(
-            f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})"
-        ) from None
-
-
-def _dequantize(tensor: Any) -> torch.Tensor:
-    import gguf
-
-    try:
-        arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError:
-        raise UnsupportedModelError(
-            f"tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot be dequantised"
-        ) from None
-    return torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
-
-
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's interleaving of the rotary halves of q/k rows."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _gguf_raw(reader: Any, cfg: ModelConfig, progress: bool) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    tensors = {t.name: t for t in reader.tensors}
-
-    def get(name: str, required: bool = True) -> torch.Tensor | None:
-        if name not in tensors:
-            if required:
-                raise ModelFormatError(f"GGUF file lacks tensor {name}")
-            return None
-        bar.update(1)
-        return _dequantize(tensors[name])
-
-    bar = tqdm(
-        total=len(tensors),
-        desc="converting weights (once)",
-        unit="tensor",
-        disable=not progress,
-        file=sys.stderr,
-        leave=False,
-    )
-    raw: dict[str, Any] = {
-        "embed": get("token_embd.weight"),
-        "norm": get("output_norm.weight"),
-        "lm_head": get("output.weight", required=False),
-        "layers": [],
-    }
-    for i in range(cfg.num_layers):
-        b = f"blk.{i}."
-        layer = {
-            "attn_norm": get(b + "attn_norm.weight"),
-            "ffn_norm": get(b + "ffn_norm.weight"),
-            "q": get(b + "attn_q.weight"),
-            "k": get(b + "attn_k.weight"),
-            "v": get(b + "attn_v.weight"),
-            "o": get(b + "attn_output.weight"),
-            "gate": get(b + "ffn_gate.weight"),
-            "up": get(b + "ffn_up.weight"),
-            "down": get(b + "ffn_down.weight"),
-        }
-        if cfg.attention_bias:
-            layer.update(
-                q_b=get(b + "attn_q.bias"), k_b=get(b + "attn_k.bias"), v_b=get(b + "attn_v.bias")
-            )
-        if cfg.permuted_qk_in_gguf:
-            layer["q"] = _unpermute(layer["q"], cfg.num_heads)
-            layer["k"] = _unpermute(layer["k"], cfg.num_kv_heads)
-        raw["layers"].append(layer)
-    bar.close()
-    return raw
-
-
 def _convert_gguf(path: Path, out: Path, progress: bool) -> None:
-    from safetensors.torch import save_file
-
-    reader = _open_gguf(path)
-    meta = _gguf_metadata(reader)
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embed is None:
-        raise ModelFormatError(f"{path}: GGUF file has no token_embd.weight")
-    cfg = ModelConfig.from_gguf_metadata(meta, vocab_size=int(embed.shape[-1]))
-    names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:  # Llama 3.x frequency factors: not implemented natively
-        raise UnsupportedModelError(
-            f"{path}: rope frequency factors (rope_freqs.weight) are not supported"
+    report = Progress(progress)
+    what = f"convert {path.name}"
+    start = time.perf_counter()
+    with report.stage(f"{what}: read the header") as stage:
+        reader = gguf_file.open_gguf(path)
+        cfg = gguf_file.read_config(reader, path)
+        stage.detail = f"{len(reader.tensors)} tensors, {cfg.num_layers} layers"
+    with report.stage(f"{what}: weights") as stage:
+        bar = report.bar(
+            total=len(reader.tensors), desc="converting weights (once)", unit="tensor", leave=False
         )
-    has_head = "output.weight" in names
-    cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_word_embeddings": not has_head})
-    state = _fuse(cfg, _gguf_raw(reader, cfg, progress), torch.float32)
-    # Stored in float32 once; each load casts to the dtype asked for.
-    save_file(state, str(out / "weights.safetensors"))
-    _save_gguf_tokenizer(path, out)
+        raw = gguf_file.read_raw(reader, cfg, on_tensor=lambda: bar.update(1))
+        bar.close()
+        state = _fuse(cfg, raw, torch.float32)
+        del raw
+        # Stored in float32 once; each load casts to the dtype asked for.
+        save_file(state, str(out / "weights.safetensors"))
+        stage.size = (out / "weights.safetensors").stat().st_size
+        stage.detail = f"{len(state)} float32 tensors into weights.safetensors"
+    with report.stage(f"{what}: tokenizer") as stage:
+        _save_gguf_tokenizer(path, out)
+        stage.size = sum(f.stat().st_size for f in out.iterdir() if f.name != "weights.safetensors")
     (out / "specdec.json").write_text(
         json.dumps(
             {"format_version": FORMAT_VERSION, "source": str(path), "config": cfg.to_dict()},
             indent=1,
         )
     )
+    if report.lines:
+        total = sum(f.stat().st_size for f in out.iterdir())
+        report.line(what, Stage(total, "total"), time.perf_counter() - start)
 
 
 def _save_gguf_tokenizer(path: Path, out: Path) -> None:
     """Convert the GGUF's tokenizer exactly as transformers does, and keep its files."""
-    import transformers
+    import transformers  # heavy (seconds to import), and only conversions need it
 
     transformers.logging.set_verbosity_error()
     try:
@@ -389,8 +288,6 @@ def _load_converted(
         )
     cfg = ModelConfig.from_dict(info["config"])
     source = Path(info["source"])
-    from safetensors import safe_open
-
     with safe_open(str(folder / "weights.safetensors"), framework="pt") as st:
         packed = None
         if quant != "none":
@@ -407,8 +304,6 @@ def _packed_for(
     folder: Path, source: Path, cfg: ModelConfig, quant: str, tensor: Any, progress: bool
 ) -> dict[str, list]:
     """Packed linears of a converted GGUF model, built once and cached in its folder."""
-    from specdec.models.quant_linear import load_packed, pack_gguf_model, save_packed
-
     cache = folder / f"packed-{quant}.safetensors"
     packed = load_packed(cache, quant)
     if packed is None:
@@ -418,15 +313,17 @@ def _packed_for(
                 "restore it or use --quant int8/int4"
             )
         log.info("packing the linears for --quant %s once into %s", quant, cache)
-        packed = pack_gguf_model(source, cfg, quant, tensor, progress=progress)
-        save_packed(cache, packed, quant)
+        report = Progress(progress)
+        with report.stage(f"pack {source.name} for --quant {quant}") as stage:
+            packed = pack_gguf_model(source, cfg, quant, tensor, report)
+            save_packed(cache, packed, quant)
+            stage.size = cache.stat().st_size
+            stage.detail = f"{len(packed)} matrices into {cache.name}"
     return packed
 
 
 # --------------------------------------------------------------------------- safetensors folders
 def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelNotFoundError(
@@ -472,8 +369,6 @@ def _load_hf_folder(
         raise UnsupportedModelError(f"{folder}: --quant gguf needs a GGUF model; try int8 or int4")
     packed = None
     if quant != "none":  # quantised at each load: only GGUF conversions are cached
-        from specdec.models.quant_linear import pack_float_model
-
         packed = pack_float_model(_fuse(cfg, raw, torch.float32), cfg, quant)
     state = _fuse(cfg, raw, dtype)
     return LoadedModel(
@@ -481,8 +376,10 @@ def _load_hf_folder(
     )
 
 
-def _download_from_hub(repo_id: str) -> Path:
-    try:
+def download_from_hub(repo_id: str) -> Path:
+    """The local folder of hub model ``repo_id`` (its json, safetensors and tokenizer files,
+    downloaded once by huggingface_hub); `RegistryUnreachableError` when that fails."""
+    try:  # heavy (HTTP stack), and only hub ids need it
         from huggingface_hub import snapshot_download
     except ImportError:
         raise RegistryUnreachableError(
