@@ -261,6 +261,57 @@ def test_second_load_reuses_the_converted_folder(tmp_path, cache, monkeypatch):
     )
 
 
+def test_linears_are_dequantised_only_when_a_load_needs_them(tmp_path, cache):
+    """--quant gguf reads the file's blocks: the conversion holds no float linears and that
+    load writes none; the first float load dequantises them once, with the same logits as
+    a folder that held them from the start (the layout before the split)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf_model("qwen2", seed=14)
+    path = write_gguf(hf, tmp_path / "tiny.gguf", "qwen2", "Q8_0")
+    quantised = load_model(path, dtype="float32", quant="gguf", progress=False)
+    (folder,) = (cache / "converted").iterdir()
+    assert not (folder / "linears.safetensors").exists()
+    weights = load_file(str(folder / "weights.safetensors"))
+    assert not any(
+        k.endswith(("wqkv.weight", "wo.weight", "w13.weight", "w2.weight")) for k in weights
+    )
+    assert "layers.0.attn.wqkv.bias" in weights and "embed.weight" in weights
+
+    tokens = random_tokens()
+    floats = load_model(path, dtype="float64", progress=False)
+    linears = load_file(str(folder / "linears.safetensors"))
+    assert len(linears) == 4 * TINY["num_hidden_layers"] + 1  # + the untied head
+    ours = native_logits(floats, tokens)
+    torch.testing.assert_close(
+        ours, hf_logits(quantized_reference(hf, "Q8_0"), tokens), atol=1e-9, rtol=0
+    )
+    assert native_logits(quantised, tokens).shape == ours.shape
+
+    # a folder converted before the split (everything in weights.safetensors) loads as it
+    # is, without the GGUF file
+    save_file({**weights, **linears}, str(folder / "weights.safetensors"))
+    (folder / "linears.safetensors").unlink()
+    path.rename(tmp_path / "moved.gguf")
+    old_layout = load_model(path.with_name("moved.gguf"), dtype="float64", progress=False)
+    assert torch.equal(native_logits(old_layout, tokens), ours)
+    assert not (folder / "linears.safetensors").exists()
+
+
+def test_linears_from_a_gone_or_changed_gguf_are_refused(tmp_path, cache):
+    hf = tiny_hf_model("llama", seed=15)
+    path = write_gguf(hf, tmp_path / "tiny.gguf", "llama", "Q8_0")
+    folder = loading.converted_folder(path, progress=False)
+    moved = path.rename(tmp_path / "elsewhere.gguf")
+    with pytest.raises(ModelNotFoundError, match="is gone"):
+        loading._load_converted(folder, "tiny", torch.float32, torch.device("cpu"), False)
+    write_gguf(tiny_hf_model("llama", seed=16), path, "llama", "Q8_0")  # other weights
+    with pytest.raises(ModelNotFoundError, match="has changed since it was converted"):
+        loading._load_converted(folder, "tiny", torch.float32, torch.device("cpu"), False)
+    moved.replace(path)  # the original back: fine again
+    loading._load_converted(folder, "tiny", torch.float32, torch.device("cpu"), False)
+
+
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_corrupt_gguf_is_a_format_error(tmp_path, cache, qtype):
     path = write_gguf(tiny_hf_model("qwen2"), tmp_path / "tiny.gguf", qtype=qtype)
@@ -340,6 +391,7 @@ def test_first_run_stages_report_a_line_each_when_stderr_is_not_a_terminal(
         "specdec: convert tiny.gguf: weights: ",
         "specdec: convert tiny.gguf: tokenizer: ",
         "specdec: convert tiny.gguf: total: ",
+        "specdec: convert tiny.gguf: linears: 13 float32 matrices into linears.safetensors: ",
         "specdec: pack tiny.gguf for --quant int8: 13 matrices into packed-int8.safetensors: ",
     ]
     assert len(lines) == len(expected), err

@@ -9,7 +9,7 @@ interleaved (`unpermute` undoes that).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +44,34 @@ def content_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+_last_opened: tuple[tuple, Any] | None = None  # (file identity, reader) of the last open_gguf
+
+
 def open_gguf(path: Path) -> Any:
     """A ``gguf.GGUFReader`` over ``path`` (memory-mapped); a damaged file is a
-    `ModelFormatError`. Parsing the header of a 1.5B model's file takes seconds."""
+    `ModelFormatError`. Parsing the header of a 1.5B model's file takes seconds (~9 s on a
+    2-core machine), so the last reader is kept and returned again while the file is the
+    same (path, size, modification time, inode): a first run converts, packs and checks
+    block types from one parse."""
+    global _last_opened
+    try:
+        st = Path(path).stat()
+        identity = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:
+        identity = None  # the reader reports the problem
+    if identity is not None and _last_opened is not None and _last_opened[0] == identity:
+        return _last_opened[1]
     import gguf  # only GGUF files need it (with its quant tables); keeps other loads light
 
     try:
-        return gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path))
     except Exception as e:
         raise ModelFormatError(
             f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})"
         ) from None
+    if identity is not None:
+        _last_opened = (identity, reader)
+    return reader
 
 
 def metadata(reader: Any) -> dict[str, Any]:
@@ -94,7 +111,8 @@ def read_config(reader: Any, path: Path) -> ModelConfig:
 
 
 def dequantize(tensor: Any) -> torch.Tensor:
-    """A tensor of the file as a writable float32 torch tensor."""
+    """A tensor of the file as a writable float32 torch tensor of its own (never a view of
+    the memory-mapped file)."""
     import gguf  # see open_gguf
 
     try:
@@ -103,7 +121,12 @@ def dequantize(tensor: Any) -> torch.Tensor:
         raise UnsupportedModelError(
             f"tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot be dequantised"
         ) from None
-    return torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
+    arr = np.asarray(arr, dtype=np.float32)
+    if not (arr.flags.writeable and arr.flags.c_contiguous) or np.may_share_memory(
+        arr, tensor.data
+    ):
+        arr = arr.copy()  # float files: the data itself, read-only; blocks: already a new array
+    return torch.from_numpy(arr)
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -135,10 +158,11 @@ def read_raw(
     on_tensor: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """The dequantised tensors in transformers' layout, q/k rows unpermuted: ``embed``,
-    ``norm``, ``lm_head`` (None when tied) and per layer the entries of `NORMS`,
-    `LINEARS` and (with attention biases) `BIASES`. ``linears`` / ``others`` False leave
-    out the linear weights (``lm_head`` among them) / everything else; ``on_tensor`` is
-    called after each tensor read."""
+    ``norm``, ``lm_head`` (None when tied) and ``layers``, an iterator that reads each
+    layer when it is reached (so a consumer holds one layer's raw tensors at a time):
+    the entries of `NORMS`, `LINEARS` and (with attention biases) `BIASES`. ``linears``
+    False leaves out the linear weights (``lm_head`` among them), ``others`` False all
+    the rest; ``on_tensor`` is called after each tensor read."""
     by_name = tensors(reader)
 
     def get(name: str, required: bool = True) -> torch.Tensor | None:
@@ -151,26 +175,27 @@ def read_raw(
             on_tensor()
         return t
 
-    raw: dict[str, Any] = {"layers": []}
+    wanted = {}
+    if others:
+        wanted.update(NORMS)
+    if linears:
+        wanted.update(LINEARS)
+    if others and cfg.attention_bias:
+        wanted.update(BIASES)
+
+    def layers() -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(cfg.num_layers):
+            layer = {key: get(f"blk.{i}.{name}") for key, name in wanted.items()}
+            if linears and cfg.permuted_qk_in_gguf:
+                layer["q"] = unpermute(layer["q"], cfg.num_heads)
+                layer["k"] = unpermute(layer["k"], cfg.num_kv_heads)
+            yield layer
+
+    raw: dict[str, Any] = {}
     if others:
         raw["embed"] = get("token_embd.weight")
         raw["norm"] = get("output_norm.weight")
     if linears:
         raw["lm_head"] = get("output.weight", required=False)
-    for i in range(cfg.num_layers):
-        b = f"blk.{i}."
-        wanted = {}
-        if others:
-            wanted.update(NORMS)
-            if cfg.attention_bias:
-                wanted.update(BIASES)
-        if linears:
-            wanted.update(LINEARS)
-        # in the file's order of kinds (norms, q, k, v, o, gate, up, down, biases)
-        order = [*NORMS, *LINEARS, *BIASES]
-        layer = {key: get(b + wanted[key]) for key in order if key in wanted}
-        if linears and cfg.permuted_qk_in_gguf:
-            layer["q"] = unpermute(layer["q"], cfg.num_heads)
-            layer["k"] = unpermute(layer["k"], cfg.num_kv_heads)
-        raw["layers"].append(layer)
+    raw["layers"] = layers()
     return raw

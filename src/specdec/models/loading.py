@@ -1,12 +1,15 @@
 """Load a model (weights, config, tokenizer) from GGUF, a safetensors folder or a hub.
 
 GGUF files are converted once into a folder of the runtime's own layout
-(safetensors in the chosen dtype, config, tokenizer files) under the cache
-directory; later loads memory-map that folder instead of dequantising again.
+(float32 safetensors, config, tokenizer files) under the cache directory; later
+loads memory-map that folder instead of dequantising again. The linears' float
+weights are dequantised only when a load first needs them (not for ``--quant
+gguf``, whose linears are the file's own blocks, packed once beside them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +39,7 @@ from specdec.models.progress import Progress, Stage
 from specdec.models.quant_linear import (
     attach_native_layers,
     check_quant,
+    linear_names,
     load_packed,
     pack_float_model,
     pack_gguf_model,
@@ -48,6 +52,8 @@ from specdec.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
+WEIGHTS = "weights.safetensors"  # float32: embedding, norms, biases (older folders: all)
+LINEARS = "linears.safetensors"  # float32 linears, dequantised on first need (`_FloatWeights`)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 FORMAT_VERSION = 1  # bump when the converted layout changes
 
@@ -142,26 +148,36 @@ def check_device(device: str) -> torch.device:
 
 # --------------------------------------------------------------------------- weights layout
 def _fuse(cfg: ModelConfig, raw: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Raw per-layer tensors (transformers' layout) → the runtime's state dict."""
-    out = {
-        "embed.weight": raw["embed"].to(dtype),
-        "norm.weight": raw["norm"].to(dtype),
-    }
+    """Raw per-layer tensors (transformers' layout) → the runtime's state dict; a raw dict
+    without the linears (or without the rest) gives a state dict without them."""
+    out = {}
+    if "embed" in raw:
+        out["embed.weight"] = raw["embed"].to(dtype)
+        out["norm.weight"] = raw["norm"].to(dtype)
     if raw.get("lm_head") is not None:
         out["lm_head.weight"] = raw["lm_head"].to(dtype)
     for i, layer in enumerate(raw["layers"]):
         p = f"layers.{i}."
-        out[p + "attn_norm.weight"] = layer["attn_norm"].to(dtype)
-        out[p + "ffn_norm.weight"] = layer["ffn_norm"].to(dtype)
-        out[p + "attn.wqkv.weight"] = torch.cat([layer["q"], layer["k"], layer["v"]]).to(dtype)
-        if cfg.attention_bias:
-            out[p + "attn.wqkv.bias"] = torch.cat([layer["q_b"], layer["k_b"], layer["v_b"]]).to(
-                dtype
-            )
-        out[p + "attn.wo.weight"] = layer["o"].to(dtype)
-        out[p + "ffn.w13.weight"] = torch.cat([layer["gate"], layer["up"]]).to(dtype)
-        out[p + "ffn.w2.weight"] = layer["down"].to(dtype)
+        if "attn_norm" in layer:
+            out[p + "attn_norm.weight"] = layer["attn_norm"].to(dtype)
+            out[p + "ffn_norm.weight"] = layer["ffn_norm"].to(dtype)
+        if "q" in layer:
+            wqkv = torch.cat([layer["q"], layer["k"], layer["v"]])
+            out[p + "attn.wqkv.weight"] = wqkv.to(dtype)
+        if cfg.attention_bias and "q_b" in layer:
+            wqkv_b = torch.cat([layer["q_b"], layer["k_b"], layer["v_b"]])
+            out[p + "attn.wqkv.bias"] = wqkv_b.to(dtype)
+        if "o" in layer:
+            out[p + "attn.wo.weight"] = layer["o"].to(dtype)
+            out[p + "ffn.w13.weight"] = torch.cat([layer["gate"], layer["up"]]).to(dtype)
+            out[p + "ffn.w2.weight"] = layer["down"].to(dtype)
     return out
+
+
+def _linear_keys(cfg: ModelConfig) -> list[str]:
+    """The state-dict keys of the linears' float weights (a tied head has none)."""
+    names = linear_names(cfg.num_layers)
+    return [f"{n}.weight" for n in names if n != "lm_head" or not cfg.tie_word_embeddings]
 
 
 def _build(
@@ -234,26 +250,22 @@ def _convert_gguf(path: Path, out: Path, progress: bool) -> None:
         cfg = gguf_file.read_config(reader, path)
         stage.detail = f"{len(reader.tensors)} tensors, {cfg.num_layers} layers"
     with report.stage(f"{what}: weights") as stage:
-        bar = report.bar(
-            total=len(reader.tensors), desc="converting weights (once)", unit="tensor", leave=False
-        )
-        raw = gguf_file.read_raw(reader, cfg, on_tensor=lambda: bar.update(1))
-        bar.close()
-        state = _fuse(cfg, raw, torch.float32)
-        del raw
-        # Stored in float32 once; each load casts to the dtype asked for.
-        save_file(state, str(out / "weights.safetensors"))
-        stage.size = (out / "weights.safetensors").stat().st_size
-        stage.detail = f"{len(state)} float32 tensors into weights.safetensors"
+        # Stored in float32 once; each load casts to the dtype asked for. Not the linears:
+        # quantised loads never read their float weights (`_FloatWeights`).
+        state = _fuse(cfg, gguf_file.read_raw(reader, cfg, linears=False), torch.float32)
+        save_file(state, str(out / WEIGHTS))
+        stage.size = (out / WEIGHTS).stat().st_size
+        stage.detail = f"{len(state)} float32 tensors (all but the linears) into {WEIGHTS}"
     with report.stage(f"{what}: tokenizer") as stage:
         _save_gguf_tokenizer(path, out)
-        stage.size = sum(f.stat().st_size for f in out.iterdir() if f.name != "weights.safetensors")
-    (out / "specdec.json").write_text(
-        json.dumps(
-            {"format_version": FORMAT_VERSION, "source": str(path), "config": cfg.to_dict()},
-            indent=1,
-        )
-    )
+        stage.size = sum(f.stat().st_size for f in out.iterdir() if f.name != WEIGHTS)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "source": str(path),
+        "source_key": gguf_file.content_key(path),
+        "config": cfg.to_dict(),
+    }
+    (out / "specdec.json").write_text(json.dumps(info, indent=1))
     if report.lines:
         total = sum(f.stat().st_size for f in out.iterdir())
         report.line(what, Stage(total, "total"), time.perf_counter() - start)
@@ -288,16 +300,84 @@ def _load_converted(
         )
     cfg = ModelConfig.from_dict(info["config"])
     source = Path(info["source"])
-    with safe_open(str(folder / "weights.safetensors"), framework="pt") as st:
+    with _FloatWeights(folder, info, cfg, Progress(progress)) as weights:
         packed = None
         if quant != "none":
-            packed = _packed_for(folder, source, cfg, quant, st.get_tensor, progress)
+            packed = _packed_for(folder, source, cfg, quant, weights.get, progress)
         skip = {f"{n}.weight" for n in packed or ()}
         # One tensor at a time, so the float32 file never sits in memory beside its cast.
-        state = {k: st.get_tensor(k).to(dtype) for k in st.keys() if k not in skip}
+        state = {k: weights.get(k).to(dtype) for k in weights.keys() if k not in skip}
     return LoadedModel(
         name, source, cfg, _build(cfg, state, device, packed), Tokenizer(folder), quant
     )
+
+
+class _FloatWeights:
+    """The float32 tensors of a converted folder by state-dict key: `WEIGHTS` holds all but
+    the linears' weights, `LINEARS` those, dequantised from the GGUF file the first time a
+    load asks for one (``--quant none``, or int8/int4 before their packed cache exists);
+    ``--quant gguf`` never does. (Folders converted before this split hold everything in
+    `WEIGHTS`.) A context manager: the files are open inside it."""
+
+    def __init__(self, folder: Path, info: dict[str, Any], cfg: ModelConfig, report: Progress):
+        self.folder, self.info, self.cfg, self.report = folder, info, cfg, report
+        self._stack = contextlib.ExitStack()
+        self._weights = self._stack.enter_context(safe_open(str(folder / WEIGHTS), "pt"))
+        self._in_weights = set(self._weights.keys())
+        self._linears: Any = None
+
+    def __enter__(self) -> _FloatWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def keys(self) -> list[str]:
+        rest = [k for k in _linear_keys(self.cfg) if k not in self._in_weights]
+        return [*self._weights.keys(), *rest]
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._in_weights:
+            return self._weights.get_tensor(key)
+        if self._linears is None:
+            path = self.folder / LINEARS
+            if not path.exists():
+                _write_linears(path, self.info, self.cfg, self.report)
+            self._linears = self._stack.enter_context(safe_open(str(path), "pt"))
+        return self._linears.get_tensor(key)
+
+
+def _write_linears(path: Path, info: dict[str, Any], cfg: ModelConfig, report: Progress) -> None:
+    """Dequantise the linears of the converted folder's GGUF file into ``path``, once."""
+    source = Path(info["source"])
+    if not source.exists():
+        raise ModelNotFoundError(
+            f"{source} is gone, and the float weights of its linears are read from it on "
+            "first use (--quant none, int8, int4); restore it, or use --quant gguf"
+        )
+    if gguf_file.content_key(source) != info.get("source_key"):
+        raise ModelNotFoundError(
+            f"{source} has changed since it was converted into {path.parent}; "
+            "delete that folder to convert the new file"
+        )
+    log.info("dequantising the linears of %s once into %s", source, path)
+    with report.stage(f"convert {source.name}: linears") as stage:
+        reader = gguf_file.open_gguf(source)
+        count = cfg.num_layers * len(gguf_file.LINEARS) + (not cfg.tie_word_embeddings)
+        bar = report.bar(total=count, desc="converting weights (once)", unit="tensor", leave=False)
+        raw = gguf_file.read_raw(reader, cfg, others=False, on_tensor=lambda: bar.update(1))
+        state = _fuse(cfg, raw, torch.float32)
+        bar.close()
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        stage.size = path.stat().st_size
+        stage.detail = f"{len(state)} float32 matrices into {path.name}"
 
 
 def _packed_for(
