@@ -15,6 +15,7 @@ import json
 import os
 import re
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,6 +297,18 @@ def test_linears_are_dequantised_only_when_a_load_needs_them(tmp_path, cache):
     old_layout = load_model(path.with_name("moved.gguf"), dtype="float64", progress=False)
     assert torch.equal(native_logits(old_layout, tokens), ours)
     assert not (folder / "linears.safetensors").exists()
+
+
+def test_linears_come_from_the_file_the_load_names(tmp_path, cache, monkeypatch):
+    """Converted through a relative path, loaded later from another directory: the float
+    linears are read from the file as this load names it."""
+    path = write_gguf(tiny_hf_model("llama", seed=17), tmp_path / "tiny.gguf", "llama", "Q8_0")
+    monkeypatch.chdir(tmp_path)
+    load_model("tiny.gguf", dtype="float32", quant="gguf", progress=False)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_model(path, dtype="float32", progress=False)
+    assert loaded.quant == "none" and loaded.source == Path("tiny.gguf")  # as recorded
 
 
 def test_linears_from_a_gone_or_changed_gguf_are_refused(tmp_path, cache):

@@ -122,7 +122,7 @@ def load_model(
     torch_dtype = parse_dtype(resolve_dtype(dtype, quant))
     if folder is None:
         return _load_hf_folder(where, str(spec), torch_dtype, dev, quant)
-    return _load_converted(folder, str(spec), torch_dtype, dev, progress, quant)
+    return _load_converted(folder, str(spec), torch_dtype, dev, progress, quant, gguf)
 
 
 def load_tokenizer(spec: str | Path, *, progress: bool = True) -> Tokenizer:
@@ -292,7 +292,11 @@ def _load_converted(
     device: torch.device,
     progress: bool,
     quant: str = "none",
+    gguf: Path | None = None,
 ) -> LoadedModel:
+    """A converted folder's model; ``gguf`` is the file it was converted from as this load
+    names it (else the path recorded at conversion, perhaps relative to another directory):
+    where packing and the float linears read from."""
     info = json.loads((folder / "specdec.json").read_text())
     if info.get("format_version") != FORMAT_VERSION:
         raise ModelFormatError(
@@ -300,10 +304,11 @@ def _load_converted(
         )
     cfg = ModelConfig.from_dict(info["config"])
     source = Path(info["source"])
-    with _FloatWeights(folder, info, cfg, Progress(progress)) as weights:
+    file = source if gguf is None else gguf
+    with _FloatWeights(folder, file, info, cfg, Progress(progress)) as weights:
         packed = None
         if quant != "none":
-            packed = _packed_for(folder, source, cfg, quant, weights.get, progress)
+            packed = _packed_for(folder, file, cfg, quant, weights.get, progress)
         skip = {f"{n}.weight" for n in packed or ()}
         # One tensor at a time, so the float32 file never sits in memory beside its cast.
         state = {k: weights.get(k).to(dtype) for k in weights.keys() if k not in skip}
@@ -319,8 +324,10 @@ class _FloatWeights:
     ``--quant gguf`` never does. (Folders converted before this split hold everything in
     `WEIGHTS`.) A context manager: the files are open inside it."""
 
-    def __init__(self, folder: Path, info: dict[str, Any], cfg: ModelConfig, report: Progress):
-        self.folder, self.info, self.cfg, self.report = folder, info, cfg, report
+    def __init__(
+        self, folder: Path, gguf: Path, info: dict[str, Any], cfg: ModelConfig, report: Progress
+    ) -> None:
+        self.folder, self.gguf, self.info, self.cfg, self.report = folder, gguf, info, cfg, report
         self._stack = contextlib.ExitStack()
         self._weights = self._stack.enter_context(safe_open(str(folder / WEIGHTS), "pt"))
         self._in_weights = set(self._weights.keys())
@@ -342,20 +349,22 @@ class _FloatWeights:
         if self._linears is None:
             path = self.folder / LINEARS
             if not path.exists():
-                _write_linears(path, self.info, self.cfg, self.report)
+                _write_linears(path, self.gguf, self.info.get("source_key"), self.cfg, self.report)
             self._linears = self._stack.enter_context(safe_open(str(path), "pt"))
         return self._linears.get_tensor(key)
 
 
-def _write_linears(path: Path, info: dict[str, Any], cfg: ModelConfig, report: Progress) -> None:
-    """Dequantise the linears of the converted folder's GGUF file into ``path``, once."""
-    source = Path(info["source"])
+def _write_linears(
+    path: Path, source: Path, key: str | None, cfg: ModelConfig, report: Progress
+) -> None:
+    """Dequantise the linears of GGUF file ``source`` (content key ``key``, as converted)
+    into ``path``, once."""
     if not source.exists():
         raise ModelNotFoundError(
             f"{source} is gone, and the float weights of its linears are read from it on "
-            "first use (--quant none, int8, int4); restore it, or use --quant gguf"
+            "first use (--quant none, int8, int4); restore it"
         )
-    if gguf_file.content_key(source) != info.get("source_key"):
+    if gguf_file.content_key(source) != key:
         raise ModelNotFoundError(
             f"{source} has changed since it was converted into {path.parent}; "
             "delete that folder to convert the new file"
