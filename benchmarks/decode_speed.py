@@ -123,10 +123,10 @@ class LlamaCppLoop:
     def __init__(self, path: Path, threads: int) -> None:
         import llama_cpp as L
 
-        from specdec.models.llamacpp_target import _quiet_logs
+        from specdec.models.llamacpp_target import quiet_logs
 
         self.L = L
-        _quiet_logs(L)
+        quiet_logs(L)
         L.llama_backend_init()
         self.model = L.llama_model_load_from_file(
             str(path).encode(), L.llama_model_default_params()

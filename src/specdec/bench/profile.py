@@ -22,10 +22,10 @@ import torch
 
 def macs_per_token(model: torch.nn.Module) -> int:
     """Multiply-adds of the linears (LM head included) for one token."""
-    from specdec.models.cpu_linear import PackedLinear
+    from specdec.models.cpu_linear import PrepackedFloatLinear
     from specdec.models.quant_linear import QuantLinear
 
-    linears = (QuantLinear, PackedLinear, torch.nn.Linear)
+    linears = (QuantLinear, PrepackedFloatLinear, torch.nn.Linear)
     return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, linears))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import logging
@@ -241,8 +242,6 @@ class LinearKernel:
         )
 
     def __deepcopy__(self, memo: dict) -> LinearKernel:  # ctypes pointers cannot be copied
-        import copy
-
         return LinearKernel(copy.deepcopy(self.parts, memo), copy.deepcopy(self.bias, memo))
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -419,8 +418,6 @@ class LayerKernel:
         self._ref = ctypes.addressof(self._params)
 
     def __deepcopy__(self, memo: dict) -> LayerKernel:  # ctypes pointers cannot be copied
-        import copy
-
         linears = copy.deepcopy(self.linears, memo)
         norms = copy.deepcopy(self.norms, memo)
         return LayerKernel(*linears, *norms, *self.shape)

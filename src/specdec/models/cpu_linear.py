@@ -9,11 +9,14 @@ results are bit-identical to ``F.linear``; float32 differ in rounding (~1e-4).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
 import torch
 from torch import nn
+
+from specdec.models.quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +31,29 @@ def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
         and dtype in PACKABLE_DTYPES
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and _prepacking_works(dtype)
     )
 
 
-class PackedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` held in oneDNN's blocked layout (not a Parameter)."""
+@functools.cache
+def _prepacking_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN prepacks ``dtype`` on this CPU: its bfloat16 path needs AVX-512
+    (BW, VL, DQ) or AVX-NE-CONVERT and raises elsewhere (an AVX2-only CPU), where the
+    layers stay ``nn.Linear``. Probed once per dtype on a tiny weight."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+        x = torch.zeros(1, 16, dtype=dtype)
+        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except RuntimeError as e:
+        log.debug("no oneDNN prepacking for %s on this CPU: %s", dtype, e)
+        return False
+    return True
+
+
+class PrepackedFloatLinear(nn.Module):
+    """A float ``nn.Linear`` (float32 or bfloat16) whose weight oneDNN has prepacked:
+    ``y = x W^T + b`` with ``W`` held in oneDNN's blocked layout (not a Parameter). Not
+    to be confused with `specdec.kernels.PackedWeight`, quantised blocks for ``qgemm``."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -51,25 +72,23 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every ``nn.Linear`` of ``model`` by a `PackedLinear`; returns how many."""
+    """Replace every ``nn.Linear`` of ``model`` by a `PrepackedFloatLinear`; returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PrepackedFloatLinear(child))
                 count += 1
     return count
 
 
 def step_weight_bytes(model: nn.Module) -> int:
     """Weight bytes one decode step reads: every linear and norm (an embedding is only indexed)."""
-    from specdec.models.quant_linear import QuantLinear
-
     total = 0
     for module in model.modules():
         if isinstance(module, QuantLinear):
             total += module.weight_nbytes + (module.bias.nbytes if module.bias is not None else 0)
-        elif isinstance(module, PackedLinear):
+        elif isinstance(module, PrepackedFloatLinear):
             total += module.weight_nbytes + (module.bias.nbytes if module.bias is not None else 0)
         elif isinstance(module, nn.Linear) or type(module).__name__ == "RMSNorm":
             total += sum(p.nbytes for p in module.parameters(recurse=False))

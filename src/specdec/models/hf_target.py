@@ -44,6 +44,8 @@ from specdec.errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
+from specdec.models.catalog import KNOWN_MODELS, resolve_model_file
+from specdec.models.loading import check_device, converted_folder, download_from_hub, parse_dtype
 from specdec.models.tokenizer import Tokenizer
 
 # Attention implementations that add a 4-D float mask to the scores as given.
@@ -255,7 +257,7 @@ class HFTarget:
         return next(self.model.parameters()).dtype
 
     def _new_cache(self) -> Any:
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # heavy: imported with a model, see load_hf_target
 
         try:
             return DynamicCache(config=self.model.config)
@@ -263,7 +265,7 @@ class HFTarget:
             return DynamicCache()
 
     def _check_plain_layers(self, what: str) -> None:
-        from transformers.cache_utils import DynamicLayer
+        from transformers.cache_utils import DynamicLayer  # see _new_cache
 
         odd = {
             type(layer).__name__
@@ -319,14 +321,10 @@ def load_hf_target(
     Failures become `ModelNotFoundError` (nothing there) or `ModelFormatError`
     (there, but transformers cannot load it), each with a one-line message.
     """
-    from specdec.models.loading import _check_device, _download_from_hub, parse_dtype
-
     torch_dtype = parse_dtype(dtype)
-    dev = _check_device(device)
+    dev = check_device(device)
     name = str(folder_or_id)
     path = Path(folder_or_id).expanduser()
-    from specdec.models.catalog import KNOWN_MODELS, resolve_model_file
-
     if name in KNOWN_MODELS or name.lower().endswith(".gguf"):
         return _load_hf_gguf(
             Path(resolve_model_file(name, progress=progress)), name, torch_dtype, dev, progress
@@ -334,7 +332,7 @@ def load_hf_target(
     if not path.exists():
         if name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise ModelNotFoundError(f"{name}: no such folder")
-        path = _download_from_hub(name)  # a hub id: json, safetensors and tokenizer files
+        path = download_from_hub(name)  # a hub id: json, safetensors and tokenizer files
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: not a folder (the transformers backend loads folders)")
     if not (path / "config.json").exists():
@@ -348,7 +346,7 @@ def load_hf_target(
     except (OSError, ValueError) as e:
         raise ModelFormatError(f"{path / 'config.json'}: not valid JSON ({_one_line(e)})") from None
 
-    import transformers
+    import transformers  # heavy (seconds): imported when a model is loaded, not with the module
 
     transformers.logging.set_verbosity_error()
     try:
@@ -374,9 +372,7 @@ def _load_hf_gguf(
     path: Path, name: str, dtype: torch.dtype, device: torch.device, progress: bool
 ) -> tuple[HFTarget, HFModelInfo]:
     """A GGUF through transformers' own GGUF loader; the tokenizer as the native runtime reads it."""
-    import transformers
-
-    from specdec.models.loading import converted_folder
+    import transformers  # see load_hf_target
 
     tokenizer = Tokenizer(converted_folder(path, progress=progress))
     transformers.logging.set_verbosity_error()

@@ -25,6 +25,7 @@ margin). Methods that need hidden states or a subset of layers are refused.
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,13 +55,13 @@ class LlamaCppTarget:
 
     def __init__(self, path: str | Path, *, n_ctx: int = 4096, threads: int | None = None):
         try:
-            import llama_cpp as L
+            import llama_cpp as L  # optional extra (specdec[llamacpp]), needed only here
         except ImportError:
             raise UnsupportedModelError(
                 "--backend llamacpp needs llama-cpp-python: pip install 'specdec[llamacpp]'"
             ) from None
         self._L = L
-        _quiet_logs(L)
+        quiet_logs(L)
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         self._model = L.llama_model_load_from_file(str(path).encode(), mp)
@@ -222,11 +223,11 @@ class LlamaCppTarget:
 _LOG_CALLBACK = None
 
 
-def _quiet_logs(L) -> None:
-    """llama.cpp writes its loading chatter to stderr; keep it there only on request
-    (SPECDEC_LLAMA_LOG=1), so that commands print what they promise."""
+def quiet_logs(L) -> None:
+    """Silence llama.cpp (the ``llama_cpp`` module ``L``): it writes its loading chatter to
+    stderr; keep it there only on request (SPECDEC_LLAMA_LOG=1), so that commands print
+    what they promise. Idempotent."""
     global _LOG_CALLBACK
-    import os
 
     if _LOG_CALLBACK is None and os.environ.get("SPECDEC_LLAMA_LOG") != "1":
         _LOG_CALLBACK = L.llama_log_callback(lambda level, text, user: None)

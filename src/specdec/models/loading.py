@@ -1,26 +1,29 @@
 """Load a model (weights, config, tokenizer) from GGUF, a safetensors folder or a hub.
 
 GGUF files are converted once into a folder of the runtime's own layout
-(safetensors in the chosen dtype, config, tokenizer files) under the cache
-directory; later loads memory-map that folder instead of dequantising again.
+(float32 safetensors, config, tokenizer files) under the cache directory; later
+loads memory-map that folder instead of dequantising again. The linears' float
+weights are dequantised only when a load first needs them (not for ``--quant
+gguf``, whose linears are the file's own blocks, packed once beside them).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from specdec.errors import (
     ModelFormatError,
@@ -28,13 +31,29 @@ from specdec.errors import (
     RegistryUnreachableError,
     UnsupportedModelError,
 )
+from specdec.models import gguf_file
+from specdec.models.catalog import cache_dir, resolve_model_file
 from specdec.models.config import ModelConfig
 from specdec.models.cpu_linear import pack_linears, packing_available, step_weight_bytes
+from specdec.models.progress import Progress, Stage
+from specdec.models.quant_linear import (
+    attach_native_layers,
+    check_quant,
+    linear_names,
+    load_packed,
+    pack_float_model,
+    pack_gguf_model,
+    quantise_linears,
+    resolve_quant,
+    save_packed,
+)
 from specdec.models.tokenizer import Tokenizer
 from specdec.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
+WEIGHTS = "weights.safetensors"  # float32: embedding, norms, biases (older folders: all)
+LINEARS = "linears.safetensors"  # float32 linears, dequantised on first need (`_FloatWeights`)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 FORMAT_VERSION = 1  # bump when the converted layout changes
 
@@ -83,14 +102,11 @@ def load_model(
 
     ``quant`` (`specdec.models.quant_linear.QUANTS`) swaps the linears for the
     quantised kernel's; ``dtype`` is then the dtype of everything else."""
-    from specdec.models.catalog import resolve_model_file
-    from specdec.models.quant_linear import check_quant, resolve_quant
-
     check_quant(quant)
-    dev = _check_device(device)
+    dev = check_device(device)
     where = resolve_model_file(str(spec), auto_pull=auto_pull, progress=progress)
     if isinstance(where, str):
-        where = _download_from_hub(where)
+        where = download_from_hub(where)
     folder = None
     if where.is_dir():
         if (where / "specdec.json").exists():
@@ -106,23 +122,23 @@ def load_model(
     torch_dtype = parse_dtype(resolve_dtype(dtype, quant))
     if folder is None:
         return _load_hf_folder(where, str(spec), torch_dtype, dev, quant)
-    return _load_converted(folder, str(spec), torch_dtype, dev, progress, quant)
+    return _load_converted(folder, str(spec), torch_dtype, dev, progress, quant, gguf)
 
 
 def load_tokenizer(spec: str | Path, *, progress: bool = True) -> Tokenizer:
     """The tokenizer of a model, without loading its weights (converting a GGUF once)."""
-    from specdec.models.catalog import resolve_model_file
-
     where = resolve_model_file(str(spec), auto_pull=True, progress=progress)
     if isinstance(where, str):
-        where = _download_from_hub(where)
+        where = download_from_hub(where)
     folder = where if where.is_dir() else converted_folder(where, progress=progress)
     if not (folder / "tokenizer.json").exists():
         raise ModelNotFoundError(f"{folder}: no tokenizer.json")
     return Tokenizer(folder)
 
 
-def _check_device(device: str) -> torch.device:
+def check_device(device: str) -> torch.device:
+    """The torch device of a ``--device`` value (cpu, cuda, cuda:N), refused with
+    `UnsupportedModelError` when unknown or when CUDA is asked for but absent."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UnsupportedModelError("--device cuda was asked for but no CUDA device is available")
     if device != "cpu" and not device.startswith("cuda"):
@@ -132,26 +148,36 @@ def _check_device(device: str) -> torch.device:
 
 # --------------------------------------------------------------------------- weights layout
 def _fuse(cfg: ModelConfig, raw: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Raw per-layer tensors (transformers' layout) → the runtime's state dict."""
-    out = {
-        "embed.weight": raw["embed"].to(dtype),
-        "norm.weight": raw["norm"].to(dtype),
-    }
+    """Raw per-layer tensors (transformers' layout) → the runtime's state dict; a raw dict
+    without the linears (or without the rest) gives a state dict without them."""
+    out = {}
+    if "embed" in raw:
+        out["embed.weight"] = raw["embed"].to(dtype)
+        out["norm.weight"] = raw["norm"].to(dtype)
     if raw.get("lm_head") is not None:
         out["lm_head.weight"] = raw["lm_head"].to(dtype)
     for i, layer in enumerate(raw["layers"]):
         p = f"layers.{i}."
-        out[p + "attn_norm.weight"] = layer["attn_norm"].to(dtype)
-        out[p + "ffn_norm.weight"] = layer["ffn_norm"].to(dtype)
-        out[p + "attn.wqkv.weight"] = torch.cat([layer["q"], layer["k"], layer["v"]]).to(dtype)
-        if cfg.attention_bias:
-            out[p + "attn.wqkv.bias"] = torch.cat([layer["q_b"], layer["k_b"], layer["v_b"]]).to(
-                dtype
-            )
-        out[p + "attn.wo.weight"] = layer["o"].to(dtype)
-        out[p + "ffn.w13.weight"] = torch.cat([layer["gate"], layer["up"]]).to(dtype)
-        out[p + "ffn.w2.weight"] = layer["down"].to(dtype)
+        if "attn_norm" in layer:
+            out[p + "attn_norm.weight"] = layer["attn_norm"].to(dtype)
+            out[p + "ffn_norm.weight"] = layer["ffn_norm"].to(dtype)
+        if "q" in layer:
+            wqkv = torch.cat([layer["q"], layer["k"], layer["v"]])
+            out[p + "attn.wqkv.weight"] = wqkv.to(dtype)
+        if cfg.attention_bias and "q_b" in layer:
+            wqkv_b = torch.cat([layer["q_b"], layer["k_b"], layer["v_b"]])
+            out[p + "attn.wqkv.bias"] = wqkv_b.to(dtype)
+        if "o" in layer:
+            out[p + "attn.wo.weight"] = layer["o"].to(dtype)
+            out[p + "ffn.w13.weight"] = torch.cat([layer["gate"], layer["up"]]).to(dtype)
+            out[p + "ffn.w2.weight"] = layer["down"].to(dtype)
     return out
+
+
+def _linear_keys(cfg: ModelConfig) -> list[str]:
+    """The state-dict keys of the linears' float weights (a tied head has none)."""
+    names = linear_names(cfg.num_layers)
+    return [f"{n}.weight" for n in names if n != "lm_head" or not cfg.tie_word_embeddings]
 
 
 def _build(
@@ -162,8 +188,6 @@ def _build(
 ) -> Transformer:
     """The model from its state dict; ``packed`` (module name → packed parts) replaces
     those linears by quantised ones, whose float weights ``state`` may then lack."""
-    from specdec.models.quant_linear import attach_native_layers, quantise_linears
-
     tied = cfg.tie_word_embeddings if packed is not None else "lm_head.weight" not in state
     if tied != cfg.tie_word_embeddings:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_word_embeddings": tied})
@@ -192,32 +216,12 @@ def _build(
 
 
 # --------------------------------------------------------------------------- GGUF
-GGUF_MAGIC = b"GGUF"
-
-
-def _file_key(path: Path) -> str:
-    """A content key that is cheap for GGUFs of a GB: size and first and last MiB."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
-
-
 def converted_folder(gguf_path: Path, *, progress: bool = True) -> Path:
     """The runtime-layout folder of a GGUF file, converting it on first use."""
-    from specdec.models.catalog import cache_dir
-
     gguf_path = Path(gguf_path)
-    if not gguf_path.exists():
-        raise ModelNotFoundError(f"no such file: {gguf_path}")
-    with open(gguf_path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise ModelFormatError(f"{gguf_path}: not a GGUF file (bad magic)")
-    folder = cache_dir() / "converted" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
+    gguf_file.check_file(gguf_path)
+    key = gguf_file.content_key(gguf_path)
+    folder = cache_dir() / "converted" / f"{gguf_path.stem}-{key}"
     if (folder / "specdec.json").exists():
         return folder
     log.info("converting %s once into %s", gguf_path, folder)
@@ -237,132 +241,39 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def _gguf_metadata(reader: Any) -> dict[str, Any]:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.endswith(
-            ("tokens", "token_type", "merges", "scores")
-        ):
-            continue  # large arrays, not needed for the config
-        try:
-            meta[key] = field.contents()
-        except Exception:  # a field type the reader cannot decode is not one we need
-            continue
-    return meta
-
-
-def _open_gguf(path: Path) -> Any:
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise ModelFormatError(
-            f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})"
-        ) from None
-
-
-def _dequantize(tensor: Any) -> torch.Tensor:
-    import gguf
-
-    try:
-        arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError:
-        raise UnsupportedModelError(
-            f"tensor {tensor.name} has type {tensor.tensor_type.name}, which cannot be dequantised"
-        ) from None
-    return torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
-
-
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's interleaving of the rotary halves of q/k rows."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _gguf_raw(reader: Any, cfg: ModelConfig, progress: bool) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    tensors = {t.name: t for t in reader.tensors}
-
-    def get(name: str, required: bool = True) -> torch.Tensor | None:
-        if name not in tensors:
-            if required:
-                raise ModelFormatError(f"GGUF file lacks tensor {name}")
-            return None
-        bar.update(1)
-        return _dequantize(tensors[name])
-
-    bar = tqdm(
-        total=len(tensors),
-        desc="converting weights (once)",
-        unit="tensor",
-        disable=not progress,
-        file=sys.stderr,
-        leave=False,
-    )
-    raw: dict[str, Any] = {
-        "embed": get("token_embd.weight"),
-        "norm": get("output_norm.weight"),
-        "lm_head": get("output.weight", required=False),
-        "layers": [],
-    }
-    for i in range(cfg.num_layers):
-        b = f"blk.{i}."
-        layer = {
-            "attn_norm": get(b + "attn_norm.weight"),
-            "ffn_norm": get(b + "ffn_norm.weight"),
-            "q": get(b + "attn_q.weight"),
-            "k": get(b + "attn_k.weight"),
-            "v": get(b + "attn_v.weight"),
-            "o": get(b + "attn_output.weight"),
-            "gate": get(b + "ffn_gate.weight"),
-            "up": get(b + "ffn_up.weight"),
-            "down": get(b + "ffn_down.weight"),
-        }
-        if cfg.attention_bias:
-            layer.update(
-                q_b=get(b + "attn_q.bias"), k_b=get(b + "attn_k.bias"), v_b=get(b + "attn_v.bias")
-            )
-        if cfg.permuted_qk_in_gguf:
-            layer["q"] = _unpermute(layer["q"], cfg.num_heads)
-            layer["k"] = _unpermute(layer["k"], cfg.num_kv_heads)
-        raw["layers"].append(layer)
-    bar.close()
-    return raw
-
-
 def _convert_gguf(path: Path, out: Path, progress: bool) -> None:
-    from safetensors.torch import save_file
-
-    reader = _open_gguf(path)
-    meta = _gguf_metadata(reader)
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embed is None:
-        raise ModelFormatError(f"{path}: GGUF file has no token_embd.weight")
-    cfg = ModelConfig.from_gguf_metadata(meta, vocab_size=int(embed.shape[-1]))
-    names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:  # Llama 3.x frequency factors: not implemented natively
-        raise UnsupportedModelError(
-            f"{path}: rope frequency factors (rope_freqs.weight) are not supported"
-        )
-    has_head = "output.weight" in names
-    cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_word_embeddings": not has_head})
-    state = _fuse(cfg, _gguf_raw(reader, cfg, progress), torch.float32)
-    # Stored in float32 once; each load casts to the dtype asked for.
-    save_file(state, str(out / "weights.safetensors"))
-    _save_gguf_tokenizer(path, out)
-    (out / "specdec.json").write_text(
-        json.dumps(
-            {"format_version": FORMAT_VERSION, "source": str(path), "config": cfg.to_dict()},
-            indent=1,
-        )
-    )
+    report = Progress(progress)
+    what = f"convert {path.name}"
+    start = time.perf_counter()
+    with report.stage(f"{what}: read the header") as stage:
+        reader = gguf_file.open_gguf(path)
+        cfg = gguf_file.read_config(reader, path)
+        stage.detail = f"{len(reader.tensors)} tensors, {cfg.num_layers} layers"
+    with report.stage(f"{what}: weights") as stage:
+        # Stored in float32 once; each load casts to the dtype asked for. Not the linears:
+        # quantised loads never read their float weights (`_FloatWeights`).
+        state = _fuse(cfg, gguf_file.read_raw(reader, cfg, linears=False), torch.float32)
+        save_file(state, str(out / WEIGHTS))
+        stage.size = (out / WEIGHTS).stat().st_size
+        stage.detail = f"{len(state)} float32 tensors (all but the linears) into {WEIGHTS}"
+    with report.stage(f"{what}: tokenizer") as stage:
+        _save_gguf_tokenizer(path, out)
+        stage.size = sum(f.stat().st_size for f in out.iterdir() if f.name != WEIGHTS)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "source": str(path),
+        "source_key": gguf_file.content_key(path),
+        "config": cfg.to_dict(),
+    }
+    (out / "specdec.json").write_text(json.dumps(info, indent=1))
+    if report.lines:
+        total = sum(f.stat().st_size for f in out.iterdir())
+        report.line(what, Stage(total, "total"), time.perf_counter() - start)
 
 
 def _save_gguf_tokenizer(path: Path, out: Path) -> None:
     """Convert the GGUF's tokenizer exactly as transformers does, and keep its files."""
-    import transformers
+    import transformers  # heavy (seconds to import), and only conversions need it
 
     transformers.logging.set_verbosity_error()
     try:
@@ -381,7 +292,11 @@ def _load_converted(
     device: torch.device,
     progress: bool,
     quant: str = "none",
+    gguf: Path | None = None,
 ) -> LoadedModel:
+    """A converted folder's model; ``gguf`` is the file it was converted from as this load
+    names it (else the path recorded at conversion, perhaps relative to another directory):
+    where packing and the float linears read from."""
     info = json.loads((folder / "specdec.json").read_text())
     if info.get("format_version") != FORMAT_VERSION:
         raise ModelFormatError(
@@ -389,26 +304,95 @@ def _load_converted(
         )
     cfg = ModelConfig.from_dict(info["config"])
     source = Path(info["source"])
-    from safetensors import safe_open
-
-    with safe_open(str(folder / "weights.safetensors"), framework="pt") as st:
+    file = source if gguf is None else gguf
+    with _FloatWeights(folder, file, info, cfg, Progress(progress)) as weights:
         packed = None
         if quant != "none":
-            packed = _packed_for(folder, source, cfg, quant, st.get_tensor, progress)
+            packed = _packed_for(folder, file, cfg, quant, weights.get, progress)
         skip = {f"{n}.weight" for n in packed or ()}
         # One tensor at a time, so the float32 file never sits in memory beside its cast.
-        state = {k: st.get_tensor(k).to(dtype) for k in st.keys() if k not in skip}
+        state = {k: weights.get(k).to(dtype) for k in weights.keys() if k not in skip}
     return LoadedModel(
         name, source, cfg, _build(cfg, state, device, packed), Tokenizer(folder), quant
     )
+
+
+class _FloatWeights:
+    """The float32 tensors of a converted folder by state-dict key: `WEIGHTS` holds all but
+    the linears' weights, `LINEARS` those, dequantised from the GGUF file the first time a
+    load asks for one (``--quant none``, or int8/int4 before their packed cache exists);
+    ``--quant gguf`` never does. (Folders converted before this split hold everything in
+    `WEIGHTS`.) A context manager: the files are open inside it."""
+
+    def __init__(
+        self, folder: Path, gguf: Path, info: dict[str, Any], cfg: ModelConfig, report: Progress
+    ) -> None:
+        self.folder, self.gguf, self.info, self.cfg, self.report = folder, gguf, info, cfg, report
+        self._stack = contextlib.ExitStack()
+        self._weights = self._stack.enter_context(safe_open(str(folder / WEIGHTS), "pt"))
+        self._in_weights = set(self._weights.keys())
+        self._linears: Any = None
+
+    def __enter__(self) -> _FloatWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def keys(self) -> list[str]:
+        rest = [k for k in _linear_keys(self.cfg) if k not in self._in_weights]
+        return [*self._weights.keys(), *rest]
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._in_weights:
+            return self._weights.get_tensor(key)
+        if self._linears is None:
+            path = self.folder / LINEARS
+            if not path.exists():
+                _write_linears(path, self.gguf, self.info.get("source_key"), self.cfg, self.report)
+            self._linears = self._stack.enter_context(safe_open(str(path), "pt"))
+        return self._linears.get_tensor(key)
+
+
+def _write_linears(
+    path: Path, source: Path, key: str | None, cfg: ModelConfig, report: Progress
+) -> None:
+    """Dequantise the linears of GGUF file ``source`` (content key ``key``, as converted)
+    into ``path``, once."""
+    if not source.exists():
+        raise ModelNotFoundError(
+            f"{source} is gone, and the float weights of its linears are read from it on "
+            "first use (--quant none, int8, int4); restore it"
+        )
+    if gguf_file.content_key(source) != key:
+        raise ModelNotFoundError(
+            f"{source} has changed since it was converted into {path.parent}; "
+            "delete that folder to convert the new file"
+        )
+    log.info("dequantising the linears of %s once into %s", source, path)
+    with report.stage(f"convert {source.name}: linears") as stage:
+        reader = gguf_file.open_gguf(source)
+        count = cfg.num_layers * len(gguf_file.LINEARS) + (not cfg.tie_word_embeddings)
+        bar = report.bar(total=count, desc="converting weights (once)", unit="tensor", leave=False)
+        raw = gguf_file.read_raw(reader, cfg, others=False, on_tensor=lambda: bar.update(1))
+        state = _fuse(cfg, raw, torch.float32)
+        bar.close()
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        stage.size = path.stat().st_size
+        stage.detail = f"{len(state)} float32 matrices into {path.name}"
 
 
 def _packed_for(
     folder: Path, source: Path, cfg: ModelConfig, quant: str, tensor: Any, progress: bool
 ) -> dict[str, list]:
     """Packed linears of a converted GGUF model, built once and cached in its folder."""
-    from specdec.models.quant_linear import load_packed, pack_gguf_model, save_packed
-
     cache = folder / f"packed-{quant}.safetensors"
     packed = load_packed(cache, quant)
     if packed is None:
@@ -418,15 +402,17 @@ def _packed_for(
                 "restore it or use --quant int8/int4"
             )
         log.info("packing the linears for --quant %s once into %s", quant, cache)
-        packed = pack_gguf_model(source, cfg, quant, tensor, progress=progress)
-        save_packed(cache, packed, quant)
+        report = Progress(progress)
+        with report.stage(f"pack {source.name} for --quant {quant}") as stage:
+            packed = pack_gguf_model(source, cfg, quant, tensor, report)
+            save_packed(cache, packed, quant)
+            stage.size = cache.stat().st_size
+            stage.detail = f"{len(packed)} matrices into {cache.name}"
     return packed
 
 
 # --------------------------------------------------------------------------- safetensors folders
 def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelNotFoundError(
@@ -472,8 +458,6 @@ def _load_hf_folder(
         raise UnsupportedModelError(f"{folder}: --quant gguf needs a GGUF model; try int8 or int4")
     packed = None
     if quant != "none":  # quantised at each load: only GGUF conversions are cached
-        from specdec.models.quant_linear import pack_float_model
-
         packed = pack_float_model(_fuse(cfg, raw, torch.float32), cfg, quant)
     state = _fuse(cfg, raw, dtype)
     return LoadedModel(
@@ -481,8 +465,10 @@ def _load_hf_folder(
     )
 
 
-def _download_from_hub(repo_id: str) -> Path:
-    try:
+def download_from_hub(repo_id: str) -> Path:
+    """The local folder of hub model ``repo_id`` (its json, safetensors and tokenizer files,
+    downloaded once by huggingface_hub); `RegistryUnreachableError` when that fails."""
+    try:  # heavy (HTTP stack), and only hub ids need it
         from huggingface_hub import snapshot_download
     except ImportError:
         raise RegistryUnreachableError(

@@ -20,8 +20,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+import specdec.kernels
+from specdec.models.catalog import cache_dir
 
 MEASURE_VERSION = 3  # bump when the measurement changes: cached curves are measured again
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # trees are at most ~32 nodes
@@ -105,10 +109,6 @@ def machine_key() -> str:
 
 
 def _kernel_build() -> str:
-    from pathlib import Path
-
-    import specdec.kernels
-
     found = sorted(Path(specdec.kernels.__file__).parent.glob("_qgemm*.so"))
     if not found:
         return "no-kernel"
@@ -127,8 +127,6 @@ def cached_pass_cost(
     """The curve of ``target`` (``identity`` names model file, dtype, device, backend),
     measured on first use on this machine (or when ``refresh``) and read from the cache
     afterwards."""
-    from specdec.models.catalog import cache_dir
-
     raw = f"{MEASURE_VERSION}|{identity}|{machine_key()}|{tuple(sizes)}"
     key = hashlib.sha256(raw.encode()).hexdigest()[:16]
     path = cache_dir() / "pass_cost" / f"{key}.json"

@@ -18,19 +18,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from specdec.errors import UnsupportedModelError
-from specdec.kernels import KernelUnavailableError, PackedWeight
+from specdec.kernels import KernelUnavailableError, PackedWeight, available, native
 from specdec.kernels import packing as P
-from specdec.kernels.native import LinearKernel
+from specdec.kernels.native import LayerKernel, LinearKernel
 from specdec.kernels.native import require as require_kernel
+from specdec.models.gguf_file import open_gguf, unpermute
+from specdec.models.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,6 @@ class QuantLinear(nn.Module):
         """This layer restricted to the output rows ``rows`` (increasing), e.g. the LM head
         over a subset of the vocabulary: built once per subset (the last four are kept),
         each row's values bit for bit those of the whole layer."""
-        from specdec.kernels.packing import select_rows
-
         idx = rows.to(torch.int64).reshape(-1)
         key = idx.numpy().tobytes()
         cache = self.__dict__.setdefault("_row_subsets", {})
@@ -80,7 +82,7 @@ class QuantLinear(nn.Module):
             for part, n0 in zip(self.parts, self.kernel._cols.tolist(), strict=True):
                 mine = idx[(idx >= n0) & (idx < n0 + part.n)] - n0
                 if mine.numel():
-                    parts.append(select_rows(part, mine.numpy()))
+                    parts.append(P.select_rows(part, mine.numpy()))
             if len(cache) >= 4:
                 cache.pop(next(iter(cache)))
             cache[key] = QuantLinear(parts, None if self.bias is None else self.bias[idx])
@@ -108,22 +110,17 @@ def resolve_quant(quant: str, gguf: Path | None, folder: Path | None = None) -> 
     from the GGUF parses the whole header, ~7 s for the 1.5B's."""
     if quant != "auto":
         return quant
-    from specdec.kernels import available
-    from specdec.kernels.native import path
-
-    if gguf is None or not available() or path() != "avx512-vnni":
+    if gguf is None or not available() or native.path() != "avx512-vnni":
         return "none"
     return "gguf" if _linear_block_type(gguf, folder) in GGUF_PACKED else "none"
 
 
 def _linear_block_type(gguf: Path, folder: Path | None) -> str | None:
-    from specdec.models.loading import _open_gguf
-
     cached = None if folder is None else folder / "linear_block_type"
     if cached is not None and cached.exists():
         return cached.read_text().strip() or None
     kind = next(
-        (t.tensor_type.name for t in _open_gguf(gguf).tensors if t.name.endswith("ffn_up.weight")),
+        (t.tensor_type.name for t in open_gguf(gguf).tensors if t.name.endswith("ffn_up.weight")),
         "",
     )
     if cached is not None:
@@ -152,8 +149,6 @@ def linear_names(num_layers: int) -> Iterator[str]:
 
 def _merge_same_kind(parts: list[dict], kinds: list[str]) -> list[tuple[dict, str]]:
     """Neighbouring parts of one format are packed as one matrix (one kernel call)."""
-    import numpy as np
-
     out: list[tuple[dict, str]] = []
     fields = ("bits", "group", "sb_groups")
     for part, kind in zip(parts, kinds, strict=True):
@@ -170,10 +165,6 @@ def _merge_same_kind(parts: list[dict], kinds: list[str]) -> list[tuple[dict, st
 
 def gguf_parts(reader, cfg, name: str) -> list[PackedWeight]:
     """The packed parts of runtime module ``name`` from a GGUF file's own blocks."""
-    import numpy as np
-
-    from specdec.models.loading import _unpermute
-
     tensors = {t.name: t for t in reader.tensors}
     if name == "lm_head":
         gg = ["output.weight" if "output.weight" in tensors else "token_embd.weight"]
@@ -192,7 +183,7 @@ def gguf_parts(reader, cfg, name: str) -> list[PackedWeight]:
             parts = P.split_gguf(np.asarray(t.data), kind, n, k)
         if cfg.permuted_qk_in_gguf and g.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_heads if "attn_q" in g else cfg.num_kv_heads
-            order = _unpermute(torch.arange(n), heads).numpy()
+            order = unpermute(torch.arange(n), heads).numpy()
             parts = {f: (v[order] if isinstance(v, np.ndarray) else v) for f, v in parts.items()}
         raw_parts.append(parts)
         kinds.append(kind)
@@ -226,8 +217,6 @@ def quantise_linears(
 def attach_native_layers(model: nn.Module) -> bool:
     """Give a float32 model whose layers' linears are all quantised one native call per
     layer (`specdec.kernels.native.LayerKernel`); returns whether it did."""
-    from specdec.kernels.native import LayerKernel
-
     if model.dtype != torch.float32:
         return False
     kernels = []
@@ -253,8 +242,6 @@ def attach_native_layers(model: nn.Module) -> bool:
 
 # --------------------------------------------------------------------------- cache
 def save_packed(path: Path, packed: dict[str, list[PackedWeight]], quant: str) -> None:
-    from safetensors.torch import save_file
-
     tensors, meta = {}, {}
     for name, parts in packed.items():
         meta[name] = [p.meta() for p in parts]
@@ -274,8 +261,6 @@ def save_packed(path: Path, packed: dict[str, list[PackedWeight]], quant: str) -
 
 def load_packed(path: Path, quant: str) -> dict[str, list[PackedWeight]] | None:
     """The cached packed weights, or None when absent or from another layout version."""
-    from safetensors import safe_open
-
     if not path.exists():
         return None
     try:
@@ -307,28 +292,31 @@ def _tied_name(name: str, cfg) -> str:
 
 
 def pack_gguf_model(
-    gguf_path: Path, cfg, quant: str, float_weight: Callable[[str], torch.Tensor], progress: bool
+    gguf_path: Path,
+    cfg,
+    quant: str,
+    float_weight: Callable[[str], torch.Tensor],
+    progress: Progress | None = None,
 ) -> dict[str, list[PackedWeight]]:
     """Every linear of a GGUF model in ``quant`` form (``gguf``: the file's blocks);
-    ``float_weight(tensor name)`` gives the dequantised weights for int8/int4."""
-    from tqdm import tqdm
-
-    from specdec.models.loading import _open_gguf
-
-    reader = _open_gguf(gguf_path) if quant == "gguf" else None
-    out = {}
-    for name in tqdm(
-        list(linear_names(cfg.num_layers)),
+    ``float_weight(tensor name)`` gives the dequantised weights for int8/int4;
+    ``progress`` draws a bar (on a terminal)."""
+    reader = open_gguf(gguf_path) if quant == "gguf" else None
+    names = list(linear_names(cfg.num_layers))
+    bar = (progress or Progress(False)).bar(
+        total=len(names),
         desc=f"packing weights for --quant {quant} (once)",
         unit="matrix",
-        disable=not progress,
-        file=sys.stderr,
         leave=False,
-    ):
+    )
+    out = {}
+    for name in names:
         if reader is not None:
             out[name] = gguf_parts(reader, cfg, name)
         else:
             _pack_float(out, name, float_weight(f"{_tied_name(name, cfg)}.weight"), quant)
+        bar.update(1)
+    bar.close()
     return out
 
 

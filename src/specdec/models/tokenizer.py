@@ -23,6 +23,8 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token"
 
 class Tokenizer:
     def __init__(self, folder: Path | str) -> None:
+        # imported with the first tokenizer, not with this module (which commands that
+        # load no model, e.g. `specdec methods`, import too)
         from tokenizers import Tokenizer as FastTokenizer
 
         folder = Path(folder)
@@ -155,7 +157,7 @@ def _compile(source: str) -> Any:
     """Compile a chat template in the environment transformers uses (sandboxed, trimmed)."""
     if source in _compiled:
         return _compiled[source]
-    import jinja2
+    import jinja2  # only chat templates need it, once per template
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
