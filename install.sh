@@ -91,8 +91,22 @@ install_torch() {
     fi
 }
 
+STAMP=.venv/.specdec-installed
+specdec_up_to_date() { # installed, and nothing its build reads changed since (the .so is kept)
+    [ -f "$STAMP" ] && [ -n "$(installed_version specdec)" ] &&
+        compgen -G "src/specdec/kernels/_qgemm*.so" >/dev/null &&
+        [ -z "$(find pyproject.toml setup.py src/specdec/kernels -newer "$STAMP" \
+            \( -name pyproject.toml -o -name setup.py -o -name '*.cpp' -o -name '*.h' \) \
+            ! -path '*/__pycache__/*' -print -quit)" ]
+}
+
 install_specdec() {
-    "$VPY" -m pip install --quiet -e ".[test]"
+    # editable: Python changes need no reinstall; the native kernels are built here
+    if ! specdec_up_to_date; then
+        rm -f "$STAMP"
+        "$VPY" -m pip install --quiet -e ".[test]"
+        touch "$STAMP"
+    fi
 }
 
 install_llamacpp() {
@@ -110,12 +124,16 @@ start=$(now_us)
 stage "venv and pip" make_venv
 have=$(installed_version torch)
 stage "torch ${have:-$TORCH}${have:+ (already installed)}" install_torch
-stage "specdec with pytest, ruff" install_specdec
+label="specdec with pytest, ruff"
+specdec_up_to_date && label+=" (up to date)"
+stage "$label" install_specdec
 if [ "$llamacpp" = 1 ]; then
-    stage "llama-cpp-python (builds llama.cpp)" install_llamacpp
+    have=$(installed_version llama-cpp-python)
+    stage "llama-cpp-python ${have:-(builds llama.cpp, about 5 min)}${have:+ (already installed)}" \
+        install_llamacpp
 fi
 current=""
 extra=""
-[ "$llamacpp" = 1 ] || extra=", without llama.cpp (./install.sh --llamacpp adds it)"
+[ "$llamacpp" = 1 ] || extra="; without llama.cpp: ./install.sh --llamacpp adds it"
 echo "specdec installed: $(.venv/bin/specdec --version) in $(pwd)/.venv" \
     "($(seconds_since "$start") s$extra)" >&2
