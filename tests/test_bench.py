@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import socket
+import statistics
 import threading
 from pathlib import Path
 
@@ -39,6 +40,7 @@ ROW_KEYS = {
     "wall_s",
     "tokens_per_s",
     "ar_wall_s",
+    "ar_new_tokens",
     "speedup",
     "prefill_s",
     "ar_prefill_s",
@@ -125,7 +127,9 @@ def test_results_rows(main_run):
         )
         assert r["target_passes"] >= r["turns"]
         assert r["tau"] == pytest.approx(r["new_tokens"] / r["target_passes"], abs=1e-3)
-        assert r["speedup"] == pytest.approx(r["ar_wall_s"] / r["wall_s"], rel=1e-3)
+        assert r["speedup"] == pytest.approx(r["ar_wall_s"] / r["wall_s"], rel=1e-3)  # greedy
+        ar = next(a for a in rows if a["method"] == "ar" and a["question_id"] == r["question_id"])
+        assert r["ar_new_tokens"] == ar["new_tokens"] and r["ar_wall_s"] == ar["wall_s"]
         if r["method"] == "ar":
             assert r["identical"] is None and r["first_diff"] is None
             assert r["drafted"] == 0 and r["tau"] == 1.0
@@ -190,6 +194,7 @@ def test_summary(main_run, env):
         else:
             assert res["overall"]["decode_speedup_sum"] is None
     assert s["results"]["ar"]["overall"]["speedup_sum"] == 1.0
+    assert s["speedup_basis"] == "time"  # greedy: ratios of times
     assert s["results"]["ar"]["overall"]["identical"] is None
     assert s["results"]["draft"]["overall"]["compared"] == 4
     assert s["differences"] == report.differences(rows)
@@ -221,6 +226,7 @@ def test_report_and_plots(main_run):
     assert s["command"] in md
     for m, why in s["skipped_methods"].items():
         assert f"{m} skipped: {why}" in md
+    assert "Speedups are ratios of times" in md
     tables = _md_tables(md)
     assert len(tables) >= 6
     for t in tables:
@@ -228,6 +234,7 @@ def test_report_and_plots(main_run):
         assert set(t[1]) == {"---"}
     overall = tables[0]
     assert [row[0] for row in overall[2:]] == list(s["results"])
+    assert "speedup (Σ time)" in overall[0]
     assert tables[1][0] == ["method", "chat", "code", "math", "overall"]
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(images) == sorted(report.PLOTS)
@@ -480,3 +487,145 @@ def test_warm_questions_run_untimed_before_the_measured_ones(env, tmp_path, monk
     # question 5 does not fit the context: only "the cat sat" is run, by recycle alone
     assert warm == [("recycle", "the cat sat", 1)]
     assert "hot start" in (out / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- sampled runs
+def fake_row(method, qid, category, new, wall, ar_new, ar_wall, basis, turns=1, prefill=None):
+    """A results row with just what the aggregates read (prefill: its own and ar's)."""
+    ratio = report.speedup(basis, new, wall, ar_new, ar_wall)
+    return {
+        "method": method,
+        "question_id": qid,
+        "category": category,
+        "turns": turns,
+        "new_tokens": new,
+        "wall_s": wall,
+        "tokens_per_s": new / wall,
+        "target_passes": None,
+        "ar_new_tokens": ar_new,
+        "ar_wall_s": ar_wall,
+        "speedup": ratio,
+        "prefill_s": prefill[0] if prefill else None,
+        "ar_prefill_s": prefill[1] if prefill else None,
+        "predicted_ms": None,
+        "ar_predicted_ms": None,
+        "identical": None,
+        "first_diff": None,
+    }
+
+
+# four prompts at temperature 1.0: pld makes more tokens than ar in a little more time.
+# ar 382 tokens in 20.0 s (19.1 tokens/s), pld 454 in 20.62 s (22.0 tokens/s): 1.15x the
+# throughput, where the ratio of times says 0.97x
+SAMPLED = [  # question, category, (ar tokens, ar s, its prefill s), (pld ...)
+    (1, "chat", (90, 5.0, 0.5), (120, 5.3, 0.5)),
+    (2, "chat", (100, 5.0, 0.5), (110, 5.12, 0.5)),
+    (3, "code", (96, 5.0, 0.5), (104, 5.1, 0.5)),
+    (4, "code", (96, 5.0, 0.5), (120, 5.1, 0.5)),
+]
+
+
+def sampled_rows(basis: str) -> list[dict]:
+    rows = []
+    for qid, cat, (an, aw, ap), (pn, pw, pp) in SAMPLED:
+        rows.append(fake_row("ar", qid, cat, an, aw, an, aw, basis, prefill=(ap, ap)))
+        rows.append(fake_row("pld", qid, cat, pn, pw, an, aw, basis, prefill=(pp, ap)))
+    return rows
+
+
+def test_sampled_speedups_are_ratios_of_tokens_per_s():
+    assert report.speedup_basis(0.0) == "time" and report.speedup_basis(1.0) == "tokens_per_s"
+    pld = report.aggregate(sampled_rows("tokens_per_s"), "tokens_per_s")["pld"]["overall"]
+    assert pld["tokens_per_s"] == pytest.approx(22.0, abs=0.05)
+    assert pld["speedup_sum"] == pytest.approx((454 / 20.62) / (382 / 20.0), rel=1e-5)
+    assert pld["speedup_sum"] == pytest.approx(1.15, abs=0.01)  # not 0.97: the same work
+    per_prompt = [(pn / pw) / (an / aw) for _, _, (an, aw, _), (pn, pw, _) in SAMPLED]
+    assert pld["speedup_median"] == pytest.approx(statistics.median(per_prompt), rel=1e-5)
+    # after the prompt: each turn's prefill off the time, and the token it makes off the count
+    after = ((454 - 4) / (20.62 - 2.0)) / ((382 - 4) / (20.0 - 2.0))
+    assert pld["decode_speedup_sum"] == pytest.approx(after, rel=1e-5)
+    code = report.aggregate(sampled_rows("tokens_per_s"), "tokens_per_s")["pld"]["categories"]
+    assert code["code"]["speedup_sum"] == pytest.approx((224 / 10.2) / (192 / 10.0), rel=1e-5)
+    # greedy runs keep the ratio of times (the same tokens)
+    timed = report.aggregate(sampled_rows("time"))["pld"]["overall"]
+    assert timed["speedup_sum"] == pytest.approx(20.0 / 20.62, rel=1e-5)
+    assert timed["decode_speedup_sum"] == pytest.approx(18.0 / 18.62, rel=1e-5)
+    ar = report.aggregate(sampled_rows("tokens_per_s"), "tokens_per_s")["ar"]["overall"]
+    assert ar["speedup_sum"] == ar["speedup_median"] == 1.0
+
+
+def _summary(rows, basis: str | None, temperature: float) -> dict:
+    """A summary.json as `compare_runs` reads it; basis None: one from before the field,
+    every speedup a ratio of times."""
+    s = {
+        "settings": {"temperature": temperature},
+        "results": report.aggregate(rows, basis or "time"),
+    }
+    if basis is not None:
+        s["speedup_basis"] = basis
+    return s
+
+
+def test_compare_to_an_old_sampled_run_on_the_tokens_per_s_basis(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    for folder, summary in (
+        (new, _summary(sampled_rows("tokens_per_s"), "tokens_per_s", 1.0)),
+        (old, _summary(sampled_rows("time"), None, 1.0)),
+    ):
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps(summary))
+    text = report.compare_runs(new, old)
+    assert "speedup basis: time → tokens_per_s" in text
+    header = next(line for line in text.splitlines() if line.startswith("method"))
+    assert "speedup (tokens/s)" in header and "Σ time" not in header
+    pld = next(line for line in text.splitlines() if line.startswith("pld "))
+    # the old run's Σ speedup recomputed from its totals: the same rows, no change
+    assert "1.153 → 1.153 (+0.0 %)" in pld and "0.970" not in pld
+    assert "— → " in pld  # its median is not comparable
+    cats = [line for line in text.splitlines() if line.strip().startswith("pld ")]
+    assert cats and all("(+0.0 %)" in line for line in cats)
+    # the same basis on both sides: as stored, no note
+    text = report.compare_runs(new, new)
+    assert "speedup basis" not in text
+    assert "1.153 → 1.153" in next(line for line in text.splitlines() if line.startswith("pld "))
+
+
+def test_sampled_bench_run(env, capsys, monkeypatch, tmp_path):
+    """At temperature 1.0 the rows, aggregates, report and plots use tokens/s ratios. pld's
+    answers count 24 tokens more than they have (over the budget of 12: more than ar's), so
+    that a ratio of times would differ."""
+    original = R.SpecdecRunner.run
+
+    def longer(self, *a, **k):
+        o = original(self, *a, **k)
+        if self.name == "pld":
+            o.new_tokens += 24
+        return o
+
+    monkeypatch.setattr(R.SpecdecRunner, "run", longer)
+    out = tmp_path / "sampled"
+    argv = ["--model", env["target"], "--methods", "ar,pld", "--dataset", env["data"]]
+    argv += ["--temperature", "1.0", "--out", out, *FAST]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0, err
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["speedup_basis"] == "tokens_per_s"
+    pld = [r for r in rows if r["method"] == "pld"]
+    for r in pld:
+        assert r["new_tokens"] >= 2 * r["ar_new_tokens"]
+        tps = (r["new_tokens"] / r["wall_s"]) / (r["ar_new_tokens"] / r["ar_wall_s"])
+        assert r["speedup"] == pytest.approx(tps, rel=1e-3)
+        assert r["speedup"] != pytest.approx(r["ar_wall_s"] / r["wall_s"], rel=0.1)
+    total = s["results"]["pld"]["overall"]
+    new, wall = sum(r["new_tokens"] for r in pld), sum(r["wall_s"] for r in pld)
+    ar_new, ar_wall = sum(r["ar_new_tokens"] for r in pld), sum(r["ar_wall_s"] for r in pld)
+    assert total["speedup_sum"] == pytest.approx((new / wall) / (ar_new / ar_wall), rel=1e-3)
+    assert total["decode_speedup_sum"] is not None
+    md = (out / "report.md").read_text()
+    assert "Speedups are ratios of tokens/s" in md and "sampled" in md
+    assert "### Speedup over ar (method's tokens/s ÷ ar's tokens/s)" in md
+    assert "### Speedup over ar after the prompt" in md
+    assert "speedup (tokens/s)" in _md_tables(md)[0][0]
+    for name in report.PLOTS:
+        assert (out / name).stat().st_size > 1000

@@ -248,7 +248,59 @@ def test_draft_method_runs_and_compares(capsys, files):
     assert report["method"] == "draft" and report["identical"] is True
     for key in ("tau", "drafted", "accepted", "draft_s", "verify_s"):
         assert key in report["stats"]
-    assert "speedup" in report
+    assert report["speedup_basis"] == "time"  # greedy: the same tokens, ar time / time
+    ratio = report["ar_stats"]["wall_s"] / report["stats"]["wall_s"]
+    assert report["speedup"] == pytest.approx(ratio, abs=2e-3)
+
+
+def test_sampled_compare_is_a_ratio_of_tokens_per_s(capsys, files, monkeypatch):
+    """With temperature > 0 the outputs differ in length: --compare's speedup is the method's
+    tokens/s over ar's, not ar's time over the method's. Here ar's answer is made 3 tokens
+    longer than the method's, so the two ratios differ."""
+    from specdec.api import Generator
+
+    real = Generator.generate
+    made = []
+
+    def longer_ar(self, prompt, **kw):
+        result = real(self, prompt, **kw)
+        if kw.get("method") == "ar":
+            result.stats.new_tokens = made[-1] + 3
+        else:
+            made.append(result.stats.new_tokens)
+        return result
+
+    monkeypatch.setattr(Generator, "generate", longer_ar)
+    rc, out, err = run_cli(
+        capsys,
+        "generate",
+        "hello",
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--raw",
+        "--json",
+        "--model",
+        str(files["gguf"]),
+        "--method",
+        "pld",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "3",
+        "--compare",
+    )
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["speedup_basis"] == "tokens_per_s" and report["identical"] is None
+    mine, ar = report["stats"], report["ar_stats"]
+    assert ar["new_tokens"] == mine["new_tokens"] + 3
+    tps = (mine["new_tokens"] / mine["wall_s"]) / (ar["new_tokens"] / ar["wall_s"])
+    assert report["speedup"] == pytest.approx(tps, abs=2e-3)
+    assert report["speedup"] != pytest.approx(ar["wall_s"] / mine["wall_s"], rel=0.1)
+    line = next(x for x in err.splitlines() if x.startswith("[specdec] pld:"))
+    assert f"speedup {report['speedup']:.2f}x (ratio of tokens/s" in line
 
 
 def test_draft_with_another_tokenizer_is_refused(capsys, files, tmp_path):

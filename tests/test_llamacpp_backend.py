@@ -12,7 +12,9 @@ import torch
 from fixtures import tiny_hf_model, write_gguf
 from random_models import path_to, tree_mask_and_depths
 
-pytest.importorskip("llama_cpp")
+pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed (./install.sh --llamacpp adds it)"
+)
 
 from specdec.errors import InvalidRequestError  # noqa: E402
 from specdec.models.llamacpp_target import LlamaCppTarget  # noqa: E402

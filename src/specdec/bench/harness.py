@@ -13,7 +13,11 @@ How it measures (docs: DESIGN "Measuring speed"):
   turn), so that machine drift hits all of them alike;
 - speedup over `ar` both as the ratio of summed times and as the median of per-prompt
   ratios, and the ratio of summed times after the prompt (each run's own prefill taken
-  off: the part speculation can shorten; specdec methods, which time their prefill);
+  off: the part speculation can shorten; specdec methods, which time their prefill).
+  Sampled runs (temperature > 0) give outputs of other lengths than `ar`'s, so a ratio
+  of times would compare different amounts of work: there every speedup is the ratio of
+  tokens per second instead (Σ new tokens ÷ Σ wall time, the method's over `ar`'s);
+  ``speedup_basis`` in ``summary.json`` says which ("time" or "tokens_per_s");
   τ = tokens committed per target pass (the prefill counts as a pass);
 - every greedy output is compared token for token with `ar`'s; where they differ, the
   first differing position and the target's top-2 logit margin there are recorded.
@@ -423,8 +427,17 @@ def predicted_ms(outs: list[Any], cost: Any) -> tuple[float, float] | None:
 
 
 def _row(
-    method: str, q: Any, outs: list[Any], ar_outs: list[Any] | None, diffs, comparable, cost=None
+    method: str,
+    q: Any,
+    outs: list[Any],
+    ar_outs: list[Any] | None,
+    diffs,
+    comparable,
+    cost=None,
+    basis: str = "time",
 ):
+    from specdec.bench import report
+
     new = sum(o.new_tokens for o in outs)
     wall = sum(o.wall_s for o in outs)
     passes = (
@@ -436,6 +449,8 @@ def _row(
         return None if any(v is None for v in vals) else sum(vals)
 
     ar_wall = sum(o.wall_s for o in ar_outs) if ar_outs else None
+    ar_new = sum(o.new_tokens for o in ar_outs) if ar_outs else None
+    ratio = report.speedup(basis, new, wall, ar_new, ar_wall)
     prefill = total("prefill_s")
     ar_prefill = None
     if ar_outs and all(o.prefill_s is not None for o in ar_outs):
@@ -457,7 +472,9 @@ def _row(
         "wall_s": round(wall, 6),
         "tokens_per_s": round(new / wall, 6) if wall > 0 else None,
         "ar_wall_s": round(ar_wall, 6) if ar_wall is not None else None,
-        "speedup": round(ar_wall / wall, 6) if ar_wall is not None and wall > 0 else None,
+        "ar_new_tokens": ar_new,
+        # greedy: Σ ar time ÷ Σ time; sampled: tokens/s ÷ ar's tokens/s (`speedup_basis`)
+        "speedup": round(ratio, 6) if ratio is not None else None,
         # the prompt's pass is the same work for every method: the time after it is what
         # speculation can shorten (None where a runner does not time its prefill)
         "prefill_s": round(prefill, 6) if prefill is not None else None,
@@ -573,6 +590,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
     skipped: dict[str, str] = {}
     gen, runners = build_runners(args, methods, options, skipped)
     greedy = args.temperature == 0
+    basis = report.speedup_basis(args.temperature)
     ctx = gen.target.max_length if gen is not None else None
     # the target's pass-cost curve, for the cost model's predicted speedups (cached)
     cost = gen.pass_cost() if gen is not None and any(m != "ar" for m in options) else None
@@ -631,7 +649,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
                                 gen.target, prompts[t], ar_outs[t].token_ids, o.token_ids
                             )
                         )
-                row = _row(m, q, outs[m], ar_outs, diffs, comparable, cost)
+                row = _row(m, q, outs[m], ar_outs, diffs, comparable, cost, basis)
                 rows.append(row)
                 results.write(json.dumps(row) + "\n")
                 s = sums[m]
@@ -700,7 +718,9 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> Path:
         "methods": {m: r.describe() for m, r in runners.items()},
         "skipped_methods": skipped,
         "skipped_questions": skipped_questions,
-        "results": report.aggregate(rows),
+        # what the speedups are ratios of: "time" (greedy) or "tokens_per_s" (sampled)
+        "speedup_basis": basis,
+        "results": report.aggregate(rows, basis),
         "differences": report.differences(rows),
         "elapsed_s": round(time.time() - started, 1),
     }

@@ -2,8 +2,10 @@
 
 Files written into a run's folder by `write_report`:
 - ``report.md``: per category and overall — τ, tokens/s, speedup over ``ar`` (Σ ar time ÷
-  Σ method time, and the median of per-prompt ratios), share of outputs identical to ``ar``;
-  the outputs that differ, with the position and the target's top-2 margin there;
+  Σ method time, and the median of per-prompt ratios; in a sampled run, whose outputs
+  differ in length, ratios of tokens/s instead: `speedup_basis`), share of outputs
+  identical to ``ar``; the outputs that differ, with the position and the target's top-2
+  margin there;
 - ``speedup_by_category.png``: speedup over ``ar`` per category, a bar per method;
 - ``tau_vs_speedup.png``: per-prompt τ against per-prompt speedup, a colour per method;
 - ``tokens_per_s.png``: the distribution of per-prompt tokens/s, a box per method.
@@ -23,7 +25,35 @@ OVERALL = "overall"
 
 
 # --------------------------------------------------------------------------- aggregates
-def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+BASES = {  # speedup basis -> how the report names it
+    "time": "Σ time",
+    "tokens_per_s": "tokens/s",
+}
+
+
+def speedup_basis(temperature: float) -> str:
+    """What a run's speedups are ratios of: ``"time"`` (Σ ar time ÷ Σ method time) when
+    greedy, where every method makes `ar`'s tokens; ``"tokens_per_s"`` (the method's
+    tokens per second ÷ `ar`'s) when sampled, where the outputs differ in length and a
+    ratio of times would compare different amounts of work."""
+    return "time" if temperature == 0 else "tokens_per_s"
+
+
+def speedup(
+    basis: str, new: float, wall: float, ar_new: float | None, ar_wall: float | None
+) -> float | None:
+    """The speedup over `ar` of ``new`` tokens in ``wall`` seconds on ``basis`` (see
+    `speedup_basis`); None where `ar` is missing or a time or count is not positive."""
+    if ar_wall is None or wall <= 0 or ar_wall <= 0:
+        return None
+    if basis == "time":
+        return ar_wall / wall
+    if ar_new is None or new <= 0 or ar_new <= 0:
+        return None
+    return (new / wall) / (ar_new / ar_wall)
+
+
+def _stats(rows: list[dict[str, Any]], basis: str = "time") -> dict[str, Any]:
     new = sum(r["new_tokens"] for r in rows)
     wall = sum(r["wall_s"] for r in rows)
     passes = [r["target_passes"] for r in rows]
@@ -39,15 +69,11 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tau": round(new / sum(passes), 3) if has_passes else None,
         "tokens_per_s": round(new / wall, 3) if wall > 0 else None,
         "tokens_per_s_median": round(statistics.median(tps), 3) if tps else None,
-        "speedup_sum": round(
-            sum(r["ar_wall_s"] for r in timed) / sum(r["wall_s"] for r in timed), 6
-        )
-        if timed and sum(r["wall_s"] for r in timed) > 0
-        else None,
+        "speedup_sum": _sum_speedup(timed, basis),
         "speedup_median": round(statistics.median(r["speedup"] for r in timed), 6)
         if timed
         else None,
-        "decode_speedup_sum": _decode_speedup(timed),
+        "decode_speedup_sum": _decode_speedup(timed, basis),
         "predicted_speedup": _predicted(rows),
         "identical": sum(compared) if compared else None,
         "compared": len(compared),
@@ -55,14 +81,42 @@ def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _decode_speedup(rows: list[dict[str, Any]]) -> float | None:
-    """Σ ar time ÷ Σ method time after the prompt's pass (each one's own prefill taken off):
-    the part of a request that speculation can shorten. None unless every row has it."""
+def _sum_speedup(rows: list[dict[str, Any]], basis: str) -> float | None:
+    """Over rows with an `ar` baseline: Σ ar time ÷ Σ method time, or on the tokens/s
+    basis (Σ new tokens ÷ Σ time) ÷ (Σ ar's new tokens ÷ Σ ar time)."""
+    if not rows:
+        return None
+    ar_new = None
+    if all(r.get("ar_new_tokens") is not None for r in rows):
+        ar_new = sum(r["ar_new_tokens"] for r in rows)
+    ratio = speedup(
+        basis,
+        sum(r["new_tokens"] for r in rows),
+        sum(r["wall_s"] for r in rows),
+        ar_new,
+        sum(r["ar_wall_s"] for r in rows),
+    )
+    return round(ratio, 6) if ratio is not None else None
+
+
+def _decode_speedup(rows: list[dict[str, Any]], basis: str = "time") -> float | None:
+    """`_sum_speedup` after the prompt's pass (each run's own prefill taken off its time):
+    the part of a request that speculation can shorten. On the tokens/s basis the tokens
+    are those after each turn's first (the prompt's pass makes the first one). None
+    unless every row has it."""
     if not rows or any(r.get("prefill_s") is None or r.get("ar_prefill_s") is None for r in rows):
         return None
-    ar = sum(r["ar_wall_s"] - r["ar_prefill_s"] for r in rows)
-    mine = sum(r["wall_s"] - r["prefill_s"] for r in rows)
-    return round(ar / mine, 6) if mine > 0 else None
+    ar_new = None
+    if all(r.get("ar_new_tokens") is not None for r in rows):
+        ar_new = sum(max(r["ar_new_tokens"] - r["turns"], 0) for r in rows)
+    ratio = speedup(
+        basis,
+        sum(max(r["new_tokens"] - r["turns"], 0) for r in rows),
+        sum(r["wall_s"] - r["prefill_s"] for r in rows),
+        ar_new,
+        sum(r["ar_wall_s"] - r["ar_prefill_s"] for r in rows),
+    )
+    return round(ratio, 6) if ratio is not None else None
 
 
 def _predicted(rows: list[dict[str, Any]]) -> float | None:
@@ -73,15 +127,16 @@ def _predicted(rows: list[dict[str, Any]]) -> float | None:
     return round(sum(r["ar_predicted_ms"] for r in pred) / sum(r["predicted_ms"] for r in pred), 6)
 
 
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method: ``overall`` and ``categories`` (each the `_stats` of its rows)."""
+def aggregate(rows: list[dict[str, Any]], basis: str = "time") -> dict[str, dict[str, Any]]:
+    """Per method: ``overall`` and ``categories`` (each the `_stats` of its rows), the
+    speedups on ``basis`` (see `speedup_basis`)."""
     out: dict[str, dict[str, Any]] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         cats = dict.fromkeys(r["category"] for r in mine)
         out[method] = {
-            OVERALL: _stats(mine),
-            "categories": {c: _stats([r for r in mine if r["category"] == c]) for c in cats},
+            OVERALL: _stats(mine, basis),
+            "categories": {c: _stats([r for r in mine if r["category"] == c], basis) for c in cats},
         }
     return out
 
@@ -116,13 +171,32 @@ def _table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def basis_of(summary: dict[str, Any]) -> str:
+    """The run's speedup basis; runs from before the field were all ratios of times."""
+    return summary.get("speedup_basis") or "time"
+
+
+def basis_note(summary: dict[str, Any]) -> str:
+    """One line: what this run's speedups are ratios of, and why."""
+    if basis_of(summary) == "time":
+        return (
+            "Speedups are ratios of times (Σ ar time ÷ Σ method time; `speedup_basis`: time): "
+            "greedy, every method makes the same tokens."
+        )
+    return (
+        "Speedups are ratios of tokens/s (the method's Σ new tokens ÷ Σ time over ar's; "
+        "`speedup_basis`: tokens_per_s): sampled, the outputs differ in length, so a ratio "
+        "of times would compare different amounts of work."
+    )
+
+
 def overall_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = [
         "method",
         "prompts",
         "τ",
         "tokens/s",
-        "speedup (Σ time)",
+        f"speedup ({BASES[basis_of(summary)]})",
         "speedup (median)",
         "after the prompt",
         "predicted (cost model)",
@@ -168,6 +242,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     st = summary["settings"]
     mach = summary["machine"]
     target = st["server"] or st["model"]
+    by_time = basis_of(summary) == "time"
     lines = [
         f"# specdec bench: {target} on {st['dataset']}",
         "",
@@ -200,10 +275,19 @@ def render_markdown(summary: dict[str, Any]) -> str:
         + (f"; git {summary['git']['commit'][:10]}" if summary.get("git") else ""),
         "",
         "Speedup is over `ar` in the same run, methods interleaved prompt by prompt after a "
-        "warm-up: Σ ar time ÷ Σ method time, and the median of per-prompt ratios. "
-        "After the prompt = the same ratio with each run's prompt pass (prefill) taken off "
-        "both times: the part speculation can shorten (specdec methods only). "
-        "τ = tokens committed per target pass (the prefill counts as one). "
+        + (
+            "warm-up: Σ ar time ÷ Σ method time, and the median of per-prompt ratios. "
+            "After the prompt = the same ratio with each run's prompt pass (prefill) taken off "
+            "both times: the part speculation can shorten (specdec methods only). "
+            if by_time
+            else "warm-up. This run samples, so its outputs differ in length from `ar`'s: "
+            "every speedup is a ratio of tokens per second, (Σ method new tokens ÷ Σ method "
+            "time) ÷ (Σ ar new tokens ÷ Σ ar time), and the median of per-prompt ratios of "
+            "tokens/s. After the prompt = the same ratio with each run's prompt pass (prefill) "
+            "taken off its time and the token it makes off its count: the part speculation "
+            "can shorten (specdec methods only). "
+        )
+        + "τ = tokens committed per target pass (the prefill counts as one). "
         "Predicted = the cost model: `ar`'s decode time (one-token passes) ÷ the method's "
         "measured drafting time plus its target passes priced by the target's measured "
         "pass-cost curve (`specdec.models.pass_cost`); far from the measured speedup means "
@@ -213,17 +297,25 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
         _table(*overall_rows(summary)),
         "",
+        basis_note(summary),
+        "",
         "## Per category",
         "",
-        "### Speedup over ar (Σ ar time ÷ Σ method time)",
+        "### Speedup over ar (Σ ar time ÷ Σ method time)"
+        if by_time
+        else "### Speedup over ar (method's tokens/s ÷ ar's tokens/s)",
         "",
         _category_table(summary, lambda s: _f(s["speedup_sum"], suffix="×")),
         "",
-        "### Speedup over ar after the prompt (prefill taken off both times)",
+        "### Speedup over ar after the prompt (prefill taken off both times)"
+        if by_time
+        else "### Speedup over ar after the prompt (tokens/s after each prompt's pass)",
         "",
         _category_table(summary, lambda s: _f(s.get("decode_speedup_sum"), suffix="×")),
         "",
-        "### Speedup over ar (median of per-prompt ratios)",
+        "### Speedup over ar (median of per-prompt ratios)"
+        if by_time
+        else "### Speedup over ar (median of per-prompt ratios of tokens/s)",
         "",
         _category_table(summary, lambda s: _f(s["speedup_median"], suffix="×")),
         "",
@@ -305,6 +397,7 @@ def write_plots(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) 
     import matplotlib.pyplot as plt
 
     methods = list(summary["results"])
+    ratio = BASES[basis_of(summary)]
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     cats = [*summary["dataset"]["categories"], OVERALL]
     paths = []
@@ -326,7 +419,7 @@ def write_plots(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) 
         ax.bar(xs, ys, width, label=m, color=colours[m])
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="ar")
     ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
-    ax.set_ylabel("speedup over ar (Σ time)")
+    ax.set_ylabel(f"speedup over ar ({ratio})")
     ax.set_title("Speedup per category")
     if not any_bar:
         ax.text(0.5, 0.5, "no ar baseline in this run", transform=ax.transAxes, ha="center")
@@ -359,7 +452,7 @@ def write_plots(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]) 
         ax.text(0.5, 0.5, "no τ or speedup in this run", transform=ax.transAxes, ha="center")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xlabel("τ (tokens per target pass)")
-    ax.set_ylabel("speedup over ar")
+    ax.set_ylabel(f"speedup over ar ({ratio})")
     ax.set_title("τ against speedup (dots: prompts, stars: overall)")
     if any_point:
         ax.legend(fontsize="small")
@@ -418,9 +511,37 @@ def _change(old: Any, new: Any, fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(old)} → {fmt.format(new)}{pct}"
 
 
+def _speedup_sum_as(
+    summary: dict[str, Any], method: str, category: str | None, basis: str
+) -> float | None:
+    """A method's Σ speedup (overall, or in ``category``) on ``basis``: as the run stored it
+    when it used that basis, else recomputed from its totals and `ar`'s (every question
+    a method ran, `ar` ran too)."""
+    res = summary["results"]
+
+    def stats(m: str) -> dict[str, Any] | None:
+        if m not in res:
+            return None
+        return res[m][OVERALL] if category is None else res[m]["categories"].get(category)
+
+    mine, ar = stats(method), stats("ar")
+    if mine is None:
+        return None
+    if basis_of(summary) == basis:
+        return mine["speedup_sum"]
+    if ar is None:
+        return None
+    ratio = speedup(basis, mine["new_tokens"], mine["wall_s"], ar["new_tokens"], ar["wall_s"])
+    return round(ratio, 6) if ratio is not None else None
+
+
 def compare_runs(new_dir: Path, old_dir: Path) -> str:
-    """A text table of what changed from the run in ``old_dir`` to the one in ``new_dir``."""
+    """A text table of what changed from the run in ``old_dir`` to the one in ``new_dir``.
+    Speedups are on the new run's basis (`speedup_basis`); an old run on the other basis
+    has its Σ speedups recomputed from its totals, and its medians left out."""
     old, new = load_run(old_dir), load_run(new_dir)
+    basis = basis_of(new)
+    same_basis = basis_of(old) == basis
     lines = [f"comparing {new_dir} (new) with {old_dir} (old)"]
     for key in (
         "model",
@@ -446,7 +567,19 @@ def compare_runs(new_dir: Path, old_dir: Path) -> str:
     for key in sorted(set(ov) | set(nv)):
         if ov.get(key) != nv.get(key):
             lines.append(f"  version {key}: {ov.get(key)} → {nv.get(key)}")
-    header = ["method", "τ", "tokens/s", "speedup (Σ time)", "speedup (median)", "identical"]
+    if not same_basis:
+        lines.append(
+            f"  speedup basis: {basis_of(old)} → {basis}: the old run's Σ speedups recomputed "
+            f"from its totals as ratios of {BASES[basis]}, its medians not comparable (—)"
+        )
+    header = [
+        "method",
+        "τ",
+        "tokens/s",
+        f"speedup ({BASES[basis]})",
+        "speedup (median)",
+        "identical",
+    ]
     body = []
     for m in dict.fromkeys([*new["results"], *old["results"]]):
         if m not in old["results"] or m not in new["results"]:
@@ -458,8 +591,8 @@ def compare_runs(new_dir: Path, old_dir: Path) -> str:
                 m,
                 _change(a["tau"], b["tau"]),
                 _change(a["tokens_per_s"], b["tokens_per_s"], "{:.1f}"),
-                _change(a["speedup_sum"], b["speedup_sum"], "{:.3f}"),
-                _change(a["speedup_median"], b["speedup_median"], "{:.3f}"),
+                _change(_speedup_sum_as(old, m, None, basis), b["speedup_sum"], "{:.3f}"),
+                _change(a["speedup_median"] if same_basis else None, b["speedup_median"], "{:.3f}"),
                 f"{_share(a)} → {_share(b)}",
             ]
         )
@@ -473,8 +606,9 @@ def compare_runs(new_dir: Path, old_dir: Path) -> str:
         for c, b in new["results"][m]["categories"].items():
             a = old["results"][m]["categories"].get(c)
             if a is not None:
+                was = _speedup_sum_as(old, m, c, basis)
                 cat_lines.append(
-                    f"  {m:<14} {c:<16} speedup {_change(a['speedup_sum'], b['speedup_sum'], '{:.3f}')}"
+                    f"  {m:<14} {c:<16} speedup {_change(was, b['speedup_sum'], '{:.3f}')}"
                     f", τ {_change(a['tau'], b['tau'])}"
                 )
     if cat_lines:

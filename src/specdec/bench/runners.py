@@ -250,7 +250,10 @@ def llama_cpp_available() -> str | None:
     try:
         import llama_cpp  # noqa: F401
     except Exception as e:  # noqa: BLE001 -- ImportError, or a broken shared library
-        return f"llama-cpp-python is not installed ({type(e).__name__}); pip install 'specdec[llamacpp]'"
+        return (
+            f"llama-cpp-python is not installed ({type(e).__name__}); ./install.sh --llamacpp "
+            "(or pip install 'specdec[llamacpp]') adds it"
+        )
     return None
 
 
