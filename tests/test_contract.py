@@ -194,10 +194,12 @@ def rest_options(model, tok, rng: random.Random):
     return opts, context(model, tok, rng.choice(COSTS))
 
 
-def merged_options(model, tok, rng: random.Random):
-    """Two or three drafting methods merged (a draft model's sampled q nodes among them,
-    maybe); an option goes to every part that takes it, so the first part's win."""
-    names = rng.sample(sorted(set(FACTORIES) - {"ar", "cross-vocab", "A+B"}), rng.choice([2, 3]))
+def merged_options(model, tok, rng: random.Random, names: list[str] | None = None):
+    """Two or three drafting methods merged (random ones unless ``names``; a draft model's
+    sampled q nodes among them, maybe); an option goes to every part that takes it, so
+    the first part's win."""
+    parts = sorted(set(FACTORIES) - {"ar", "cross-vocab", "A+B"})
+    names = names or rng.sample(parts, rng.choice([2, 3]))
     opts, base = {}, context(model, tok, rng.choice(COSTS))
     for name in reversed(names):
         part, ctx = FACTORIES[name](model, tok, rng)
@@ -227,8 +229,9 @@ FACTORIES = {
 
 def make_drafter(method: str, model, tok, rng: random.Random):
     """The drafter of ``method`` with random valid options, built as users build it."""
-    if method == "A+B":
-        method, opts, ctx = merged_options(model, tok, rng)
+    if method == "A+B" or "+" in method:  # random parts, or the ones named
+        names = method.split("+") if method != "A+B" else None
+        method, opts, ctx = merged_options(model, tok, rng, names)
     else:
         opts, ctx = FACTORIES[method](model, tok, rng)
     return get_method(method).build(ctx, opts)

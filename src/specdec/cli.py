@@ -13,6 +13,7 @@ from typing import Any
 
 from specdec import __version__
 from specdec.errors import SpecdecError
+from specdec.models.catalog import DEFAULT_MODEL
 from specdec.speculation.options import parse_assignments
 
 
@@ -34,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from specdec.models.catalog import DEFAULT_MODEL
-
     parser = argparse.ArgumentParser(
         prog="specdec",
         description="Faster LLM generation with unchanged output: speculative decoding.",
@@ -43,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"specdec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_generate(sub)
+    _add_methods(sub)
+    _add_bench(sub)
+    _add_profile(sub)
+    _add_models_and_pull(sub)
+    _add_datastore(sub)
+    return parser
+
+
+def _add_generate(sub: Any) -> None:
     g = sub.add_parser(
         "generate",
         help="generate text from a prompt (streams to stdout)",
@@ -114,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     g.set_defaults(func=cmd_generate)
 
+
+def _add_methods(sub: Any) -> None:
     ms = sub.add_parser(
         "methods",
         help="list the decoding methods and their options",
@@ -122,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--json", action="store_true", help="print a JSON list")
     ms.set_defaults(func=cmd_methods)
 
+
+def _add_bench(sub: Any) -> None:
     b = sub.add_parser(
         "bench",
         help="benchmark methods and peers on Spec-Bench-style datasets",
@@ -135,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
 
+
+def _add_profile(sub: Any) -> None:
     pr = sub.add_parser(
         "profile",
         help="a model's decode step against this machine's memory and compute limits",
@@ -151,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress on stderr")
     pr.set_defaults(func=cmd_profile)
 
+
+def _add_models_and_pull(sub: Any) -> None:
     m = sub.add_parser(
         "models",
         help="list the known models and where they are",
@@ -170,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pull)
 
+
+def _add_datastore(sub: Any) -> None:
     d = sub.add_parser(
         "datastore",
         help="build a retrieval datastore for --method rest",
@@ -196,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--out", default=None, metavar="PATH", help="datastore folder to write")
     db.add_argument("--quiet", action="store_true", help="no progress bar")
     db.set_defaults(func=cmd_datastore_build)
-    return parser
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:

@@ -31,7 +31,6 @@ class GenerationStats:
     wall_s: float = 0.0  # prefill and decoding
     drafted: int = 0  # tree nodes proposed
     accepted: int = 0  # drafted tokens the target kept
-    pass_tokens: int = 0  # tokens in the target passes after the prefill (root + tree each)
     # tokens in one pass -> passes of that size (after the prefill): the cost model prices
     # each pass by its own size (the cost curve is not linear, so a mean size would mislead)
     pass_sizes: dict[int, int] = field(default_factory=dict)
@@ -155,7 +154,6 @@ class Engine:
             stats.verify_s += t2 - t1
             stats.target_passes += 1
             stats.drafted += len(tree)
-            stats.pass_tokens += len(tree) + 1
             stats.pass_sizes[len(tree) + 1] = stats.pass_sizes.get(len(tree) + 1, 0) + 1
             stats.accepted += len(outcome.path)
             drafter.observe(state, tree, outcome)

@@ -50,7 +50,6 @@ class TurnOutput:
     finish_reason: str | None = None
     draft_s: float | None = None  # time in the drafter (specdec methods)
     prefill_s: float | None = None  # time of the prompt's pass (specdec methods)
-    pass_tokens: int | None = None  # tokens in the target passes after the prefill
     pass_sizes: dict[int, int] | None = None  # tokens in one pass -> passes of that size
 
 
@@ -134,7 +133,6 @@ class SpecdecRunner(Runner):
             finish_reason=res.finish_reason,
             draft_s=s.draft_s,
             prefill_s=s.prefill_s,
-            pass_tokens=s.pass_tokens,
             pass_sizes=dict(s.pass_sizes),
         )
 

@@ -198,10 +198,16 @@ class TrieDrafter(Drafter):
         self.sizer.keep_only(nodes)
 
 
+@dataclass(frozen=True)
+class NoOptions(Options):
+    method: ClassVar[str] = "ar"
+
+
 class NoDrafter(Drafter):
     """Autoregressive decoding: nothing drafted, one token per target pass."""
 
     name = "ar"
+    Options = NoOptions
     description = "plain autoregressive decoding: one token per target pass (the baseline)"
 
     def propose(self, state: DraftState) -> DraftTree:

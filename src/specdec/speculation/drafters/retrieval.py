@@ -29,7 +29,7 @@ tried again), and the longest span is found by bisection over the span
 lengths (a suffix that occurs has every shorter one occur), the same span as
 the longest-first scan in about 5 lookups instead of up to 15. On a target
 whose step takes 7 ms (SmolLM2-135M quantised), that took REST from 0.75x to
-1.00x of `ar` (docs/BENCHMARKS.md).
+1.00x of `ar` (docs/notes/lab-notebook.md).
 """
 
 from __future__ import annotations
