@@ -213,7 +213,7 @@ METHOD_CASES = {
     ),
     "option below its minimum": (
         ["--method", "draft", "--num-draft-tokens", "0"],
-        ["num_draft_tokens must be >= 1"],
+        ["num_draft_tokens of method 'draft' must be >= 1"],
     ),
     "malformed --option": (["--option", "novalue"], ["KEY=VALUE"]),
 }

@@ -119,7 +119,10 @@ CASES = {
     "stand": lambda m: lambda: StandDrafter(V, top_k=4, max_ngram=2, max_nodes=6),
     "pld+recycle": lambda m: (
         lambda: MergedDrafter(
-            [PromptLookupDrafter(3, branches=2), TokenRecyclingDrafter(V, top_k=2, max_nodes=4)]
+            [
+                PromptLookupDrafter(num_draft_tokens=3, branches=2),
+                TokenRecyclingDrafter(V, top_k=2, max_nodes=4),
+            ]
         )
     ),
     # sized jointly on a steep pass cost: pld's and recycle's nodes cut by their scores, the
@@ -127,7 +130,7 @@ CASES = {
     "pld+recycle+stand-joint": lambda m: (
         lambda: MergedDrafter(
             [
-                PromptLookupDrafter(3, branches=2, pass_cost=STEEP),
+                PromptLookupDrafter(num_draft_tokens=3, branches=2, pass_cost=STEEP),
                 TokenRecyclingDrafter(V, top_k=2, max_nodes=4, pass_cost=STEEP),
                 StandDrafter(V, top_k=4, max_ngram=2, max_nodes=3),
             ],

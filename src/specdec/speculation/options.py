@@ -95,6 +95,8 @@ class Options:
     def of(cls, options: Options | None, given: dict[str, Any]) -> Options:
         """A drafter constructor's options: ``options`` (or the defaults) updated by the
         keywords ``given``, checked."""
+        if options is not None and not isinstance(options, cls):
+            raise TypeError(f"options must be {cls.__name__} (give the rest as keywords)")
         return dataclasses.replace(options, **given) if options is not None else cls(**given)
 
     @classmethod
