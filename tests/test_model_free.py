@@ -31,10 +31,10 @@ def paths(tree: DraftTree) -> set[tuple[int, ...]]:
 
 
 def test_trie_from_paths_merges_prefixes_and_keeps_the_heaviest_prefix_closed_nodes():
-    tree = DraftTree.from_paths([[1, 2, 3], [1, 2, 4], [5, 6]], [1.0, 1.0, 1.5], max_nodes=10)
+    tree = DraftTree.weighted_trie([[1, 2, 3], [1, 2, 4], [5, 6]], [1.0, 1.0, 1.5], 10)[0]
     assert paths(tree) == {(1, 2, 3), (1, 2, 4), (5, 6)}
     assert len(tree) == 6  # 1 and 2 shared
-    pruned = DraftTree.from_paths([[1, 2, 3], [1, 2, 4], [5, 6]], [1.0, 1.0, 1.5], max_nodes=3)
+    pruned = DraftTree.weighted_trie([[1, 2, 3], [1, 2, 4], [5, 6]], [1.0, 1.0, 1.5], 3)[0]
     # weights: 1:2, 2:2, 5:1.5, 6:1.5, 3:1, 4:1 -> the three heaviest
     assert paths(pruned) == {(1, 2), (5,)}
     for i, p in enumerate(pruned.parents):

@@ -138,13 +138,6 @@ class Options:
         }
 
 
-def options_with(base: type[Options], given: dict[str, Any]) -> Options:
-    """``base`` parsed from ``given``, keeping only the keys it takes (for merges, where an
-    option goes to every part that takes it)."""
-    names = {f.name for f in dataclasses.fields(base)}
-    return base.parse({k: v for k, v in given.items() if k in names})
-
-
 SIZE_BY_COST_HELP = (
     "pick the tree size that maximises expected tokens per unit of the target's measured "
     "pass time (else always max_nodes)"

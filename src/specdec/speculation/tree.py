@@ -105,12 +105,6 @@ class DraftTree:
         return mask, [0] + [d + 1 for d in self.depths]
 
     @classmethod
-    def from_paths(cls, paths: list[list[int]], weights: list[float], max_nodes: int) -> DraftTree:
-        """The trie of token sequences, pruned to the ``max_nodes`` heaviest nodes
-        (`weighted_trie` without the weights)."""
-        return cls.weighted_trie(paths, weights, max_nodes)[0]
-
-    @classmethod
     def weighted_trie(
         cls, paths: list[list[int]], weights: list[float], max_nodes: int
     ) -> tuple[DraftTree, list[float]]:

@@ -12,7 +12,7 @@ n-gram start the branches; each is extended greedily (longest n-gram first,
 its most frequent next token, if it has at least ``min_count`` observations
 and a share of at least ``min_share``) up to ``num_draft_tokens`` tokens.
 Branches weigh their first token's count, and the trie is cut to
-``max_nodes`` (`DraftTree.from_paths`). Nodes are deterministic: exact under
+``max_nodes`` (`TrieDrafter.trie`). Nodes are deterministic: exact under
 greedy and speculative sampling. Memory is bounded: past ``max_entries``
 distinct n-grams, new ones are no longer added (existing counts still grow).
 

@@ -8,7 +8,7 @@ longest ``n`` first, and propose the tokens that followed there.
 Deviation from the original, which proposes one continuation (the first
 match): up to ``branches`` different matches become one trie, weighted by
 match length (a longer n-gram counts ``2**n``) and by how many matches agree,
-pruned to ``max_nodes`` nodes (`DraftTree.from_paths`); a single match is
+pruned to ``max_nodes`` nodes (`TrieDrafter.trie`); a single match is
 the original chain. The n-gram index is updated incrementally as tokens are
 committed, so a step costs a few dictionary lookups, not a scan of the text.
 Every node is a deterministic proposal (``q`` None): exact under greedy and

@@ -7,7 +7,7 @@ sequence for ``span`` = 16 down to 2 and stops at the first span that occurs;
 the ``continuation`` tokens after up to ``max_matches`` of its occurrences
 form a trie in which a node weighs the number of retrieved continuations
 through it, and the ``max_nodes`` heaviest nodes are verified as one tree
-(`DraftTree.from_paths`). Nodes are deterministic (``q`` None): exact under
+(`TrieDrafter.trie`). Nodes are deterministic (``q`` None): exact under
 greedy and speculative sampling.
 
 As in the authors' code, matching stops at the longest span found (a shorter
