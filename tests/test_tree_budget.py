@@ -1,12 +1,18 @@
 """Hardware-aware tree sizing: pass-cost curves, the budget policy, dynamic trees."""
 
 import json
+import time
 
 import pytest
 from random_models import CharTokenizer, perturbed_copy, random_transformer
 
 from specdec.engine import Engine, Generation
-from specdec.models.pass_cost import PassCost, cached_pass_cost, measure_pass_cost
+from specdec.models.pass_cost import (
+    DEFAULT_SIZES,
+    PassCost,
+    cached_pass_cost,
+    measure_pass_cost,
+)
 from specdec.models.target import NativeTarget
 from specdec.speculation.drafters.draft_model import DraftModelDrafter
 from specdec.speculation.sizing import TreeBudget
@@ -37,6 +43,49 @@ def test_pass_cost_measured_and_cached(tmp_path, monkeypatch):
         2: 6.0,
     }
     assert first.ms != {1: 5.0, 2: 6.0}
+
+
+class _SlowTarget:
+    """A target whose pass over n tokens sleeps ``per_token`` seconds per token (bfloat16
+    on a CPU without native bfloat16 behaves so), counting the tokens it is given."""
+
+    class config:
+        vocab_size = 16
+
+    max_length = 4096
+
+    def __init__(self, per_token: float) -> None:
+        self.per_token, self.length, self.prefilled, self.passes = per_token, 0, 0, []
+
+    def forward(self, tokens, logits_rows=None):
+        time.sleep(self.per_token * len(tokens))
+        if logits_rows is not None:
+            self.prefilled += len(tokens)
+        else:
+            self.passes.append(len(tokens))
+        self.length += len(tokens)
+
+    def rollback(self, n):
+        self.length -= n
+
+    def reset(self):
+        self.length = 0
+
+
+def test_pass_cost_measurement_is_bounded():
+    # linear costs: sizes stop at the first that costs 8 one-token passes, and no second
+    # round fits in the budget; the cache's prefill stops at a quarter of the budget
+    slow = _SlowTarget(0.01)
+    curve = measure_pass_cost(slow, budget_s=0.4)
+    sizes = list(curve.ms)
+    assert sizes == list(DEFAULT_SIZES[: len(sizes)]) and sizes[-1] in (8, 12)
+    assert curve(sizes[-1]) >= 8 * curve(1) > curve(sizes[-2])
+    assert slow.passes == [n for n in sizes for _ in range(2)] and slow.length == 0
+    assert 0 < slow.prefilled < 256
+    # flat-ish costs within the budget: every size, three rounds, the whole cache
+    fast = _SlowTarget(0.0)
+    assert list(measure_pass_cost(fast, budget_s=60).ms) == list(DEFAULT_SIZES)
+    assert len(fast.passes) == 2 * 3 * len(DEFAULT_SIZES) and fast.prefilled == 256
 
 
 def test_budget_prefers_big_trees_when_passes_are_flat():
