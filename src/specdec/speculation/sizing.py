@@ -216,15 +216,17 @@ class TrieSizer:
     A node's chance of acceptance is taken as its share of the trie's weight times the
     tokens accepted per unit of share so far at its depth after proposals of the same
     kind (``key``, e.g. the length of the n-gram that matched; `ShareCalibration` keyed
-    by (key, depth)), never more than its parent's. The kept nodes come best first. A
+    by (key, depth), or by key alone when not ``by_depth``), never more than its
+    parent's. The kept nodes come best first. A
     kind whose tree is cut to nothing still drafts its best node once in
     ``EXPLORE_EVERY`` times, so that what it is worth can be learnt again.
     """
 
     EXPLORE_EVERY = 16
 
-    def __init__(self, cost) -> None:
+    def __init__(self, cost, by_depth: bool = True) -> None:
         self.cost = cost
+        self.by_depth = by_depth
         self.calibration = ShareCalibration()
         self.revisit = Revisit(self.EXPLORE_EVERY)
         self._drafted: tuple[object, list[int], list[float]] | None = None  # key, depths, shares
@@ -234,7 +236,10 @@ class TrieSizer:
     def may_pay(self, key: object) -> bool:
         """Could a tree after a proposal of kind ``key`` pay at all? Its best node carries
         at most the whole share."""
-        return best_size([self.calibration.factor((key, 0))], self.cost) > 0
+        return best_size([self.calibration.factor(self._learnt_as(key, 0))], self.cost) > 0
+
+    def _learnt_as(self, key: object, depth: int) -> object:
+        return (key, depth) if self.by_depth else key
 
     def cut(self, tree, shares: list[float], key: object, explore: bool = False):
         """``tree`` with ``shares[i]`` for node i (parents first) -> the kept subtree.
@@ -243,7 +248,7 @@ class TrieSizer:
         depths = tree.depths
         scores: list[float] = []
         for i, p in enumerate(tree.parents):
-            s = shares[i] * self.calibration.factor((key, depths[i]))
+            s = shares[i] * self.calibration.factor(self._learnt_as(key, depths[i]))
             scores.append(min(s, scores[p]) if p >= 0 else s)
         # a child never outscores its parent and ties go to the shallower node, so every
         # prefix of this order is a tree
@@ -284,5 +289,10 @@ class TrieSizer:
             acc = by_depth.setdefault(d, [0.0, 0])
             acc[0] += share
             acc[1] += i in accepted
+        learnt: dict[object, list[float]] = {}
         for d, (share, hits) in by_depth.items():
-            self.calibration.observe((key, d), share, hits)
+            acc = learnt.setdefault(self._learnt_as(key, d), [0.0, 0])
+            acc[0] += share
+            acc[1] += hits
+        for k, (share, hits) in learnt.items():
+            self.calibration.observe(k, share, hits)

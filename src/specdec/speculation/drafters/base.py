@@ -161,8 +161,9 @@ class TrieDrafter(Drafter):
     to what pays (`TrieSizer`), and its nodes' chances let a merge size it jointly;
     without one it keeps its heaviest ``limit`` nodes."""
 
-    def __init__(self, pass_cost: PassCost | None = None) -> None:
-        self.sizer = TrieSizer(pass_cost) if pass_cost is not None else None
+    def __init__(self, pass_cost: PassCost | None = None, by_depth: bool = True) -> None:
+        """``by_depth``: learn a node's chance per (kind of proposal, depth), or per kind."""
+        self.sizer = TrieSizer(pass_cost, by_depth) if pass_cost is not None else None
 
     def start_step(self) -> None:
         """Call first in `propose`: nothing is drafted through the sizer yet."""

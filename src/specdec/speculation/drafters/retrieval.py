@@ -20,9 +20,10 @@ for a CPU, where a pass over 64 tokens costs about three one-token passes
 tree; here, given the target's pass-cost curve, the tree is cut to the size
 that maximises expected tokens per unit of pass time, a node's chance of
 acceptance taken as its share of the retrieved continuations times how many
-tokens per unit of share were accepted so far at its depth after matches of the
-same length (`TrieSizer`, shared with prompt lookup): a short match in a corpus unlike the text
-(code retrieved for prose) soon drafts a few nodes instead of a full tree.
+tokens per unit of share were accepted so far after matches of the same length
+(`TrieSizer`, shared with prompt lookup, which learns it per depth as well): a
+short match in a corpus unlike the text (code retrieved for prose) soon drafts a
+few nodes instead of a full tree.
 When even the whole share on one node would not pay after a match of that
 length, the continuations are not retrieved at all (except on the turns it is
 tried again), and the longest span is found by bisection over the span
@@ -95,7 +96,9 @@ class RetrievalDrafter(TrieDrafter):
         self.continuation = o.continuation
         self.min_span, self.max_span = o.min_span, o.max_span
         self.max_matches = o.max_matches
-        super().__init__(pass_cost)  # trees cut to what pays; without a cost, max_nodes
+        # trees cut to what pays (without a cost: max_nodes), a node's chance learnt per
+        # span alone: 15 spans x 10 depths would each need their own evidence
+        super().__init__(pass_cost, by_depth=False)
 
     @classmethod
     def build(cls, ctx: BuildContext, options: RetrievalOptions) -> RetrievalDrafter:
