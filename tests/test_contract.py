@@ -123,14 +123,20 @@ def pld_options(model, tok, rng: random.Random):
     return opts, context(model, tok, rng.choice(COSTS))
 
 
+_MATRICES = tempfile.mkdtemp(prefix="specdec-test-matrices-")
+
+
 def recycle_options(model, tok, rng: random.Random):
+    top_k = rng.randint(1, 8)
     opts = {
-        "top_k": rng.randint(1, 8),
+        "top_k": top_k,
         "max_nodes": rng.randint(1, 30),
         "max_depth": rng.randint(1, 8),
         "prompt_rows": rng.choice([0, 3, 128]),
         "size_by_cost": rng.choice([True, False]),
     }
+    if rng.random() < 0.3:  # a matrix learnt by earlier cases (another model's, maybe) or new
+        opts["matrix_file"] = f"{_MATRICES}/v{model.config.vocab_size}-k{top_k}.safetensors"
     return opts, context(model, tok, rng.choice(COSTS))
 
 
@@ -253,7 +259,13 @@ def greedy_case(seed: int):
     if seed % 2 and len(ref.token_ids) > 3:
         tok.eos_token_ids = frozenset({ref.token_ids[len(ref.token_ids) // 2]})
         ref = run(model, NoDrafter(), prompt, n, tok)
-    return rng, model, tok, prompt, n, ref
+    # or a stop string there (text and ids cut at it, however many tokens a pass commits)
+    stop: tuple[str, ...] = ()
+    if seed % 4 == 2 and len(ref.text) > 6:
+        at = rng.randrange(2, len(ref.text) - 2)
+        stop = (ref.text[at : at + rng.randint(1, 2)],)
+        ref = run(model, NoDrafter(), prompt, n, tok, stop=stop)
+    return rng, model, tok, prompt, n, ref, stop
 
 
 def check_same(got, ref):
@@ -263,11 +275,13 @@ def check_same(got, ref):
     assert got.stats.target_passes <= ref.stats.target_passes
 
 
-def run(model, drafter, prompt, n, tok, sampling=SamplingParams()):
+def run(model, drafter, prompt, n, tok, sampling=SamplingParams(), stop=()):
     res = Generation()
     engine = Engine(NativeTarget(model, capacity=8), tok)
     text = "".join(
-        engine.stream(prompt, max_new_tokens=n, sampling=sampling, drafter=drafter, result=res)
+        engine.stream(
+            prompt, max_new_tokens=n, sampling=sampling, stop=stop, drafter=drafter, result=res
+        )
     )
     assert text == res.text
     return res
@@ -276,16 +290,18 @@ def run(model, drafter, prompt, n, tok, sampling=SamplingParams()):
 @pytest.mark.parametrize("method", sorted(FACTORIES))
 @pytest.mark.parametrize("seed", range(16))
 def test_greedy_equals_autoregressive(method, seed):
-    rng, model, tok, prompt, n, ref = greedy_case(seed)
-    check_same(run(model, make_drafter(method, model, tok, rng), prompt, n, tok), ref)
+    rng, model, tok, prompt, n, ref, stop = greedy_case(seed)
+    drafter = make_drafter(method, model, tok, rng)
+    check_same(run(model, drafter, prompt, n, tok, stop=stop), ref)
 
 
 @pytest.mark.parametrize("method", sorted(set(FACTORIES) - {"ar"}))
 def test_every_method_drafts(method):
-    """A drafter that proposes nothing would pass the equality test: each must draft."""
+    """A drafter that proposes nothing would pass the equality test: each must draft (on a
+    request repeated: what some keep across requests is what they draft from)."""
     drafted = 0
     for seed in range(4):
-        rng, model, tok, prompt, n, ref = greedy_case(seed)
+        rng, model, tok, prompt, n, ref, _ = greedy_case(seed)
         prompt = (prompt * 4)[:40]  # repeated text: lookups and caches find matches
         if method == "A+B":
             name, opts, ctx = merged_options(model, tok, rng)
@@ -294,16 +310,78 @@ def test_every_method_drafts(method):
         if ctx.pass_cost is not None:  # a pass that costs little more with more tokens
             ctx = dataclasses.replace(ctx, pass_cost=lambda: COSTS[1])
         drafter = get_method(name).build(ctx, opts)
-        drafted += run(model, drafter, prompt, 30, tok).stats.drafted
+        for _ in range(3):  # what was counted twice meets any min_count option drawn
+            drafted += run(model, drafter, prompt, 30, tok).stats.drafted
     assert drafted > 0
 
 
 @pytest.mark.parametrize("shape", ["static", "dynamic"])
 @pytest.mark.parametrize("seed", range(100, 110))
 def test_draft_trees_greedy_equal_autoregressive(shape, seed):
-    rng, model, tok, prompt, n, ref = greedy_case(seed)
+    rng, model, tok, prompt, n, ref, stop = greedy_case(seed)
     opts, ctx = draft_options(model, tok, rng, shape)
-    check_same(run(model, get_method("draft").build(ctx, opts), prompt, n, tok), ref)
+    check_same(run(model, get_method("draft").build(ctx, opts), prompt, n, tok, stop=stop), ref)
+
+
+def test_stop_string_inside_an_accepted_draft():
+    """A stop string met in the middle of what one pass commits cuts the output there."""
+    model = random_transformer("qwen2", seed=5, vocab=48)
+    tok = CharTokenizer(vocab=1000)  # no EOS
+    ref = run(model, NoDrafter(), [1, 2, 3], 21, tok)
+    stop = (ref.text[9:11],)  # the prefill gives token 1, each pass 4 drafted + 1 bonus
+    cut = run(model, NoDrafter(), [1, 2, 3], 21, tok, stop=stop)
+    drafter = DraftModelDrafter(NativeTarget(perturbed_copy(model, 0.0)), 48, num_draft_tokens=4)
+    got = run(model, drafter, [1, 2, 3], 21, tok, stop=stop)
+    check_same(got, cut)
+    assert got.finish_reason == "stop" and got.text == ref.text[: ref.text.index(stop[0])]
+    assert got.stats.target_passes == 1 + 2  # the stop came in the second pass's commit
+
+
+def test_recycle_matrix_file_warm_start(tmp_path):
+    """A Token Recycling matrix saved by one run starts the next, which stays exact."""
+    rng, model, tok, prompt, n, ref, stop = greedy_case(3)
+    path = str(tmp_path / "m.safetensors")
+    ctx = context(model, tok)
+    first = get_method("recycle").build(ctx, {"matrix_file": path, "top_k": "4"})
+    check_same(run(model, first, prompt, n, tok, stop=stop), ref)
+    first.save()
+    warm = get_method("recycle").build(ctx, {"matrix_file": path, "top_k": "4"})
+    assert torch.equal(warm.matrix, first.matrix) and (warm.matrix >= 0).any()
+    check_same(run(model, warm, prompt, n, tok, stop=stop), ref)
+    with pytest.raises(InvalidRequestError, match="no Token Recycling matrix"):
+        get_method("recycle").build(ctx, {"matrix_file": path, "top_k": "3"})  # other shape
+
+
+class ModuloCharTokenizer(CharTokenizer):
+    """Characters to ids modulo the vocabulary, so that any text (the Python standard
+    library's) can be tokenised for a toy model."""
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) % (self.size - 1) for c in text]
+
+    def encode_many(self, texts):
+        return [self.encode(t) for t in texts]
+
+
+def test_rest_default_datastore_is_built_once_and_drafts(tmp_path, monkeypatch):
+    """REST with no datastore given: the standard library's datastore, built on first use
+    in the cache (here from two of its modules), read back afterwards; greedy-exact."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    sources = [p for p in datastore.stdlib_sources() if p.name in ("heapq.py", "bisect.py")]
+    monkeypatch.setattr(datastore, "stdlib_sources", lambda: sources)
+    model = random_transformer("qwen2", seed=7, vocab=48)
+    tok = ModuloCharTokenizer(vocab=48)
+    text = sources[0].read_text()[:400]  # a prompt from the corpus: long spans match
+    prompt = tok.encode(text)
+    ref = run(model, NoDrafter(), prompt, 24, tok)
+    drafter = get_method("rest").build(context(model, tok), {})
+    assert datastore.default_path(tok).is_relative_to(tmp_path)
+    built = (datastore.default_path(tok) / "meta.json").stat().st_mtime_ns
+    got = run(model, drafter, prompt, 24, tok)
+    check_same(got, ref)
+    assert got.stats.drafted > 0
+    get_method("rest").build(context(model, tok), {"datastore": "stdlib"})
+    assert (datastore.default_path(tok) / "meta.json").stat().st_mtime_ns == built  # reused
 
 
 def test_draft_with_identical_model_accepts_everything():

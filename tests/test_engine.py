@@ -58,13 +58,19 @@ def test_eos_stops_and_is_kept_in_ids():
 
 def test_stop_string_cuts_text():
     model = random_transformer("qwen2", seed=2)
-    tok = CharTokenizer()
+    tok = CharTokenizer(vocab=1000)  # no EOS among the model's 64 tokens
     engine = Engine(NativeTarget(model), tok)
     full = run(engine, [4, 5, 6], max_new_tokens=20)
-    stop = full.text[5:7]
-    res = run(engine, [4, 5, 6], max_new_tokens=20, stop=(stop,))
-    assert res.finish_reason == "stop"
-    assert res.text == full.text[: full.text.find(stop)]
+    assert len(full.text) == 20
+    for stop in (full.text[5:7], full.text[5:7] + "~", full.text[12]):
+        # two tokens long: its first character is held back, never streamed; a string that
+        # starts like the text but goes on differently holds the text back only for a while
+        res = run(engine, [4, 5, 6], max_new_tokens=20, stop=(stop,))
+        if stop in full.text:
+            assert res.finish_reason == "stop"
+            assert res.text == full.text[: full.text.find(stop)]
+        else:
+            assert res.finish_reason == "length" and res.text == full.text
 
 
 def test_max_new_tokens_and_bad_input():

@@ -193,7 +193,11 @@ def default_verifier(sampling: SamplingParams) -> Verifier:
 
 
 class _Emitter:
-    """Commits tokens to the result one by one, applying EOS, stop strings and the token limit."""
+    """Commits tokens to the result one by one, applying EOS, stop strings and the token limit.
+
+    A stop string ends the text where it starts: text that could be the beginning of one is
+    held back until the next tokens show whether it is (streamed text cannot be taken back).
+    """
 
     def __init__(
         self,
@@ -208,6 +212,7 @@ class _Emitter:
         self.stop = stop
         self.eos = frozenset() if ignore_eos else tokenizer.eos_token_ids
         self.decoder = tokenizer.stream_decoder()
+        self.held = ""  # decoded text that may start a stop string
         self.done = False
 
     def push(self, tokens: list[int]) -> str:
@@ -215,7 +220,7 @@ class _Emitter:
         for token in tokens:
             out.token_ids.append(token)
             out.stats.new_tokens += 1
-            piece = self.decoder.push([token])
+            piece, self.held = self.held + self.decoder.push([token]), ""
             finish = None
             if token in self.eos:
                 finish = "stop"
@@ -224,14 +229,25 @@ class _Emitter:
                 cut = _find_stop(so_far + piece, self.stop, len(so_far))
                 if cut is not None:
                     piece, finish = (so_far + piece)[len(so_far) : cut], "stop"
+                else:
+                    n = _stop_start_length(piece, self.stop)
+                    piece, self.held = piece[: len(piece) - n], piece[len(piece) - n :]
             if finish is None and out.stats.new_tokens >= self.max_new:
-                finish, piece = "length", piece + self.decoder.flush()
+                finish, piece = "length", piece + self.held + self.decoder.flush()
             text += piece
             if finish:
                 out.finish_reason, self.done = finish, True
                 break
         out.text += text
         return text
+
+
+def _stop_start_length(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that a stop string starts with."""
+    for n in range(min(len(text), max(len(s) for s in stop) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stop):
+            return n
+    return 0
 
 
 def _find_stop(text: str, stop: tuple[str, ...], searched: int) -> int | None:
