@@ -327,6 +327,7 @@ def test_logits_are_close_to_llama_cpps_on_the_same_file(text_ids, kernel_logits
         n_ctx=2 * TEXT_TOKENS,
         logits_all=True,
         n_threads=1,  # see `one_thread`
+        n_threads_batch=1,
         verbose=False,
     )
     llm.eval(text_ids)
@@ -386,8 +387,9 @@ def test_tree_nodes_and_chains_equal_one_token_passes_bit_for_bit(kernel_model, 
 # ---------------------------------------------------------------------------- llama.cpp runner
 @contextlib.contextmanager
 def one_thread():
-    """llama.cpp's threads spin at every barrier: on a busy 2-core machine a second thread
-    made 8 tokens of SmolLM2 take 29 s instead of 5 s. One thread keeps the tests short."""
+    """llama.cpp's threads spin at every barrier: on a 2-core machine that another process
+    kept busy, two threads made each multi-token pass of SmolLM2 take ~7 s instead of 0.05 s.
+    One thread keeps the tests short."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -404,11 +406,13 @@ def test_the_llama_cpp_bench_runner_generates_greedily():
 
     model = "smollm2-135m"
     tokenizer = load_tokenizer(model, progress=False)
-    messages = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
-    ids = tokenizer.encode_chat(messages)
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    ids = tokenizer.encode(messages[0]["content"])
     path = pull(model, progress=False)
     with one_thread():  # the runner gives llama.cpp torch's thread count
         runner = LlamaCppRunner("llamacpp-ar", str(path), 512, tokenizer)
+    # for the prompt's pass too (it used to take every core there: llama-cpp-python's default)
+    assert runner.llm.context_params.n_threads == runner.llm.context_params.n_threads_batch == 1
     out = runner.run(messages, ids, budget=8, temperature=0.0, seed=0)
     print(out)
     assert out.new_tokens == len(out.token_ids) == 8 and out.finish_reason == "length"
@@ -419,7 +423,12 @@ def test_the_llama_cpp_bench_runner_generates_greedily():
     # greedy: each token is llama.cpp's argmax after the prompt and the tokens before it
     # (evaluated as `generate` evaluates them: the prompt, then one token at a time)
     llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=512, logits_all=True, n_threads=1, verbose=False
+        model_path=str(path),
+        n_ctx=512,
+        logits_all=True,
+        n_threads=1,
+        n_threads_batch=1,
+        verbose=False,
     )
     llm.eval(ids)
     for token in out.token_ids:
