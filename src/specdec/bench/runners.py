@@ -267,6 +267,9 @@ class LlamaCppRunner(Runner):
             model_path=gguf_path,
             n_ctx=n_ctx,
             n_threads=torch.get_num_threads(),
+            # prompt passes too (llama-cpp-python's default there is every core), as the
+            # llama.cpp target and benchmarks/decode_speed.py set it
+            n_threads_batch=torch.get_num_threads(),
             verbose=False,
         )
         if name == "llamacpp-pld":
