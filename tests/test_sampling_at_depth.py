@@ -46,6 +46,7 @@ from random_models import (
     remap_vocab,
 )
 from test_contract import context
+from test_sampling_exactness import one_thread  # noqa: F401 (autouse: one thread, tiny models)
 
 from specdec.engine import Engine, Generation
 from specdec.models.pass_cost import PassCost
@@ -217,15 +218,6 @@ def check_case(case: str, runs: int) -> None:
     assert pvalue > ALPHA, f"{case}: chi-square p = {pvalue:.2e} ({runs} runs)"
     if method != "ar":  # drafts verified at depth: some run accepted 2 levels a pass
         assert deepest >= 2, f"{case}: at most {deepest:.2f} tokens accepted a pass"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a second thread only adds synchronisation."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("case", list(CASES))
