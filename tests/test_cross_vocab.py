@@ -18,6 +18,7 @@ import random
 
 import pytest
 import torch
+from exactness_stats import chi2_pvalue, min_detectable_tv
 from random_models import (
     CharTokenizer,
     ChunkTokenizer,
@@ -26,7 +27,7 @@ from random_models import (
     random_transformer,
     remap_vocab,
 )
-from test_sampling_exactness import V, chi2_pvalue, exact_distribution, sample_counts
+from test_sampling_exactness import V, exact_distribution, sample_counts
 
 from specdec.engine import Engine, Generation
 from specdec.models.target import NativeTarget
@@ -247,8 +248,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+SAMPLING_RUNS = 3_000
+# the smallest TV (on the pooled cells) a chi-square of SAMPLING_RUNS runs at p 0.001 detects
+# with probability >= 95% in any direction (exactness_stats.min_detectable_tv, rounded up)
+SAMPLING_DETECTS_TV = 0.077
+
+
+def test_stated_detectable_size():
+    model = random_transformer("qwen2", seed=3, vocab=V, layers=2)
+    exact = exact_distribution(model, SamplingParams(temperature=1.0))
+    size = min_detectable_tv(exact, SAMPLING_RUNS, 0.001)
+    assert SAMPLING_DETECTS_TV - 0.002 < size <= SAMPLING_DETECTS_TV
+
+
 @pytest.mark.parametrize("case", ["same-letters", "chunks"])
 def test_engine_sampling_matches_target_distribution(case, one_thread):
+    """SAMPLING_RUNS seeded runs of 3 tokens (one drafted level), chi-square p > 0.001;
+    detects TV SAMPLING_DETECTS_TV. tests/test_sampling_at_depth.py runs cross-vocab at
+    depth."""
     model = random_transformer("qwen2", seed=3, vocab=V, layers=2)
     params = SamplingParams(temperature=1.0, seed=0)
     exact = exact_distribution(model, params)
@@ -262,9 +279,8 @@ def test_engine_sampling_matches_target_distribution(case, one_thread):
     def make():
         return CrossVocabDrafter(NativeTarget(draft, capacity=16), dtok, ttok, 2)
 
-    runs = 3_000
-    counts = sample_counts(model, make, params, runs=runs)
-    pvalue = chi2_pvalue(counts, {k: v * runs for k, v in exact.items()})
+    counts = sample_counts(model, make, params, runs=SAMPLING_RUNS)
+    pvalue = chi2_pvalue(counts, exact)
     assert pvalue > 0.001, f"{case}: chi-square p = {pvalue:.2e}"
 
 

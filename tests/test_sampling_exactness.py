@@ -5,13 +5,22 @@ probability of each of the 216 sequences is enumerated from the target's
 shaped distributions. 20,000 seeded runs of a method are compared with it by
 Pearson's chi-square (cells with expected count < 5 pooled), passing at
 p > 0.001. The drafter is a perturbed copy of the target, so drafts are often
-but not always accepted.
+but not always accepted. What each run count detects: DETECTS_TV. These check one
+drafted level; tests/test_sampling_at_depth.py checks every method at depth.
 """
 
 import itertools
 
 import pytest
 import torch
+from exactness_stats import (
+    chain_outcomes,
+    chi2_pvalue,
+    min_detectable_tv,
+    noncentrality,
+    pooled_tv,
+    total_variation,
+)
 from random_models import CharTokenizer, full_logits, perturbed_copy, random_transformer
 
 from specdec.engine import Engine, Generation
@@ -28,24 +37,13 @@ from specdec.speculation.sampling import SamplingParams, probabilities
 
 V, N, RUNS = 6, 3, 20_000
 PROMPT = [1, 4, 2]
-
-
-def chi2_pvalue(counts: dict, expected: dict) -> float:
-    """Pearson chi-square p-value, pooling cells with expected count < 5."""
-    obs, exp, pool_o, pool_e = [], [], 0.0, 0.0
-    for key, e in expected.items():
-        if e < 5:
-            pool_o, pool_e = pool_o + counts.get(key, 0), pool_e + e
-        else:
-            obs.append(counts.get(key, 0))
-            exp.append(e)
-    if pool_e > 0:
-        obs.append(pool_o)
-        exp.append(pool_e)
-    o, e = torch.tensor(obs, dtype=torch.float64), torch.tensor(exp, dtype=torch.float64)
-    stat = ((o - e) ** 2 / e).sum()
-    dof = len(obs) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2))
+ALPHA = 0.001
+MULTI_DRAFT_RUNS = 4_000  # fewer runs than RUNS, to keep the suite short
+PLANTED_RUNS = 5_000
+# The smallest total variation (on the pooled cells) each size detects with probability
+# >= 95% in any direction (exactness_stats.min_detectable_tv at ALPHA, the larger of the
+# two sampling settings, rounded up; checked by test_stated_detectable_sizes).
+DETECTS_TV = {RUNS: 0.032, MULTI_DRAFT_RUNS: 0.067, PLANTED_RUNS: 0.060}
 
 
 def exact_distribution(model, params):
@@ -179,12 +177,8 @@ def test_engine_sampling_matches_target_distribution(case, params):
     exact = exact_distribution(model, params)
     assert abs(sum(exact.values()) - 1) < 1e-9
     counts = sample_counts(model, CASES[case](model), params)
-    expected = {k: v * RUNS for k, v in exact.items()}
-    pvalue = chi2_pvalue(counts, expected)
-    assert pvalue > 0.001, f"{case}: chi-square p = {pvalue:.2e}"
-
-
-MULTI_DRAFT_RUNS = 4_000  # fewer runs than above, to keep the suite short
+    pvalue = chi2_pvalue(counts, exact)
+    assert pvalue > ALPHA, f"{case}: chi-square p = {pvalue:.2e}"
 
 
 @pytest.mark.parametrize(
@@ -218,14 +212,13 @@ def test_engine_multi_draft_sampling_matches_target_distribution(case, params):
     """SpecTr, Recursive Speculative Decoding, the model-free trees and a draft over a
     vocabulary subset through the engine:
     4,000 seeded runs,
-    chi-square p > 0.001 against the enumerated target distribution."""
+    chi-square p > 0.001 against the enumerated target distribution (detects TV 0.067)."""
     torch.manual_seed(0)
     model = random_transformer("qwen2", seed=3, vocab=V, layers=2)
     exact = exact_distribution(model, params)
     counts = sample_counts(model, CASES[case](model), params, MULTI_DRAFT_RUNS)
-    expected = {k: v * MULTI_DRAFT_RUNS for k, v in exact.items()}
-    pvalue = chi2_pvalue(counts, expected)
-    assert pvalue > 0.001, f"{case}: chi-square p = {pvalue:.2e}"
+    pvalue = chi2_pvalue(counts, exact)
+    assert pvalue > ALPHA, f"{case}: chi-square p = {pvalue:.2e}"
 
 
 class MisreportingDrafter(DraftModelDrafter):
@@ -241,9 +234,81 @@ def test_planted_bug_is_detected():
     """The same check has power: a drafter that misreports q fails it (5,000 runs suffice)."""
     model = random_transformer("qwen2", seed=3, vocab=V, layers=2)
     exact = exact_distribution(model, T1)
-    runs = 5_000
+    runs = PLANTED_RUNS
     counts = sample_counts(
         model, lambda: MisreportingDrafter(NativeTarget(perturbed_copy(model, 0.3)), V, 2), T1, runs
     )
-    pvalue = chi2_pvalue(counts, {k: v * runs for k, v in exact.items()})
-    assert pvalue < 0.001, f"planted bug not detected: p = {pvalue:.3f}"
+    pvalue = chi2_pvalue(counts, exact)
+    assert pvalue < ALPHA, f"planted bug not detected: p = {pvalue:.3f}"
+
+
+class MixedQDrafter(DraftModelDrafter):
+    """Planted defect of a chosen size: samples from q, reports ``(1 - w) q + w uniform``."""
+
+    def __init__(self, *args, weight: float, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.weight = weight
+
+    def propose(self, state):
+        tree = super().propose(state)
+        w = self.weight
+        tree.q = [None if q is None else (1 - w) * q + w / len(q) for q in tree.q]
+        return tree
+
+
+def rows(model, params):
+    """The shaped row after PROMPT + a prefix."""
+    return lambda prefix: probabilities(full_logits(model, PROMPT + list(prefix))[-1], params)
+
+
+def mixed_q_outcomes(model, draft, weight: float):
+    """The exact distribution MixedQDrafter(k = 2) gives, at T1 (`chain_outcomes`)."""
+    q = rows(draft, T1)
+    return chain_outcomes(
+        rows(model, T1),
+        q,
+        lambda done: min(2, N - done - 1),
+        N,
+        reported_q=lambda s: (1 - weight) * q(s) + weight / V,
+    )
+
+
+# weights whose error on the pooled cells is just above DETECTS_TV at MULTI_DRAFT_RUNS and
+# at RUNS (checked in the tests)
+THRESHOLD_WEIGHT = {MULTI_DRAFT_RUNS: 0.24, RUNS: 0.1}
+
+
+def check_threshold_defect(runs: int) -> None:
+    model = random_transformer("qwen2", seed=3, vocab=V, layers=2)
+    draft = perturbed_copy(model, 0.3)
+    exact = exact_distribution(model, T1)
+    assert total_variation(mixed_q_outcomes(model, draft, 0.0), exact) < 1e-12
+    weight = THRESHOLD_WEIGHT[runs]
+    wrong = mixed_q_outcomes(model, draft, weight)
+    seen = pooled_tv(exact, wrong, runs)
+    assert DETECTS_TV[runs] <= seen < 1.1 * DETECTS_TV[runs], seen
+    make = lambda: MixedQDrafter(NativeTarget(draft), V, 2, weight=weight)  # noqa: E731
+    pvalue = chi2_pvalue(sample_counts(model, make, T1, runs), exact)
+    lam = noncentrality(exact, wrong, runs)
+    print(f"q mixed by {weight}: TV {seen:.4f}, noncentrality {lam:.0f}, p = {pvalue:.2e}")
+    assert pvalue < ALPHA, f"a defect of TV {seen:.3f} passed: p = {pvalue:.3f}"
+
+
+def test_defect_at_the_stated_size_is_detected():
+    """A q misreported by a small weight, its error just above DETECTS_TV[MULTI_DRAFT_RUNS],
+    fails the multi-draft tests' check at their run count."""
+    check_threshold_defect(MULTI_DRAFT_RUNS)
+
+
+@pytest.mark.slow
+def test_defect_at_the_stated_size_is_detected_at_full_size():
+    """The same at RUNS (the size of test_engine_sampling_matches_target_distribution)."""
+    check_threshold_defect(RUNS)
+
+
+def test_stated_detectable_sizes():
+    model = random_transformer("qwen2", seed=3, vocab=V, layers=2)
+    dists = [exact_distribution(model, p) for p in (T1, SHAPED)]
+    for runs, stated in DETECTS_TV.items():
+        size = max(min_detectable_tv(d, runs, ALPHA) for d in dists)
+        assert stated - 0.002 < size <= stated, (runs, size)

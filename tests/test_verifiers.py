@@ -13,11 +13,21 @@ and go on from the new prefix until three tokens are out.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from exactness_stats import (
+    chain_outcomes,
+    chi2_sf,
+    chisquare,
+    min_detectable_tv,
+    noncentrality,
+    pooled_tv,
+    total_variation,
+)
 
 from specdec.errors import InvalidRequestError
 from specdec.speculation.sampling import SamplingParams, probabilities
@@ -31,6 +41,11 @@ V = 5  # vocabulary size
 LENGTH = 3  # tokens whose joint distribution is checked
 N = 20_000  # simulated generations per configuration
 ALPHA = 0.001  # significance level of the chi-square tests
+# The smallest total variation (on the pooled cells) each chi-square test here detects with
+# probability >= 95% in any direction (exactness_stats.min_detectable_tv, rounded up;
+# checked by test_stated_detectable_sizes): N runs over the 125 sequences, PLANTED_N runs,
+# and the 20 ordered pairs of test_gumbel_top_k_samples_without_replacement.
+DETECTS_TV = {"N": 0.035, "PLANTED_N": 0.068, "gumbel-pairs": 0.032}
 
 
 class ToyLM:
@@ -166,35 +181,6 @@ def simulate(verifier, shape, n: int = N, seed: int = 0, renormalise: bool = Tru
     return np.array([counts[s] for s in itertools.product(range(V), repeat=LENGTH)])
 
 
-def chisquare(counts: np.ndarray, probs: np.ndarray) -> tuple[float, float, int]:
-    """Pearson's chi-square goodness-of-fit test; returns (p-value, statistic, degrees of
-    freedom).
-
-    Cells with an expected count below 5 are pooled into one cell (grown with the next
-    smallest cells until it reaches 5). The p-value is the chi-square survival function,
-    Q(df/2, x/2), the regularised upper incomplete gamma function (no scipy needed).
-    """
-    expected = counts.sum() * probs
-    order = np.argsort(expected)
-    pool = int((expected < 5).sum())
-    while 0 < pool < len(order) and expected[order[:pool]].sum() < 5:
-        pool += 1
-    obs = [counts[order[pool:]]]
-    exp = [expected[order[pool:]]]
-    if pool:
-        obs.append([counts[order[:pool]].sum()])
-        exp.append([expected[order[:pool]].sum()])
-    o, e = np.concatenate(obs), np.concatenate(exp)
-    stat = float(((o - e) ** 2 / e).sum())
-    df = len(o) - 1
-    return chi2_sf(stat, df), stat, df
-
-
-def chi2_sf(x: float, df: int) -> float:
-    half = torch.tensor([df / 2.0, x / 2.0], dtype=torch.float64)
-    return float(torch.special.gammaincc(half[0], half[1]))
-
-
 def test_chi2_sf_matches_tables():
     # 0.05 and 0.001 critical values from standard chi-square tables.
     assert chi2_sf(3.841458820694124, 1) == pytest.approx(0.05, rel=1e-9)
@@ -208,7 +194,8 @@ def test_speculative_sampling_is_exact(shape):
 
     N = 20,000 simulated generations per tree shape (seeded), compared with the exact
     target probabilities of the 125 three-token sequences by Pearson's chi-square test
-    (cells with expected count < 5 pooled); passes if p > 0.001. The rsd-* shapes are
+    (cells with expected count < 5 pooled); passes if p > 0.001; detects a TV error of
+    DETECTS_TV["N"] = 0.035 with probability 95%. The rsd-* shapes are
     Recursive Speculative Decoding: siblings drawn without replacement, each node's q
     its conditional, verified by this same sampler.
     """
@@ -249,6 +236,87 @@ def test_planted_bug_is_detected(broken, shape):
     assert pvalue < ALPHA
 
 
+class ResidualPartlyTarget(SpeculativeSampler):
+    """Planted defect of a chosen size: after a rejection the draw comes from the residual
+    mixed with the target's row, ``(1 - w) norm(max(p - q, 0)) + w p``."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def _residual(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return (1 - self.weight) * SpeculativeSampler._residual(p, q) + self.weight * p
+
+
+# the weight whose error on the pooled cells is just above DETECTS_TV["N"] (0.0351 on the
+# 125 sequences, from chain_outcomes; checked below)
+THRESHOLD_WEIGHT = 0.152
+
+
+def exact_joint_by_sequence() -> dict[tuple[int, ...], float]:
+    seqs = itertools.product(range(V), repeat=LENGTH)
+    return {s: float(x) for s, x in zip(seqs, exact_joint(), strict=True)}
+
+
+def test_planted_bug_at_the_stated_size_is_detected():
+    """A defect whose error is the stated detectable size fails the same test (N runs,
+    chain-2, p < ALPHA). Its exact output distribution is enumerated (`chain_outcomes`),
+    so its size is known, not guessed."""
+    exact = exact_joint_by_sequence()
+    wrong = chain_outcomes(
+        P, Q, lambda done: 2, LENGTH, prefill=False, residual_mix=THRESHOLD_WEIGHT
+    )
+    seen = pooled_tv(exact, wrong, N)
+    assert DETECTS_TV["N"] <= seen < 1.05 * DETECTS_TV["N"]
+    counts = simulate(ResidualPartlyTarget(THRESHOLD_WEIGHT), SHAPES["chain-2"])
+    pvalue, stat, df = chisquare(counts, exact_joint())
+    lam = noncentrality(exact, wrong, N)
+    print(f"residual partly target: TV {seen:.4f}, noncentrality {lam:.0f}, p = {pvalue:.3g}")
+    assert pvalue < ALPHA
+
+
+def test_chain_outcomes_of_the_correct_sampler_are_the_target():
+    """The enumeration that sizes the defect gives the target for the correct sampler."""
+    right = chain_outcomes(P, Q, lambda done: 2, LENGTH, prefill=False)
+    assert total_variation(right, exact_joint_by_sequence()) < 1e-12
+
+
+def normal_sf(x: float) -> float:
+    return 0.5 * math.erfc(x / math.sqrt(2))
+
+
+def detectable_shift(n: int, p: float, bound: float) -> float:
+    """The smallest change of a cell's probability that moves its count of ``n`` past
+    ``bound`` from ``n p`` with probability >= 95% (normal approximation, bisection)."""
+    lo, hi = 0.0, 1.0 - p
+    for _ in range(60):
+        d = (lo + hi) / 2
+        sd = math.sqrt(n * (p + d) * (1 - p - d))
+        lo, hi = (d, hi) if normal_sf((bound - n * d) / sd) < 0.95 else (lo, d)
+    return hi
+
+
+# test_deterministic_child_acceptance_probability: three counts of 20,000 within 350 of
+# their expectation; an error of this TV (mass moved into or out of the acceptance cell,
+# which varies most) leaves them with probability < 5%. Checked below.
+DETERMINISTIC_CHILD_DETECTS_TV = 0.024
+
+
+def test_stated_detectable_sizes():
+    """The sizes stated here are what exactness_stats computes (rounded up)."""
+    q = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0], dtype=torch.float64)
+    pairs = list(itertools.permutations(range(V), 2))
+    gumbel = np.array([float(q[a] * q[b] / (1 - q[a])) for a, b in pairs])
+    for name, probs, n in [
+        ("N", exact_joint(), N),
+        ("PLANTED_N", exact_joint(), PLANTED_N),
+        ("gumbel-pairs", gumbel, 10_000),
+    ]:
+        size = min_detectable_tv(probs, n, ALPHA)
+        assert DETECTS_TV[name] - 0.002 < size <= DETECTS_TV[name], (name, size)
+    size = max(detectable_shift(20_000, p, 350) for p in (0.6, 0.1, 0.3))
+    assert DETERMINISTIC_CHILD_DETECTS_TV - 0.001 < size <= DETERMINISTIC_CHILD_DETECTS_TV
+
+
 def test_sampler_is_reproducible():
     a = simulate(SpeculativeSampler(), SHAPES["iid-2x2"], n=200, seed=7)
     b = simulate(SpeculativeSampler(), SHAPES["iid-2x2"], n=200, seed=7)
@@ -261,7 +329,7 @@ def test_sampler_is_reproducible():
 @pytest.mark.parametrize("shape", ["iid-2x2", "iid-3x2"])
 def test_spectr_is_exact(shape):
     """SpecTr (K-SEQ over i.i.d. siblings, duplicate siblings merged) follows the target:
-    the same check as above, N = 20,000, chi-square p > 0.001."""
+    the same check as above, N = 20,000, chi-square p > 0.001 (detects TV 0.035)."""
     counts = simulate(SpecTrVerifier(), SHAPES[shape])
     pvalue, stat, df = chisquare(counts, exact_joint())
     print(f"SpecTr {shape}: chi-square {stat:.1f}, df {df}, p = {pvalue:.4g} (n {N})")
@@ -287,6 +355,7 @@ class SpecTrWithoutRho(SpecTrVerifier):
 
 
 PLANTED_N = 5_000  # every planted bug below gives p < 1e-15 at this size
+# (a chi-square of PLANTED_N runs detects any TV error of DETECTS_TV["PLANTED_N"] = 0.068)
 
 
 @pytest.mark.parametrize(
@@ -305,7 +374,8 @@ PLANTED_N = 5_000  # every planted bug below gives p < 1e-15 at this size
     ],
 )
 def test_multi_draft_planted_bug_is_detected(verifier, shape, renormalise):
-    """The chi-square check (5,000 runs) rejects a broken SpecTr or RSD with p < 0.001.
+    """The chi-square check (5,000 runs; it detects any TV error of 0.068) rejects a broken
+    SpecTr or RSD with p < 0.001.
     ``renormalise=False``: siblings drawn without replacement report the parent's q
     instead of q without the earlier siblings."""
     counts = simulate(verifier, SHAPES[shape], n=PLANTED_N, renormalise=renormalise)
@@ -352,7 +422,8 @@ def test_k_seq_gives_exactly_the_target():
 def test_gumbel_top_k_samples_without_replacement():
     """The first two Gumbel-Top-k tokens have the probabilities of sequential sampling
     without replacement, q(a) q(b) / (1 - q(a)) (10,000 draws, chi-square p > 0.001), and
-    each comes with its conditional distribution."""
+    each comes with its conditional distribution. Detects a TV error of
+    DETECTS_TV["gumbel-pairs"] = 0.032 on the pairs with probability 95%."""
     q = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0], dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     n, counts = 10_000, Counter()
@@ -541,7 +612,8 @@ def test_residual_without_mass_keeps_p():
 
 def test_deterministic_child_acceptance_probability():
     """A chosen child (q None) is accepted with probability p[token]; on rejection the
-    bonus comes from p with that token zeroed."""
+    bonus comes from p with that token zeroed. Detects an error of TV
+    DETERMINISTIC_CHILD_DETECTS_TV = 0.024 with probability 95%."""
     p = torch.tensor([[0.1, 0.6, 0.3, 0.0, 0.0]] + [[0.2] * V], dtype=torch.float64)
     tree = DraftTree.chain([1])
     g = torch.Generator().manual_seed(11)
