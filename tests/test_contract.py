@@ -538,6 +538,7 @@ def test_float32_parts_from_ar_only_at_near_ties(method):
         one_by_one = torch.stack([target.forward([t])[-1] for t in seq])
         assert (whole - one_by_one).abs().max() < 1e-4
         if got.token_ids != ref.token_ids:
-            i = next(j for j, (a, b) in enumerate(zip(got.token_ids, ref.token_ids)) if a != b)
+            pairs = zip(got.token_ids, ref.token_ids, strict=True)  # both 40 tokens
+            i = next(j for j, (a, b) in enumerate(pairs) if a != b)
             top = torch.topk(one_by_one[len(prompt) + i - 1], 2).values
             assert top[0] - top[1] < 1e-3, f"seed {seed}: parted at margin {top[0] - top[1]}"
