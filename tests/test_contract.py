@@ -176,21 +176,22 @@ def stand_options(model, tok, rng: random.Random):
     return opts, context(model, tok, rng.choice(COSTS[:2]))
 
 
-_STORES: dict[int, str] = {}
+_STORES: dict[tuple[int, str], str] = {}  # (vocabulary size, tokenizer) -> datastore
 
 
 def rest_options(model, tok, rng: random.Random):
     """A datastore of random documents over the model's vocabulary (short spans match)."""
     vocab = model.config.vocab_size
-    if vocab not in _STORES:
+    key = (vocab, datastore.tokenizer_fingerprint(tok))
+    if key not in _STORES:
         g = random.Random(vocab)
         docs = [[g.randrange(vocab) for _ in range(g.randint(1, 60))] for _ in range(40)]
         folder = tempfile.mkdtemp(prefix="specdec-test-store-") + "/store"
-        datastore.write(docs, folder, datastore.tokenizer_fingerprint(tok))
-        _STORES[vocab] = folder
+        datastore.write(docs, folder, key[1])
+        _STORES[key] = folder
     lo = rng.randint(1, 3)
     opts = {
-        "datastore": _STORES[vocab],
+        "datastore": _STORES[key],
         "max_nodes": rng.randint(1, 20),
         "continuation": rng.randint(1, 8),
         "min_span": lo,
