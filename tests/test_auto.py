@@ -36,6 +36,11 @@ class ScriptedDrafter(Drafter):
         self.script, self.k, self.right, self.cost, self.clock = script, k, right, cost, clock
         self.runs_a_model = model
         self.proposed = 0
+        self.read = 0  # prompt tokens read by prepare
+
+    def prepare(self, tokens) -> None:
+        self.read += len(tokens)
+        self.clock.now += 0.1 * len(tokens) if self.runs_a_model else 0.0
 
     def propose(self, state: DraftState) -> DraftTree:
         self.clock.now += self.cost
@@ -105,6 +110,22 @@ def test_learns_the_drafter_that_pays_and_reports_each_part(tmp_path):
     assert wrong.proposed == sum(u["steps"] for u in used.values())  # peeked every step
     assert right.proposed == used["good"]["steps"]  # a model's drafter: only when chosen
     assert sum(u["tokens"] for u in used.values()) == res.stats.new_tokens - 1  # + prefill
+
+
+def test_reading_the_prompt_is_weighed_once_measured():
+    clock = Clock()
+    engine, prompt, ref = setup(clock)
+    auto, right, _ = auto_with(ref.token_ids, clock)
+    used = run(engine, prompt, auto, n=200).stats.drafters
+    # read once (4 prompt tokens + the first one, 0.5 s), not charged to its steps
+    assert right.read == 4 and auto.catch_up["good"] == (4, pytest.approx(0.4))
+    assert used["good"]["seconds"] == pytest.approx(used["good"]["steps"] * 2.51, rel=1e-6)
+    # a prompt of 60 tokens (6 s to read) and 8 tokens to go: plain decoding pays better
+    long = (prompt * 15)[:60]
+    again = run(engine, long, auto, n=8).stats.drafters
+    assert "good" not in again and right.read == 4
+    # with 200 to go it pays (200 / (200 / 2 + 6) > 1)
+    assert "good" in run(engine, long, auto, n=200).stats.drafters
 
 
 def test_the_record_is_kept_and_read_back(tmp_path, monkeypatch):

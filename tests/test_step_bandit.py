@@ -87,6 +87,17 @@ def test_no_exploration_is_greedy_on_the_estimates():
     assert bandit.choose({"a": ALL, "c": ALL}) == "c"  # never tried: tried first
 
 
+def test_a_one_off_cost_is_spread_over_the_tokens_left():
+    bandit = StepBandit(explore=0.0)
+    bandit.update("ar", ALL, 1, 0.04)  # 25 tokens/s
+    bandit.update("draft", ALL, 4, 0.10)  # 40 tokens/s, once it has read the prompt
+    assert bandit.choose({"ar": ALL, "draft": ALL}) == "draft"
+    # 2 s to read a long prompt: worth it for 500 tokens (500 / (12.5 + 2) = 34/s), not
+    # for 50 (50 / (1.25 + 2) = 15/s)
+    assert bandit.choose({"ar": ALL, "draft": ALL}, {"draft": (500, 2.0)}) == "draft"
+    assert bandit.choose({"ar": ALL, "draft": ALL}, {"draft": (50, 2.0)}) == "ar"
+
+
 def test_situations_are_learnt_apart_and_borrow_the_arm_rate():
     bandit = StepBandit(explore=0.0, memory=1.0)
     for _ in range(20):  # pld pays with a long match, not with a short one

@@ -54,7 +54,7 @@ class StepBandit:
     """Discounted UCB over arms, per situation. `choose` picks among the arms available
     this step; `update` records what the chosen arm's step committed and cost."""
 
-    def __init__(self, explore: float = 0.3, memory: float = 0.98) -> None:
+    def __init__(self, explore: float = 0.2, memory: float = 0.98) -> None:
         if explore < 0:
             raise ValueError(f"explore must be >= 0, got {explore}")
         if not 0.0 < memory <= 1.0:
@@ -77,13 +77,22 @@ class StepBandit:
         seconds = own.seconds + w * pooled.seconds / pooled.steps
         return (tokens / seconds if seconds > 0 else 0.0), own.steps + w
 
-    def choose(self, available: dict[str, str]) -> str:
+    def choose(
+        self, available: dict[str, str], setup: dict[str, tuple[float, float]] | None = None
+    ) -> str:
         """The arm to run among ``available`` (arm -> its situation this step): one never
-        tried first (in the order given), else the largest upper confidence bound."""
+        tried first (in the order given), else the largest upper confidence bound.
+        ``setup``: arm -> (tokens left, seconds): a one-off cost the arm must pay before
+        its first step (a draft model reading the prompt), spread over the tokens left:
+        its rate counts as ``tokens / (tokens / rate + seconds)``."""
         estimates = {a: self.estimate(a, s) for a, s in available.items()}
         for arm, (_, steps) in estimates.items():
             if steps <= 1e-9:
                 return arm
+        for arm, (left, seconds) in (setup or {}).items():
+            rate, steps = estimates.get(arm, (0.0, 0.0))
+            if arm in estimates and rate > 0 and left > 0:
+                estimates[arm] = (left / (left / rate + seconds), steps)
         best = max(rate for rate, _ in estimates.values())
         total = sum(t.steps for (_, s), t in self.tallies.items() if s == ALL)
         log_n = math.log(max(total, math.e))

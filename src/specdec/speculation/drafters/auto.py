@@ -13,10 +13,14 @@ kept per sampling mode, and, with ``remember``, in the cache per target model,
 weights, device and machine, so that a process starts from what the last one learnt
 (`specdec auto --reset` forgets it).
 
+A draft model reads the prompt the first time it is chosen in a request: a cost of the
+request, not of its steps, so it is timed apart and, once measured, weighed before the
+model is first chosen (spread over the tokens left: on a long prompt with few tokens to
+go, it does not pay). A draft model not chosen for a while catches up on the committed
+tokens when next chosen (`DraftModelDrafter._sync`), and that is charged to its step.
+
 Only the choice of tree is learnt: every tree is verified by the lossless verifier,
-so `auto` is exactly as lossless as its arms. A draft model not chosen for a while
-catches up on the committed tokens when next chosen (`DraftModelDrafter._sync`),
-and that catching up is charged to its step.
+so `auto` is exactly as lossless as its arms.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class AutoOptions(Options):
         parse=optional_str,
     )  # fmt: skip
     explore: float = option(
-        0.3, "exploration weight of the bandit's upper confidence bound (0: none)", minimum=0.0
+        0.2, "exploration weight of the bandit's upper confidence bound (0: none)", minimum=0.0
     )
     memory: float = option(
         0.98,
@@ -154,7 +158,7 @@ class AutoDrafter(Drafter):
     def __init__(
         self,
         arms: list[Arm],
-        explore: float = 0.3,
+        explore: float = 0.2,
         memory: float = 0.98,
         identity: str | None = None,
     ) -> None:
@@ -168,11 +172,14 @@ class AutoDrafter(Drafter):
         self.bandits = {mode: StepBandit(explore, memory) for mode in ("greedy", "sampled")}
         self.identity = identity
         self.record = record_path(identity) if identity else None
-        if self.record is not None:
-            self._load()
         self.clock = time.perf_counter
         self.usage: dict[str, ArmUsage] = {}
         self._step: tuple[str, str, float] | None = None  # (arm, situation, start)
+        self._prepared: set[str] = set()  # model arms that have read this request's prompt
+        # model arm -> (tokens, seconds) it took to read prompts: its cost per prompt token
+        self.catch_up: dict[str, tuple[float, float]] = {}
+        if self.record is not None:
+            self._load()
 
     @classmethod
     def build(cls, ctx: BuildContext, options: AutoOptions) -> AutoDrafter:
@@ -233,6 +240,7 @@ class AutoDrafter(Drafter):
     def reset(self, prompt_ids: list[int]) -> None:
         self.usage = {}
         self._step = None
+        self._prepared = set()
         for arm in self.arms.values():
             arm.drafter.reset(prompt_ids)
 
@@ -248,6 +256,7 @@ class AutoDrafter(Drafter):
         bandit = self._bandit(state)
         available: dict[str, str] = {}
         trees: dict[str, DraftTree] = {}
+        setup: dict[str, tuple[float, float]] = {}
         for label, arm in self.arms.items():
             if arm.peek:
                 tree = arm.drafter.propose(state)
@@ -255,15 +264,23 @@ class AutoDrafter(Drafter):
                     trees[label], available[label] = tree, situation(tree)
             elif label != "ar" and state.budget > 1:
                 available[label] = ALL
+                if label not in self._prepared and label in self.catch_up:
+                    # it has yet to read the prompt: that cost is spread over the tokens left
+                    tokens, seconds = self.catch_up[label]
+                    setup[label] = (state.budget, len(state.tokens) * seconds / tokens)
         available["ar"] = ALL
-        chosen = bandit.choose(available)
+        chosen = bandit.choose(available, setup)
         arm = self.arms[chosen]
-        if not arm.peek and chosen not in self.usage:
-            # a model's first run in a request reads the prompt: a cost of the request,
-            # not of its steps (later catching up on tokens it skipped is charged)
+        if not arm.peek and chosen != "ar" and chosen not in self._prepared:
+            # reading the prompt is a cost of the request, not of the model's steps: timed
+            # apart, and weighed against the tokens left when the model is next considered
             t = self.clock()
             arm.drafter.prepare(state.tokens[:-1])
-            start += self.clock() - t
+            spent = self.clock() - t
+            start += spent
+            self._prepared.add(chosen)
+            n, s = self.catch_up.get(chosen, (0.0, 0.0))
+            self.catch_up[chosen] = (n + len(state.tokens) - 1, s + spent)
         tree = trees[chosen] if arm.peek else arm.drafter.propose(state)
         self._step = (chosen, available[chosen], start)
         return tree
@@ -296,13 +313,22 @@ class AutoDrafter(Drafter):
     def _load(self) -> None:
         data = read_record(self.record)
         for mode, bandit in self.bandits.items():
-            bandit.load_json(data.get(mode, {}))
+            bandit.load_json(data.get(mode, {}) if isinstance(data.get(mode), dict) else {})
+        prompts = data.get("prompt_reading", {})
+        for arm, value in (prompts.items() if isinstance(prompts, dict) else []):
+            try:
+                tokens, seconds = (float(v) for v in value)
+            except (TypeError, ValueError):
+                continue
+            if tokens > 0 and seconds >= 0:
+                self.catch_up[str(arm)] = (tokens, seconds)
 
     def _save(self) -> None:
         from specdec.models.pass_cost import machine_key
 
         data: dict[str, Any] = {"identity": self.identity, "machine": machine_key()}
         data.update({mode: b.to_json() for mode, b in self.bandits.items()})
+        data["prompt_reading"] = {arm: list(v) for arm, v in sorted(self.catch_up.items())}
         try:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.record.with_suffix(".tmp")
