@@ -96,6 +96,12 @@ def test_a_one_off_cost_is_spread_over_the_tokens_left():
     # for 50 (50 / (1.25 + 2) = 15/s)
     assert bandit.choose({"ar": ALL, "draft": ALL}, {"draft": (500, 2.0)}) == "draft"
     assert bandit.choose({"ar": ALL, "draft": ALL}, {"draft": (50, 2.0)}) == "ar"
+    # and never for exploration's sake: little known of it, it still waits for its estimate
+    explorer = StepBandit(explore=5.0)
+    explorer.load_json(bandit.to_json())
+    explorer.update("ar", ALL, 1, 0.04)
+    assert explorer.choose({"ar": ALL, "draft": ALL}) == "draft"  # the bonus alone
+    assert explorer.choose({"ar": ALL, "draft": ALL}, {"draft": (50, 2.0)}) == "ar"
 
 
 def test_situations_are_learnt_apart_and_borrow_the_arm_rate():

@@ -84,7 +84,8 @@ class StepBandit:
         tried first (in the order given), else the largest upper confidence bound.
         ``setup``: arm -> (tokens left, seconds): a one-off cost the arm must pay before
         its first step (a draft model reading the prompt), spread over the tokens left:
-        its rate counts as ``tokens / (tokens / rate + seconds)``."""
+        its rate counts as ``tokens / (tokens / rate + seconds)``, and it gets no
+        exploration bonus: a one-off cost is paid on the estimate's merits only."""
         estimates = {a: self.estimate(a, s) for a, s in available.items()}
         for arm, (_, steps) in estimates.items():
             if steps <= 1e-9:
@@ -96,12 +97,13 @@ class StepBandit:
         best = max(rate for rate, _ in estimates.values())
         total = sum(t.steps for (_, s), t in self.tallies.items() if s == ALL)
         log_n = math.log(max(total, math.e))
-        return max(
-            estimates,
-            key=lambda a: (
-                estimates[a][0] + self.explore * best * math.sqrt(log_n / estimates[a][1])
-            ),
-        )
+        setup = setup or {}
+
+        def bound(a: str) -> float:
+            rate, steps = estimates[a]
+            return rate if a in setup else rate + self.explore * best * math.sqrt(log_n / steps)
+
+        return max(estimates, key=bound)
 
     def update(self, arm: str, situation: str, tokens: int, seconds: float) -> None:
         """The chosen arm's step committed ``tokens`` in ``seconds``; all else fades."""
