@@ -23,6 +23,7 @@ from specdec.errors import SpecdecError
 from specdec.models.tokenizer import Tokenizer
 
 ROW_KEYS = {
+    "drafters",
     "predicted_ms",
     "ar_predicted_ms",
     "predicted_speedup",
@@ -51,6 +52,7 @@ ROW_KEYS = {
     "token_ids",
 }
 STAT_KEYS = {
+    "drafters",
     "prompts",
     "new_tokens",
     "wall_s",
@@ -73,7 +75,7 @@ QUESTIONS = [
     {"question_id": 4, "category": "math", "turns": ["2+2=?"]},
     {"question_id": 5, "category": "math", "turns": ["long " * 80]},  # over the 256-token context
 ]
-METHODS = "ar,draft,draft@tree,hf-ar,hf-assisted,hf-pld,llamacpp-ar"
+METHODS = "ar,draft,draft@tree,hf-ar,hf-assisted,hf-pld,llamacpp-ar,auto"
 FAST = ["--dtype", "float32", "--max-new-tokens", "12", "--quiet"]
 
 
@@ -107,7 +109,7 @@ def main_run(env):
     return out, rows, json.loads((out / "summary.json").read_text())
 
 
-def test_results_rows(main_run):
+def test_results_rows(main_run, env):
     out, rows, summary = main_run
     ran = [m for m in METHODS.split(",") if m not in summary["skipped_methods"]]
     assert ran[:6] == ["ar", "draft", "draft@tree", "hf-ar", "hf-assisted", "hf-pld"]
@@ -138,16 +140,23 @@ def test_results_rows(main_run):
             assert r["identical"] or r["first_diff"]["top2_margin"] < 1e-3
         if r["method"] == "draft":
             assert r["drafted"] > 0 and r["accepted"] is not None
-        if r["method"].startswith(("ar", "draft")):  # the cost model: specdec methods
+        if r["method"].startswith(("ar", "draft", "auto")):  # the cost model: specdec methods
             assert r["predicted_ms"] > 0 and r["ar_predicted_ms"] >= 0
             assert r["predicted_speedup"] == pytest.approx(
                 r["ar_predicted_ms"] / r["predicted_ms"], rel=1e-3
             )
-        if r["method"].startswith(("ar", "draft")):  # specdec methods time their prefill
+        if r["method"].startswith(("ar", "draft", "auto")):  # specdec methods time their prefill
             assert 0 < r["prefill_s"] < r["wall_s"] and 0 < r["ar_prefill_s"] < r["ar_wall_s"]
         if r["method"].startswith("hf-"):
             assert r["drafted"] is None and r["predicted_speedup"] is None
             assert r["prefill_s"] is None
+        if r["method"] == "auto":  # which drafters it ran, and what each earned
+            used = r["drafters"]
+            assert set(used) <= {"ar", "pld", "ngram-cache", f"draft:{env['draft']}"}
+            assert sum(u["tokens"] for u in used.values()) == r["new_tokens"] - r["turns"]
+            assert sum(u["drafted"] for u in used.values()) == r["drafted"]
+        else:
+            assert r["drafters"] is None
     # the second turn ran with ar's first answer in the history: longer prompt than turn 1 alone
     ar1 = next(r for r in rows if r["method"] == "ar" and r["question_id"] == 1)
     assert ar1["prompt_tokens"] > 2 * len("hello there")
@@ -186,7 +195,7 @@ def test_summary(main_run, env):
         mine = [r for r in rows if r["method"] == m]
         total = sum(r["ar_wall_s"] for r in mine) / sum(r["wall_s"] for r in mine)
         assert res["overall"]["speedup_sum"] == pytest.approx(total, rel=1e-3)
-        if m.startswith(("ar", "draft")):  # the same ratio with each run's prefill taken off
+        if m.startswith(("ar", "draft", "auto")):  # the same ratio with each run's prefill taken off
             after = sum(r["ar_wall_s"] - r["ar_prefill_s"] for r in mine) / sum(
                 r["wall_s"] - r["prefill_s"] for r in mine
             )
@@ -221,6 +230,7 @@ def test_report_and_plots(main_run):
         "### Tokens/s",
         "### Identical to ar",
         "### Speedup over ar after the prompt",
+        "## What auto ran",
     ):
         assert heading in md
     assert s["command"] in md

@@ -205,7 +205,7 @@ def merged_options(model, tok, rng: random.Random, names: list[str] | None = Non
     """Two or three drafting methods merged (random ones unless ``names``; a draft model's
     sampled q nodes among them, maybe); an option goes to every part that takes it, so
     the first part's win."""
-    parts = sorted(set(FACTORIES) - {"ar", "cross-vocab", "A+B"})
+    parts = sorted(set(FACTORIES) - {"ar", "cross-vocab", "A+B", "auto"})
     names = names or rng.sample(parts, rng.choice([2, 3]))
     opts, base = {}, context(model, tok, rng.choice(COSTS))
     for name in reversed(names):
@@ -217,6 +217,45 @@ def merged_options(model, tok, rng: random.Random, names: list[str] | None = Non
             )
     opts["joint"] = rng.choice([True, False])
     return "+".join(names), opts, base
+
+
+class RandomChoices:
+    """Stands in for auto's bandit: picks an available arm at random each step, so that
+    the drafter switches at random steps (exactness must not depend on the choice)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.chosen: list[str] = []
+
+    def choose(self, available: dict[str, str]) -> str:
+        self.chosen.append(self.rng.choice(sorted(available)))
+        return self.chosen[-1]
+
+    def update(self, arm: str, situation: str, tokens: int, seconds: float) -> None:
+        pass
+
+
+def switching(drafter, seed: int):
+    """``drafter`` (auto) with its choices made at random."""
+    drafter.bandits = {mode: RandomChoices(seed) for mode in drafter.bandits}
+    return drafter
+
+
+def auto_options(model, tok, rng: random.Random):
+    """auto among random drafters (a draft model's chain or tree among them, maybe)."""
+    names = rng.sample(["pld", "ngram-cache", "recycle", "stand", "lookahead", "pld+recycle"],
+                       rng.randint(1, 3))  # fmt: skip
+    opts: dict = {}
+    ctx = context(model, tok, rng.choice(COSTS))
+    if rng.random() < 0.7:
+        names.append("draft")
+        part, draft_ctx = draft_options(model, tok, rng, shape=rng.choice(["chain", "static", "dynamic"]))
+        opts.update({k: v for k, v in part.items() if k in ("draft_model", "num_draft_tokens", "tree")})
+        ctx = draft_ctx if draft_ctx.pass_cost is not None else dataclasses.replace(
+            draft_ctx, pass_cost=ctx.pass_cost
+        )
+    opts.update(drafters=",".join(names), explore=rng.choice([0.0, 0.3, 2.0]))
+    return opts, ctx
 
 
 # method name -> factory(model, tokenizer, rng) -> (options, BuildContext); "A+B": merges
@@ -231,6 +270,7 @@ FACTORIES = {
     "lookahead": lookahead_options,
     "stand": stand_options,
     "A+B": merged_options,
+    "auto": auto_options,
 }
 
 
@@ -241,7 +281,8 @@ def make_drafter(method: str, model, tok, rng: random.Random):
         method, opts, ctx = merged_options(model, tok, rng, names)
     else:
         opts, ctx = FACTORIES[method](model, tok, rng)
-    return get_method(method).build(ctx, opts)
+    drafter = get_method(method).build(ctx, opts)
+    return switching(drafter, rng.randrange(1000)) if method == "auto" else drafter
 
 
 def test_every_method_is_covered():
@@ -311,6 +352,8 @@ def test_every_method_drafts(method):
         if ctx.pass_cost is not None:  # a pass that costs little more with more tokens
             ctx = dataclasses.replace(ctx, pass_cost=lambda: COSTS[1])
         drafter = get_method(name).build(ctx, opts)
+        if name == "auto":
+            switching(drafter, seed)
         for _ in range(3):  # what was counted twice meets any min_count option drawn
             drafted += run(model, drafter, prompt, 30, tok).stats.drafted
     assert drafted > 0

@@ -13,7 +13,7 @@ from specdec.speculation.methods import (
     AUTO,
     DRAFTERS,
     METHODS,
-    auto_method,
+    auto_options,
     base_name,
     get_method,
     is_method,
@@ -64,21 +64,23 @@ def test_auto_is_data_and_depends_on_the_weights():
     assert data["models"] == AUTO
     for by_weights in AUTO.values():
         for entry in by_weights.values():
-            assert is_method(entry["method"]) and entry["measured"]
-            get_method(entry["method"]).parse(entry["options"])  # its options are valid
-    assert auto_method("qwen2.5-coder-1.5b", "none")[0] == "draft"
-    assert auto_method("qwen2.5-coder-1.5b", "gguf") == ("pld", {})
-    assert auto_method("qwen2.5-coder-1.5b", "int4") == ("pld", {})
-    assert auto_method("some-other-model", "gguf") == ("ar", {})
-    assert auto_method("smollm2-135m", "none") == ("pld+recycle", {})
-    assert auto_method("smollm2-135m", "gguf") == ("pld", {})
+            assert entry["why"]
+            get_method("auto").parse(entry["options"])  # its options are valid
+            for name in entry["options"]["drafters"].split(","):
+                assert is_method(name), name
+    assert auto_options("qwen2.5-coder-1.5b", "none")["tree"] == "dynamic"
+    assert auto_options("qwen2.5-coder-1.5b", "gguf")["draft_quant"] == "int4"
+    assert auto_options("qwen2.5-coder-1.5b", "int4") == auto_options("qwen2.5-coder-1.5b", "gguf")
+    assert auto_options("some-other-model", "gguf") == {}
+    assert "recycle" in auto_options("smollm2-135m", "none")["drafters"]
 
 
 def test_resolve_auto_and_labels_once():
-    assert resolve("auto", {}, "qwen2.5-coder-1.5b", "gguf") == ("pld", {})
-    method, opts = resolve("auto", {"tree_nodes": 8}, "qwen2.5-coder-1.5b", "none")
-    assert method == "draft" and opts["tree"] == "dynamic" and opts["tree_nodes"] == 8
-    assert resolve("auto@x", {}, "unknown-model") == ("ar", {})
+    method, opts = resolve("auto", {}, "qwen2.5-coder-1.5b", "gguf")
+    assert method == "auto" and opts["draft_quant"] == "int4"
+    method, opts = resolve("auto", {"num_draft_tokens": 6}, "qwen2.5-coder-1.5b", "none")
+    assert method == "auto" and opts["tree"] == "dynamic" and opts["num_draft_tokens"] == 6
+    assert resolve("auto@x", {}, "unknown-model") == ("auto", {})
     assert resolve("draft@wide", {"tree": "3,2"}, "m") == ("draft", {"tree": "3,2"})
     assert base_name("pld+recycle@joint") == "pld+recycle"
 

@@ -225,3 +225,23 @@ def test_logits_over_a_vocabulary_subset_equal_the_full_ones(quant):
     assert head.out_features == 7 and head.weight_nbytes < model.lm_head.weight_nbytes / 2
     with pytest.raises(ValueError, match="increasing"):
         model.lm_head.rows(torch.tensor([5, 3]))
+
+
+def test_a_draft_model_in_a_weight_format_of_its_own(tmp_path):
+    """draft_quant: the draft's weights in their own format, loaded once per format; the
+    output stays the target's."""
+    import specdec
+
+    target = write_gguf(tiny_hf_model("qwen2", seed=4), tmp_path / "t.gguf", "qwen2", "Q8_0")
+    draft = write_gguf(tiny_hf_model("qwen2", seed=5), tmp_path / "d.gguf", "qwen2", "Q8_0")
+    gen = specdec.load(str(target), quant="gguf", dtype="float64", progress=False)
+    kinds = {}
+    for quant in ("int4", "gguf", None):
+        model = gen.load_draft(str(draft), quant=quant).model
+        kinds[quant] = {p.kind for m in model.modules() if isinstance(m, QuantLinear) for p in m.parts}
+    assert kinds == {"int4": {"int4"}, "gguf": {"Q8_0"}, None: {"Q8_0"}}  # None: the target's
+    assert gen.load_draft(str(draft), quant="int4") is gen.load_draft(str(draft), quant="int4")
+    ref = gen.generate("hello", max_new_tokens=12, method="ar", raw=True)
+    got = gen.generate("hello", max_new_tokens=12, method="draft", raw=True,
+                       draft_model=str(draft), draft_quant="int4")  # fmt: skip
+    assert got.token_ids == ref.token_ids and got.stats.drafted > 0

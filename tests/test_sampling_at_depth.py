@@ -45,7 +45,7 @@ from random_models import (
     random_transformer,
     remap_vocab,
 )
-from test_contract import context
+from test_contract import context, switching
 from test_sampling_exactness import one_thread  # noqa: F401 (autouse: one thread, tiny models)
 
 from specdec.engine import Engine, Generation
@@ -139,7 +139,8 @@ def build(method: str, options: dict, tok) -> Drafter:
         ctx = context(model, tok, FLAT, draft=draft, draft_cost=PassCost({1: 0.05}))
     if "rest" in method.split("+"):
         opts["datastore"] = rest_datastore(tok)
-    return get_method(method).build(ctx, opts)
+    drafter = get_method(method).build(ctx, opts)
+    return switching(drafter, seed=0) if method == "auto" else drafter
 
 
 # name -> (method, options, sampling); "draft": True names the draft model
@@ -184,6 +185,13 @@ CASES: dict[str, tuple[str, dict, SamplingParams]] = {
     "rest+recycle+stand-joint": (
         "rest+recycle+stand",
         {"min_span": 1, "top_k": 2, "max_depth": 3, "joint": True},
+        SHAPED,
+    ),
+    # auto switching at random steps among a draft model's sampled chain, prompt lookup and
+    # Token Recycling (`test_contract.switching`)
+    "auto-switching": (
+        "auto",
+        {"draft": True, "drafters": "pld,recycle,draft", "num_draft_tokens": 3},
         SHAPED,
     ),
 }

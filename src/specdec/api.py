@@ -51,43 +51,46 @@ class Generator:
         self.engine = Engine(self.target, self.tokenizer)
         self.last: Generation | None = None
         self.progress = progress  # progress bars when loading draft models
-        self._drafts: dict[str, Target] = {}
-        self._draft_quant: dict[str, str] = {}
-        self._draft_tokenizers: dict[str, tuple[Tokenizer, bool]] = {}  # and: same as ours?
+        # (draft model, weight format asked) -> the draft, its resolved format, its tokenizer
+        self._drafts: dict[tuple[str, str], Target] = {}
+        self._draft_quant: dict[tuple[str, str], str] = {}
+        self._draft_tokenizers: dict[tuple[str, str], tuple[Tokenizer, bool]] = {}
         self._drafters: dict[tuple, Any] = {}
 
     @property
     def vocab_size(self) -> int:
         return self.target.config.vocab_size
 
-    def load_draft(self, spec: str, same_tokenizer: bool = True):
-        """A draft model, loaded once per generator.
+    def load_draft(self, spec: str, same_tokenizer: bool = True, quant: str | None = None):
+        """A draft model, loaded once per generator and weight format.
 
         ``same_tokenizer`` (for methods that exchange token ids with the target)
         refuses a draft with another tokenizer and returns its `Target`; False
-        returns ``(target, tokenizer)`` of a draft with any tokenizer.
+        returns ``(target, tokenizer)`` of a draft with any tokenizer. ``quant``: the
+        draft's weight format (`specdec.models.quant_linear`), default the target's.
         """
-        if spec not in self._drafts:
+        key = (spec, quant or self.quant)
+        if key not in self._drafts:
             loaded = load_model(
                 spec,
                 dtype=self.dtype,
                 device=self.device,
                 progress=self.progress,
-                quant=self.quant,
+                quant=key[1],
             )
-            self._drafts[spec] = NativeTarget(loaded.model)
-            self._draft_quant[spec] = loaded.quant
+            self._drafts[key] = NativeTarget(loaded.model)
+            self._draft_quant[key] = loaded.quant
             same = loaded.tokenizer.vocab() == self.tokenizer.vocab()
-            self._draft_tokenizers[spec] = (loaded.tokenizer, same)
-        tokenizer, same = self._draft_tokenizers[spec]
+            self._draft_tokenizers[key] = (loaded.tokenizer, same)
+        tokenizer, same = self._draft_tokenizers[key]
         if not same_tokenizer:
-            return self._drafts[spec], tokenizer
+            return self._drafts[key], tokenizer
         if not same:
             raise InvalidRequestError(
                 f"draft model {spec!r} has another tokenizer than the target; pick a draft "
                 "of the same vocabulary, or use --method cross-vocab"
             )
-        return self._drafts[spec]
+        return self._drafts[key]
 
     def pass_cost(self, refresh: bool = False):
         """The target's pass-cost curve (`specdec.models.pass_cost`): measured once per
@@ -95,6 +98,13 @@ class Generator:
         cache."""
         from specdec.models.pass_cost import cached_pass_cost
 
+        return cached_pass_cost(
+            self.target, self.identity, progress=self.progress, refresh=refresh
+        )
+
+    @property
+    def identity(self) -> str:
+        """The target as measurements depend on it: model, its file, weights, device."""
         loaded = getattr(self, "loaded", None)
         source = str(loaded.source) if loaded is not None else type(self.target).__name__
         weights = (
@@ -102,15 +112,16 @@ class Generator:
             if loaded is not None
             else f"{self.dtype}|{self.quant}"
         )
-        identity = f"{self.name}|{source}|{weights}|{self.device}"
-        return cached_pass_cost(self.target, identity, progress=self.progress, refresh=refresh)
+        return f"{self.name}|{source}|{weights}|{self.device}"
 
-    def draft_pass_cost(self, draft_spec: str):
-        """The pass-cost curve of a draft model (same dtype and device as the target)."""
+    def draft_pass_cost(self, draft_spec: str, quant: str | None = None):
+        """The pass-cost curve of a draft model (the target's dtype and device; weights
+        ``quant``, default the target's)."""
         from specdec.models.pass_cost import cached_pass_cost
 
-        draft_target = self.load_draft(draft_spec)
-        weights = f"{draft_target.model.dtype}|{self._draft_quant.get(draft_spec, self.quant)}"
+        draft_target = self.load_draft(draft_spec, quant=quant)
+        key = (draft_spec, quant or self.quant)
+        weights = f"{draft_target.model.dtype}|{self._draft_quant[key]}"
         identity = f"{draft_spec}|draft|{weights}|{self.device}"
         return cached_pass_cost(draft_target, identity, progress=self.progress)
 
@@ -124,6 +135,8 @@ class Generator:
             pass_cost=self.pass_cost,
             draft_pass_cost=self.draft_pass_cost,
             progress=self.progress,
+            model=self.name,
+            identity=self.identity,
         )
 
     @property
@@ -133,8 +146,8 @@ class Generator:
         return loaded.quant if loaded is not None else "none"
 
     def resolve(self, method: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """The method a request runs and its options: ``auto`` is the fastest lossless
-        method measured for this model and its weights (`specdec.speculation.auto.json`),
+        """The method a request runs and its options: ``auto`` with the options given for
+        this model and its weights (`specdec.speculation.auto.json`) under the request's,
         ``METHOD@LABEL`` is METHOD."""
         return resolve(method, options, self.name, self.weights_quant)
 
@@ -237,9 +250,9 @@ class Generator:
         """Yield text pieces as they are generated; `self.last` holds the full result.
 
         ``method`` names a decoding method (`specdec methods`). The default, "auto",
-        speculates with the fastest lossless method measured for the model and its
-        weights (plain decoding, "ar", for models not measured); the output is the
-        model's own either way. Options come as keywords, e.g.
+        chooses each step among prompt lookup, the n-gram cache, draft models of the
+        model's vocabulary in the cache and plain decoding, by what each has earned on
+        this machine; the output is the model's own either way. Options come as keywords, e.g.
         ``method="draft", draft_model="qwen2.5-coder-0.5b", num_draft_tokens=4``.
         """
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

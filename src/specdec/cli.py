@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_models_and_pull(sub)
     _add_datastore(sub)
+    _add_auto(sub)
     return parser
 
 
@@ -88,8 +89,8 @@ def _add_generate(sub: Any) -> None:
         "--method",
         default="auto",
         metavar="NAME",
-        help="decoding method (default auto: the fastest lossless one measured for "
-        "the model; see `specdec methods`)",
+        help="decoding method (default auto: each step the drafter that has earned the "
+        "most tokens per second on this machine; see `specdec methods`)",
     )
     g.add_argument(
         "--draft",
@@ -186,6 +187,21 @@ def _add_models_and_pull(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="download again even if present")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pull)
+
+
+def _add_auto(sub: Any) -> None:
+    a = sub.add_parser(
+        "auto",
+        help="show or forget what --method auto has learnt on this machine",
+        description="--method auto picks a drafter each step by the tokens per second each "
+        "has earned on this machine, and keeps that record in the cache, per target model, "
+        "weights and device. This lists the records (per drafter: the weight of its recent "
+        "steps, tokens per step, tokens per second); --reset deletes them.",
+    )
+    a.add_argument("--model", default=None, metavar="M", help="only the records of model M")
+    a.add_argument("--reset", action="store_true", help="delete the records (auto learns afresh)")
+    a.add_argument("--json", action="store_true", help="print a JSON list")
+    a.set_defaults(func=cmd_auto)
 
 
 def _add_datastore(sub: Any) -> None:
@@ -348,6 +364,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         if s.drafted:
             line += f", accepted {s.accepted}/{s.drafted} drafted"
+        if s.drafters:  # auto: which drafters ran, and what their steps earned
+            ran = sorted(s.drafters.items(), key=lambda kv: -kv[1]["steps"])
+            line += "; ran " + ", ".join(
+                f"{arm} {u['steps']}x (tau {u['tau']:.2f})" for arm, u in ran
+            )
         if args.compare:
             ratio = "—" if report["speedup"] is None else f"{report['speedup']:.2f}x"
             if report["speedup_basis"] == "tokens_per_s":
@@ -393,20 +414,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(
-        "auto  the fastest lossless method measured for the model and its weights "
-        "(docs/BENCHMARKS.md)"
-    )
-    for model, by_weights in AUTO.items():
-        for weights, entry in by_weights.items():
-            shown = " ".join(f"{k}={v}" for k, v in entry["options"].items())
-            print(f"    {model} ({weights} weights): {entry['method']} {shown}")
-    print("    any other model: ar\n")
     for r in rows:
         kind = "lossless" if r["lossless"] else "LOSSY"
         print(f"{r['name']}  ({kind})\n    {r['description']}")
         for k, o in r["options"].items():
             print(f"    --option {k}=<{o['type']}>  {o['help']} (default {o['default']})")
+        if r["name"] == "auto":
+            for model, by_weights in AUTO.items():
+                for weights, entry in by_weights.items():
+                    shown = " ".join(f"{k}={v}" for k, v in entry["options"].items())
+                    print(f"    for {model} ({weights} weights): {shown}")
         print()
     joint = MergeOptions.describe()["joint"]
     print(
@@ -414,6 +431,35 @@ def cmd_methods(args: argparse.Namespace) -> int:
         "verified in one pass;\n    an option goes to every part that takes it"
     )
     print(f"    --option joint=<bool>  {joint['help']} (default {joint['default']})")
+    return 0
+
+
+def cmd_auto(args: argparse.Namespace) -> int:
+    from specdec.speculation.drafters.auto import read_record, records_dir, summarise_record
+
+    rows = []
+    for path in sorted(records_dir().glob("*.json")):
+        data = read_record(path)
+        identity = str(data.get("identity", ""))
+        if args.model is not None and identity.split("|", 1)[0] != args.model:
+            continue
+        rows.append({"path": str(path), "identity": identity, "arms": summarise_record(data)})
+        if args.reset:
+            path.unlink(missing_ok=True)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif args.reset:
+        print(f"forgot {len(rows)} record{'s' * (len(rows) != 1)} of --method auto")
+    elif not rows:
+        print(f"no records of --method auto in {records_dir()} yet")
+    for row in rows if not (args.json or args.reset) else []:
+        model, _, rest = row["identity"].partition("|")
+        print(f"{model or '?'}  ({rest.replace('|', ', ')})")
+        for mode, arms in row["arms"].items():
+            print(f"  {mode}:")
+            for arm, a in sorted(arms.items(), key=lambda kv: -kv[1]["tokens_per_s"]):
+                print(f"    {arm:32s} {a['tokens_per_s']:8.2f} tok/s  tau {a['tau']:.2f}  "
+                      f"(weight {a['steps']:.1f} steps)")  # fmt: skip
     return 0
 
 

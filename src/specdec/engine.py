@@ -36,6 +36,8 @@ class GenerationStats:
     pass_sizes: dict[int, int] = field(default_factory=dict)
     draft_s: float = 0.0  # time in the drafter (propose and observe)
     verify_s: float = 0.0  # time in target passes after the prefill, and in verification
+    # what each part of a drafter did (auto: per drafter it ran), when the drafter says
+    drafters: dict[str, dict] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -134,32 +136,35 @@ class Engine:
         drafter.reset(list(prompt_ids))
         drafter.observe_prompt(list(prompt_ids), rows, prompt_logits)
         stats.draft_s += clock() - t
-        while True:
-            tokens += new
-            piece = emit.push(new)
+        try:
+            while True:
+                tokens += new
+                piece = emit.push(new)
+                stats.wall_s = clock() - t0
+                if piece:
+                    yield piece
+                if emit.done:
+                    break
+                state = DraftState(
+                    tokens, len(prompt_ids), sampling, rng, budget=max_new_tokens - stats.new_tokens
+                )
+                t = clock()
+                tree = drafter.propose(state)
+                t1 = clock()
+                stats.draft_s += t1 - t
+                outcome = self._verify_step(tree, tokens[-1], sampling, rng, verifier)
+                t2 = clock()
+                stats.verify_s += t2 - t1
+                stats.target_passes += 1
+                stats.drafted += len(tree)
+                stats.pass_sizes[len(tree) + 1] = stats.pass_sizes.get(len(tree) + 1, 0) + 1
+                stats.accepted += len(outcome.path)
+                drafter.observe(state, tree, outcome)
+                stats.draft_s += clock() - t2
+                new = outcome.tokens(tree)
             stats.wall_s = clock() - t0
-            if piece:
-                yield piece
-            if emit.done:
-                break
-            state = DraftState(
-                tokens, len(prompt_ids), sampling, rng, budget=max_new_tokens - stats.new_tokens
-            )
-            t = clock()
-            tree = drafter.propose(state)
-            t1 = clock()
-            stats.draft_s += t1 - t
-            outcome = self._verify_step(tree, tokens[-1], sampling, rng, verifier)
-            t2 = clock()
-            stats.verify_s += t2 - t1
-            stats.target_passes += 1
-            stats.drafted += len(tree)
-            stats.pass_sizes[len(tree) + 1] = stats.pass_sizes.get(len(tree) + 1, 0) + 1
-            stats.accepted += len(outcome.path)
-            drafter.observe(state, tree, outcome)
-            stats.draft_s += clock() - t2
-            new = outcome.tokens(tree)
-        stats.wall_s = clock() - t0
+        finally:  # also when the caller stops reading early
+            stats.drafters = drafter.finish()
 
     def _verify_step(
         self,

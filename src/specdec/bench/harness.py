@@ -174,10 +174,10 @@ def parse_methods(text: str | None, server: bool) -> list[str]:
     names = [m.strip() for m in (text or DEFAULT_METHODS).split(",") if m.strip()]
     if not names:
         raise InvalidRequestError("--methods is empty")
-    known = ["auto", *METHODS, *PEERS]
+    known = [*METHODS, *PEERS]
     for m in names:
         base = base_name(m)
-        ok = base in ("auto", *PEERS) or is_method(base)  # is_method: merges (pld+recycle) too
+        ok = base in PEERS or is_method(base)  # is_method: merges (pld+recycle) too
         if not ok or m.endswith("@") or (m != base and m in PEERS):
             raise InvalidRequestError(
                 f"unknown method {m!r} (known: {', '.join(known)}; see `specdec methods`)"
@@ -191,15 +191,14 @@ def parse_methods(text: str | None, server: bool) -> list[str]:
 def parse_options(
     items: list[str], methods: list[str], draft: str | None, model: str
 ) -> dict[str, dict[str, Any]]:
-    """Per specdec method run, its options (checked by the method table; ``auto``'s once
-    the model is loaded and its weights known)."""
+    """Per specdec method run, its options (checked by the method table)."""
     from specdec.speculation.methods import base_name, get_method, is_method, resolve
     from specdec.speculation.options import parse_assignments
 
     def spec_of(m: str):
         return get_method(resolve(m, {}, model)[0])
 
-    ours = [m for m in methods if is_method(base_name(m)) or base_name(m) == "auto"]
+    ours = [m for m in methods if is_method(base_name(m))]
     opts: dict[str, dict[str, Any]] = {m: {} for m in ours}
     for method, key, value in parse_assignments(items, scoped=True):
         item = f"{method + '.' if method else ''}{key}={value}"
@@ -216,8 +215,6 @@ def parse_options(
             for m in takers:
                 opts[m][key] = value
     for m in ours:
-        if base_name(m) == "auto":
-            continue
         if draft is not None and "draft_model" in spec_of(m).option_names():
             opts[m].setdefault("draft_model", draft)
         spec_of(m).parse(opts[m])
@@ -484,6 +481,7 @@ def _row(
         "predicted_speedup": round(predicted[1] / predicted[0], 6)
         if predicted and predicted[0] > 0
         else None,
+        "drafters": report.merge_usage([o.drafters for o in outs if o.drafters]),
         "identical": (first is None) if comparable else None,
         "first_diff": first if comparable else None,
         "finish_reason": [o.finish_reason for o in outs],

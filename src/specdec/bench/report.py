@@ -78,6 +78,7 @@ def _stats(rows: list[dict[str, Any]], basis: str = "time") -> dict[str, Any]:
         "identical": sum(compared) if compared else None,
         "compared": len(compared),
         "identical_share": round(sum(compared) / len(compared), 4) if compared else None,
+        "drafters": merge_usage([r.get("drafters") for r in rows if r.get("drafters")]),
     }
 
 
@@ -125,6 +126,25 @@ def _predicted(rows: list[dict[str, Any]]) -> float | None:
     if not pred or len(pred) < len(rows):
         return None
     return round(sum(r["ar_predicted_ms"] for r in pred) / sum(r["predicted_ms"] for r in pred), 6)
+
+
+USAGE_SUMS = ("steps", "tokens", "drafted", "accepted", "seconds")
+
+
+def merge_usage(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]] | None:
+    """Per drafter, the sums of what several turns or prompts report (`AutoDrafter.finish`),
+    with tokens per step (τ) and tokens per second of its steps; None if none report."""
+    out: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for arm, use in (part or {}).items():
+            mine = out.setdefault(arm, dict.fromkeys(USAGE_SUMS, 0))
+            for k in USAGE_SUMS:
+                mine[k] += use.get(k, 0)
+    for use in out.values():
+        use["seconds"] = round(use["seconds"], 6)
+        use["tau"] = round(use["tokens"] / use["steps"], 4) if use["steps"] else 0.0
+        use["tokens_per_s"] = round(use["tokens"] / use["seconds"], 3) if use["seconds"] else 0.0
+    return out or None
 
 
 def aggregate(rows: list[dict[str, Any]], basis: str = "time") -> dict[str, dict[str, Any]]:
@@ -332,6 +352,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         _category_table(summary, _share),
         "",
     ]
+    lines += _usage_section(summary)
     diffs = summary["differences"]
     lines += ["## Outputs that differ from ar", ""]
     if diffs:
@@ -387,6 +408,41 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += ["## Methods and notes", "", *notes, "", "## Plots", ""]
     lines += [f"![{p[:-4]}]({p})" for p in PLOTS]
     return "\n".join(lines) + "\n"
+
+
+def _usage_section(summary: dict[str, Any]) -> list[str]:
+    """Per method that reports its drafters (auto) and category: each drafter's share of
+    the steps, tokens per step and tokens per second of its steps."""
+    lines: list[str] = []
+    cats = [*summary["dataset"]["categories"], OVERALL]
+    for m, res in summary["results"].items():
+        if not res[OVERALL].get("drafters"):
+            continue
+        lines += [
+            f"## What {m} ran",
+            "",
+            "Per category, each drafter's share of the steps, and what its steps earned: "
+            "tokens per step (τ of its steps) and tokens per second (its steps' time end to "
+            "end: drafting, the target's pass, verification).",
+            "",
+        ]
+        arms = sorted(res[OVERALL]["drafters"], key=lambda a: -res[OVERALL]["drafters"][a]["steps"])
+        body = []
+        for arm in arms:
+            row = [arm]
+            for c in cats:
+                s = res[OVERALL] if c == OVERALL else res["categories"].get(c)
+                use = (s or {}).get("drafters") or {}
+                total = sum(u["steps"] for u in use.values())
+                u = use.get(arm)
+                row.append(
+                    f"{u['steps'] / total:.0%} · τ {u['tau']:.2f} · {u['tokens_per_s']:.1f}/s"
+                    if u and total
+                    else "—"
+                )
+            body.append(row)
+        lines += [_table(["drafter", *cats], body), ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- plots

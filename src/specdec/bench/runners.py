@@ -51,6 +51,7 @@ class TurnOutput:
     draft_s: float | None = None  # time in the drafter (specdec methods)
     prefill_s: float | None = None  # time of the prompt's pass (specdec methods)
     pass_sizes: dict[int, int] | None = None  # tokens in one pass -> passes of that size
+    drafters: dict[str, dict] | None = None  # auto: what each drafter it ran did
 
 
 class Runner:
@@ -134,6 +135,7 @@ class SpecdecRunner(Runner):
             draft_s=s.draft_s,
             prefill_s=s.prefill_s,
             pass_sizes=dict(s.pass_sizes),
+            drafters=s.drafters,
         )
 
 

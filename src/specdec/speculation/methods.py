@@ -3,7 +3,8 @@
 A method is one `Drafter` class, with its options and its builder beside its code;
 adding one is a file, a line in `DRAFTERS` and a factory in the contract suite. A
 request may also name ``A+B`` (the drafters' trees merged into one, `MergedDrafter`),
-``auto`` (the fastest lossless method measured for the model: ``auto.json``) and
+``auto`` (the drafter chosen each step by what it earns: `AutoDrafter`, its options per
+model in ``auto.json``) and
 ``METHOD@LABEL`` (METHOD under a label of its own, so that variants run side by side).
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from specdec.errors import InvalidRequestError
+from specdec.speculation.drafters.auto import AutoDrafter
 from specdec.speculation.drafters.base import BuildContext, Drafter, NoDrafter
 from specdec.speculation.drafters.cross_vocab import CrossVocabDrafter
 from specdec.speculation.drafters.draft_model import DraftModelDrafter
@@ -30,6 +32,7 @@ from specdec.speculation.options import Options, option
 
 DRAFTERS: tuple[type[Drafter], ...] = (
     NoDrafter,
+    AutoDrafter,
     DraftModelDrafter,
     CrossVocabDrafter,
     PromptLookupDrafter,
@@ -123,7 +126,7 @@ def get_method(name: str) -> Method:
     """The method ``name`` (``auto`` and labels resolved first: `resolve`)."""
     if "+" in name:
         parts = [get_method(p.strip()) for p in name.split("+")]
-        if any(p.merged or p.name == "ar" for p in parts) or len(parts) < 2:
+        if any(p.merged or p.name in ("ar", "auto") for p in parts) or len(parts) < 2:
             raise InvalidRequestError(
                 f"{name!r}: merge two or more drafting methods, e.g. pld+recycle"
             )
@@ -149,10 +152,11 @@ AUTO: dict[str, dict[str, dict[str, Any]]] = json.loads(
 )["models"]
 
 
-def auto_method(model: str, quant: str = "none") -> tuple[str, dict[str, Any]]:
-    """What ``auto`` runs for ``model`` whose linears hold ``quant`` (resolved, not auto)."""
+def auto_options(model: str, quant: str = "none") -> dict[str, Any]:
+    """The options ``auto`` starts from for ``model`` whose linears hold ``quant``
+    (resolved, not auto): its entry in ``auto.json``, else auto's defaults."""
     entry = AUTO.get(model, {}).get("float" if quant == "none" else "quantised")
-    return (entry["method"], dict(entry["options"])) if entry else ("ar", {})
+    return dict(entry["options"]) if entry else {}
 
 
 def base_name(name: str) -> str:
@@ -164,10 +168,9 @@ def resolve(
     name: str, options: dict[str, Any], model: str, quant: str = "none"
 ) -> tuple[str, dict[str, Any]]:
     """The method a request for ``name`` runs, and its options: a label is dropped; ``auto``
-    becomes the method measured fastest for ``model`` with weights ``quant``, its
-    options under the ones ``options`` gives."""
+    takes the options ``auto.json`` gives for ``model`` with weights ``quant``, under the
+    ones ``options`` gives."""
     name = base_name(name)
     if name == "auto":
-        method, chosen = auto_method(model, quant)
-        return method, {**chosen, **options}
+        return name, {**auto_options(model, quant), **options}
     return name, dict(options)

@@ -45,9 +45,11 @@ class BuildContext:
 
     ``load_draft(spec)`` loads a draft model of the target's tokenizer once per target
     (a `Target`); ``load_draft(spec, same_tokenizer=False)`` one of any tokenizer, as
-    ``(target, tokenizer)``. ``pass_cost()`` is the target's measured pass-cost curve
-    (measured once per machine, then cached) and ``draft_pass_cost(spec)`` a draft's;
-    None where they cannot be measured (trees are then not cut by cost).
+    ``(target, tokenizer)``; ``quant=`` a weight format of the draft's own. ``pass_cost()``
+    is the target's measured pass-cost curve (measured once per machine, then cached) and
+    ``draft_pass_cost(spec)`` a draft's; None where they cannot be measured (trees are
+    then not cut by cost). ``model`` is the target's name, ``identity`` names the target as measurements depend on it
+    (model, file, weights, device), for what a method learns and keeps in the cache.
     """
 
     tokenizer: Tokenizer
@@ -55,8 +57,10 @@ class BuildContext:
     target: Target | None = None
     load_draft: Callable[..., Any] | None = None
     pass_cost: Callable[[], PassCost] | None = None
-    draft_pass_cost: Callable[[str], PassCost] | None = None
+    draft_pass_cost: Callable[..., PassCost] | None = None
     progress: bool = False
+    model: str = ""
+    identity: str = ""
 
     def cost_if(self, wanted: bool) -> PassCost | None:
         """The target's pass-cost curve if ``wanted`` and measurable, else None."""
@@ -109,6 +113,7 @@ class Drafter:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
+    runs_a_model: ClassVar[bool] = False  # drafts with a model of its own (costly to ask)
     Options: ClassVar[type[Options]] = Options
 
     @classmethod
@@ -152,6 +157,16 @@ class Drafter:
     def verifier(self, sampling: SamplingParams) -> Verifier | None:
         """The verifier this drafter's trees need under ``sampling`` (e.g. SpecTr for i.i.d.
         siblings); None leaves the choice to the engine (greedy or speculative sampling)."""
+        return None
+
+    def prepare(self, tokens: list[int]) -> None:
+        """Catch up on ``tokens`` (the sequence so far, less its last token) before a
+        `propose`, so that the proposal costs one step's work: a draft model runs what
+        it has not seen. Nothing for drafters without such state."""
+
+    def finish(self) -> dict[str, Any] | None:
+        """The request ended (also when cut short): keep what must be kept, and say what
+        each part of the drafter did, for the request's stats (None: nothing to say)."""
         return None
 
 

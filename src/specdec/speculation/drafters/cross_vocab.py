@@ -192,6 +192,7 @@ class CrossVocabOptions(Options):
 
 class CrossVocabDrafter(Drafter):
     name = "cross-vocab"
+    runs_a_model = True
     description = (
         "a draft model with another tokenizer drafts text; its text is re-tokenised into "
         "target tokens and verified as a chain (universal assisted generation; OmniDraft's "

@@ -70,6 +70,12 @@ class DraftModelOptions(Options):
     draft_model: str | None = option(
         None, "the draft model (name, GGUF, folder)", parse=optional_str
     )
+    draft_quant: str | None = option(
+        None,
+        "the draft's weights: gguf (its file's own blocks), int8, int4 (requantised per 32 "
+        "values), none (float); default: as the target's (--quant)",
+        parse=one_of("gguf", "int8", "int4", "none"),
+    )
     num_draft_tokens: int = option(
         4, "tokens drafted per step (the start, if adaptive)", minimum=1
     )
@@ -139,6 +145,7 @@ def vocab_subset(ctx: BuildContext, draft: Target, n: int) -> Target:
 
 class DraftModelDrafter(Drafter):
     name = "draft"
+    runs_a_model = True
     description = (
         "a small draft model of the same vocabulary proposes a chain or a tree (static, "
         "multi-draft, or dynamic and sized by measured pass costs); the target verifies it in "
@@ -182,13 +189,14 @@ class DraftModelDrafter(Drafter):
     @classmethod
     def build(cls, ctx: BuildContext, options: DraftModelOptions) -> DraftModelDrafter:
         o = options
-        draft = ctx.draft(o.draft_model, cls.name)
+        quant = {"quant": o.draft_quant} if o.draft_quant else {}  # else the target's
+        draft = ctx.draft(o.draft_model, cls.name, **quant)
         budget = None
         if o.dynamic:
             if ctx.pass_cost is None or ctx.draft_pass_cost is None:
                 raise InvalidRequestError("tree=dynamic needs the measured pass costs of a target")
             budget = TreeBudget(
-                ctx.pass_cost(), ctx.draft_pass_cost(o.draft_model), max_nodes=o.tree_nodes
+                ctx.pass_cost(), ctx.draft_pass_cost(o.draft_model, **quant), max_nodes=o.tree_nodes
             )
         if o.draft_vocab:
             draft = vocab_subset(ctx, draft, o.draft_vocab)
@@ -219,6 +227,10 @@ class DraftModelDrafter(Drafter):
         logits = self.draft.forward(tokens[common:], logits_rows=slice(-1, None))
         self.seen = list(tokens)
         return logits[-1]
+
+    def prepare(self, tokens: list[int]) -> None:
+        if len(tokens) > 1 and len(tokens) < self.draft.max_length:
+            self._sync(tokens)
 
     def _q(self, logits: torch.Tensor, state: DraftState) -> torch.Tensor:
         q = probabilities(logits, state.sampling)

@@ -46,6 +46,7 @@ class MergedDrafter(Drafter):
         self.drafters = drafters
         self.pass_cost = pass_cost  # the target's PassCost: size the union jointly; None: not
         self.name = "+".join(d.name for d in drafters)
+        self.runs_a_model = any(d.runs_a_model for d in drafters)
         self._parts: list[tuple[DraftTree, list[int]]] = []
 
     def reset(self, prompt_ids: list[int]) -> None:
@@ -58,6 +59,10 @@ class MergedDrafter(Drafter):
     def observe_prompt(self, prompt_ids: list[int], rows: list[int], logits: torch.Tensor) -> None:
         for d in self.drafters:  # the union of what they asked: rows are the same context
             d.observe_prompt(prompt_ids, rows, logits)
+
+    def finish(self) -> None:
+        for d in self.drafters:
+            d.finish()
 
     def verifier(self, sampling: SamplingParams) -> Verifier | None:
         chosen = [d.verifier(sampling) for d in self.drafters]

@@ -98,7 +98,7 @@ class TokenRecyclingDrafter(Drafter):
         o = TokenRecyclingOptions.of(options, given)
         self.max_prompt_rows = o.prompt_rows
         self.vocab_size = vocab_size
-        self.top_k = top_k = o.top_k
+        self.top_k = top_k = min(o.top_k, vocab_size)  # a row cannot rank more tokens than exist
         self.max_nodes = o.max_nodes
         self.max_depth = max_depth = o.max_depth
         self.pass_cost = pass_cost
