@@ -227,7 +227,7 @@ class RandomChoices:
         self.rng = random.Random(seed)
         self.chosen: list[str] = []
 
-    def choose(self, available: dict[str, str]) -> str:
+    def choose(self, available: dict[str, str], setup: dict | None = None) -> str:
         self.chosen.append(self.rng.choice(sorted(available)))
         return self.chosen[-1]
 
