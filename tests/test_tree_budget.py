@@ -80,12 +80,29 @@ def test_pass_cost_measurement_is_bounded():
     sizes = list(curve.ms)
     assert sizes == list(DEFAULT_SIZES[: len(sizes)]) and sizes[-1] in (8, 12)
     assert curve(sizes[-1]) >= 8 * curve(1) > curve(sizes[-2])
-    assert slow.passes == [n for n in sizes for _ in range(2)] and slow.length == 0
+    # the stopping size confirmed by timing it and a one-token pass again
+    again = [1, 1, sizes[-1], sizes[-1]]
+    assert slow.passes == [n for n in sizes for _ in range(2)] + again and slow.length == 0
     assert 0 < slow.prefilled < 256
     # flat-ish costs within the budget: every size, three rounds, the whole cache
     fast = _SlowTarget(0.0)
     assert list(measure_pass_cost(fast, budget_s=60).ms) == list(DEFAULT_SIZES)
     assert len(fast.passes) == 2 * 3 * len(DEFAULT_SIZES) and fast.prefilled == 256
+
+
+class _HiccupTarget(_SlowTarget):
+    """Flat costs, but the first timed pass over 6 tokens is slowed (another process)."""
+
+    def forward(self, tokens, logits_rows=None):
+        hiccup = logits_rows is None and len(tokens) == 6 and self.passes.count(6) == 1
+        super().forward(tokens, logits_rows)
+        if hiccup:
+            time.sleep(0.05)
+
+
+def test_one_slow_pass_does_not_cut_the_curve():
+    curve = measure_pass_cost(_HiccupTarget(0.0), budget_s=60)
+    assert list(curve.ms) == list(DEFAULT_SIZES) and curve(6) < 5
 
 
 def test_budget_prefers_big_trees_when_passes_are_flat():
