@@ -190,11 +190,15 @@ def test_build_through_the_method_table():
     ]  # fmt: skip
     assert asked == [("a", "int4"), ("a", "gguf"), ("b", "int4"), ("b", "gguf")]
     assert [a.peek for a in auto.arms.values()] == [True, True, False, False, False, False, False]
+    # a draft model named is among the arms, whatever drafters says
+    named = get_method("auto").build(ctx, {"drafters": "pld", "draft_model": "a"})
+    assert list(named.arms) == ["pld", "draft:a", "ar"]
     for bad, message in [
         ({"drafters": "auto"}, "among autos"),
         ({"drafters": ""}, "names no method"),
         ({"drafters": "pld,nope"}, "unknown method"),
         ({"memory": "1.5"}, "<= 1"),
+        ({"draft_quant": "int4,int5"}, "got 'int5'"),
         ({"drafters": "draft", "draft_model": "a", "tree": "2,2"}, None),  # fine: a static tree
     ]:
         if message is None:

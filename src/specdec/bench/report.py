@@ -134,16 +134,15 @@ USAGE_SUMS = ("steps", "tokens", "drafted", "accepted", "seconds")
 def merge_usage(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]] | None:
     """Per drafter, the sums of what several turns or prompts report (`AutoDrafter.finish`),
     with tokens per step (τ) and tokens per second of its steps; None if none report."""
+    from specdec.speculation.drafters.auto import with_rates
+
     out: dict[str, dict[str, Any]] = {}
     for part in parts:
         for arm, use in (part or {}).items():
             mine = out.setdefault(arm, dict.fromkeys(USAGE_SUMS, 0))
             for k in USAGE_SUMS:
                 mine[k] += use.get(k, 0)
-    for use in out.values():
-        use["seconds"] = round(use["seconds"], 6)
-        use["tau"] = round(use["tokens"] / use["steps"], 4) if use["steps"] else 0.0
-        use["tokens_per_s"] = round(use["tokens"] / use["seconds"], 3) if use["seconds"] else 0.0
+    out = {arm: with_rates(use) for arm, use in out.items()}
     return out or None
 
 

@@ -133,7 +133,7 @@ def get_method(name: str) -> Method:
         return Method(name, tuple(p.parts[0] for p in parts))
     if name not in METHODS:
         raise InvalidRequestError(
-            f"unknown method {name!r} (known: auto, {', '.join(METHODS)}; see `specdec methods`)"
+            f"unknown method {name!r} (known: {', '.join(METHODS)}; see `specdec methods`)"
         )
     return Method(name, (METHODS[name],))
 

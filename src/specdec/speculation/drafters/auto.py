@@ -25,6 +25,7 @@ so `auto` is exactly as lossless as its arms.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -41,6 +42,8 @@ from specdec.speculation.sampling import SamplingParams
 from specdec.speculation.step_bandit import ALL, StepBandit
 from specdec.speculation.tree import DraftTree
 from specdec.speculation.verifiers.base import Outcome
+
+DRAFT_QUANTS = ("gguf", "int8", "int4", "none")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,12 @@ class AutoOptions(Options):
     )
 
     def check(self) -> None:
+        for quant in (self.draft_quant or "").split(","):
+            if quant.strip() not in ("", *DRAFT_QUANTS):
+                raise InvalidRequestError(
+                    f"option draft_quant of method 'auto' takes {', '.join(DRAFT_QUANTS)} "
+                    f"(comma-separated), got {quant.strip()!r}"
+                )
         if self.memory > 1.0:
             raise InvalidRequestError(
                 f"option memory of method 'auto' must be <= 1, got {self.memory}"
@@ -95,10 +104,6 @@ class Arm:
     drafter: Drafter
     peek: bool  # model-free: proposes every step, to learn whether it has anything
 
-    @property
-    def kind(self) -> str:
-        return self.label.split(":", 1)[0]
-
 
 @dataclass
 class ArmUsage:
@@ -111,15 +116,19 @@ class ArmUsage:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "tokens": self.tokens,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "seconds": round(self.seconds, 6),
-            "tau": round(self.tokens / self.steps, 4) if self.steps else 0.0,
-            "tokens_per_s": round(self.tokens / self.seconds, 3) if self.seconds > 0 else 0.0,
-        }
+        return with_rates(dataclasses.asdict(self))
+
+
+def with_rates(use: dict[str, Any]) -> dict[str, Any]:
+    """An arm's sums (`ArmUsage`, or several added up) with what they make: tokens per
+    step (tau) and tokens per second of its steps."""
+    steps, tokens, seconds = use["steps"], use["tokens"], use["seconds"]
+    return {
+        **use,
+        "seconds": round(seconds, 6),
+        "tau": round(tokens / steps, 4) if steps else 0.0,
+        "tokens_per_s": round(tokens / seconds, 3) if seconds > 0 else 0.0,
+    }
 
 
 def situation(tree: DraftTree) -> str:
@@ -189,6 +198,8 @@ class AutoDrafter(Drafter):
         names = [n.strip() for n in o.drafters.split(",") if n.strip()]
         if not names:
             raise InvalidRequestError("auto: option drafters names no method")
+        if o.draft_model and "draft" not in names:
+            names.append("draft")  # a draft model named is a draft model to choose
         arms: list[Arm] = []
         for name in dict.fromkeys(names):
             if name == "ar":
