@@ -18,6 +18,7 @@ from random_models import CharTokenizer, perturbed_copy, random_transformer
 
 from specdec.engine import Engine, Generation
 from specdec.errors import InvalidRequestError
+from specdec.models.eagle_head import EagleHead
 from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget, VocabSubset
 from specdec.speculation import datastore
@@ -42,6 +43,7 @@ def context(model, tok, cost=None, draft=None, draft_tokenizer=None, draft_cost=
     return BuildContext(
         tokenizer=tok,
         vocab_size=model.config.vocab_size,
+        target=NativeTarget(model),
         load_draft=load_draft,
         pass_cost=None if cost is None else (lambda: cost),
         draft_pass_cost=None if draft_cost is None else (lambda spec: draft_cost),
@@ -105,6 +107,42 @@ def cross_vocab_options(model, tok, rng: random.Random):
         "adaptive": rng.choice([True, False]),
     }
     return opts, context(model, tok, draft=NativeTarget(draft, capacity=4), draft_tokenizer=dtok)
+
+
+def eagle_head(model, seed: int, subset: int | None = None) -> str:
+    """A random EAGLE head for ``model`` (weights large enough to matter), in a folder."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    tokens = torch.randperm(vocab, generator=g)[:subset] if subset else None
+    head = EagleHead.for_target(model, "random", tokens, seed=seed)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    folder = tempfile.mkdtemp(prefix="specdec-test-head-") + "/head"
+    head.to(model.dtype).save(folder)
+    return folder
+
+
+def eagle_options(model, tok, rng: random.Random):
+    """An EAGLE head (random; its draft vocabulary a subset, maybe) drafting a chain, a
+    static tree or a dynamic one (its pass costs measured on the spot)."""
+    vocab = model.config.vocab_size
+    subset = rng.choice([None, rng.randint(1, vocab)])
+    opts = {"head": eagle_head(model, rng.randrange(1000), subset),
+            "num_draft_tokens": rng.randint(1, 6)}  # fmt: skip
+    shape = rng.choice(["chain", "static", "dynamic"])
+    cost = None
+    if shape == "chain":
+        opts["adaptive"] = rng.choice([True, False])
+    elif shape == "static":
+        opts["tree"] = ",".join(str(rng.randint(1, 3)) for _ in range(rng.randint(1, 4)))
+        opts["siblings"] = rng.choice(["iid", "without-replacement", "beam"])
+    else:
+        cost = PassCost({1: 1.0, 64: 1.0 + 63 * rng.choice([0.0, 0.05, 1.0])})
+        opts.update(tree="dynamic", tree_nodes=rng.randint(1, 24), tree_width=rng.randint(1, 4),
+                    tree_depth=rng.randint(1, 6))  # fmt: skip
+    return opts, context(model, tok, cost)
 
 
 def ngram_range(rng: random.Random, lowest: int, spread: int) -> dict:
@@ -205,7 +243,8 @@ def merged_options(model, tok, rng: random.Random, names: list[str] | None = Non
     """Two or three drafting methods merged (random ones unless ``names``; a draft model's
     sampled q nodes among them, maybe); an option goes to every part that takes it, so
     the first part's win."""
-    parts = sorted(set(FACTORIES) - {"ar", "cross-vocab", "A+B", "auto"})
+    # a draft model's and a head's options share names (tree, ...): not merged at random
+    parts = sorted(set(FACTORIES) - {"ar", "cross-vocab", "A+B", "auto", "eagle"})
     names = names or rng.sample(parts, rng.choice([2, 3]))
     opts, base = {}, context(model, tok, rng.choice(COSTS))
     for name in reversed(names):
@@ -271,6 +310,7 @@ FACTORIES = {
     "stand": stand_options,
     "A+B": merged_options,
     "auto": auto_options,
+    "eagle": eagle_options,
 }
 
 

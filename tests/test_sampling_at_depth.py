@@ -45,7 +45,7 @@ from random_models import (
     random_transformer,
     remap_vocab,
 )
-from test_contract import context, switching
+from test_contract import context, eagle_head, switching
 from test_sampling_exactness import one_thread  # noqa: F401 (autouse: one thread, tiny models)
 
 from specdec.engine import Engine, Generation
@@ -125,6 +125,12 @@ def cross_vocab_draft(tok):
     return NativeTarget(remap_vocab(draft_model(), old, seed=2), capacity=48), dtok
 
 
+@functools.cache
+def random_head() -> str:
+    """An EAGLE head for the target: random, so that its q differs from the target's p."""
+    return eagle_head(target_model(), seed=4)
+
+
 def build(method: str, options: dict, tok) -> Drafter:
     """``method`` with ``options`` through the method table, on a context that has what it
     needs: the draft model, its tokenizer, the pass costs."""
@@ -139,6 +145,8 @@ def build(method: str, options: dict, tok) -> Drafter:
         ctx = context(model, tok, FLAT, draft=draft, draft_cost=PassCost({1: 0.05}))
     if "rest" in method.split("+"):
         opts["datastore"] = rest_datastore(tok)
+    if "eagle" in method.split("+"):
+        opts["head"] = random_head()
     drafter = get_method(method).build(ctx, opts)
     return switching(drafter, seed=0) if method == "auto" else drafter
 
@@ -186,6 +194,15 @@ CASES: dict[str, tuple[str, dict, SamplingParams]] = {
         "rest+recycle+stand",
         {"min_span": 1, "top_k": 2, "max_depth": 3, "joint": True},
         SHAPED,
+    ),
+    # an EAGLE head (random) on the target's features: chains and trees of its samples
+    "eagle-chain-k3": ("eagle", {"num_draft_tokens": 3}, T1),
+    "eagle-tree-2,2,1": ("eagle", {"tree": "2,2,1", "siblings": "without-replacement"}, SHAPED),
+    "eagle-dynamic+pld": (
+        "eagle+pld",
+        {"tree": "dynamic", "tree_width": 2, "tree_depth": 3, "min_ngram": 1, "max_ngram": 2,
+         "joint": True},
+        T1,
     ),
     # auto switching at random steps among a draft model's sampled chain, prompt lookup and
     # Token Recycling (`test_contract.switching`)

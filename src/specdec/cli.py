@@ -1,4 +1,5 @@
-"""Command line: `specdec generate | methods | bench | models | pull | datastore build`.
+"""Command line: `specdec generate | methods | bench | models | pull | datastore build | auto |
+train eagle | heads`.
 
 Errors a user can cause print one line (no traceback) and exit non-zero.
 """
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models_and_pull(sub)
     _add_datastore(sub)
     _add_auto(sub)
+    _add_train(sub)
     return parser
 
 
@@ -202,6 +204,74 @@ def _add_auto(sub: Any) -> None:
     a.add_argument("--reset", action="store_true", help="delete the records (auto learns afresh)")
     a.add_argument("--json", action="store_true", help="print a JSON list")
     a.set_defaults(func=cmd_auto)
+
+
+def _add_train(sub: Any) -> None:
+    from specdec.train.eagle import TrainConfig
+
+    d = TrainConfig()
+    t = sub.add_parser(
+        "train",
+        help="train a learned drafter (an EAGLE head) for a model, here",
+        description="Train a drafter that reads the model's hidden states and store it in "
+        "the cache, where --method eagle finds it. Progress goes to stderr; features and "
+        "checkpoints are kept, so --resume continues a run that was cut short.",
+    )
+    tsub = t.add_subparsers(dest="train_command", required=True, metavar="KIND")
+    e = tsub.add_parser(
+        "eagle",
+        help="an EAGLE head: one decoder layer on the model's own features",
+        description="Stages: the model answers the training prompts (self-distillation) "
+        "and its hidden states are computed for every training token (kept on disk); the "
+        "draft vocabulary is the most frequent tokens; epochs run until --minutes or "
+        "--tokens; the head is evaluated on held-out sequences (top-1 agreement with the "
+        "model per drafting depth) and written to the cache (`specdec heads` lists it).",
+    )
+    _add_model_args(e, DEFAULT_MODEL)
+    e.add_argument(
+        "--data",
+        default=d.data,
+        help="comma-separated sources: prompts (Spec-Bench, HumanEval, GSM8K questions the "
+        "benchmarks never take, answered by the model), python (the standard library's "
+        "sources), or a .txt / .jsonl file ({\"text\": ...} or {\"prompt\": ...} lines) "
+        f"(default {d.data})",
+    )
+    budget = e.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--minutes", type=float, default=None, metavar="N",
+        help=f"training time, resumed runs included (default {d.minutes:g})",
+    )  # fmt: skip
+    budget.add_argument(
+        "--tokens", type=int, default=None, metavar="N",
+        help="or: training tokens (sequence tokens x unrolled steps)",
+    )  # fmt: skip
+    e.add_argument("--feature-tokens", type=int, default=d.feature_tokens, metavar="N",
+                   help=f"tokens of features to compute (default {d.feature_tokens:,})")  # fmt: skip
+    e.add_argument("--respond", type=int, default=d.respond, metavar="N",
+                   help=f"tokens the model answers each prompt with (default {d.respond})")  # fmt: skip
+    e.add_argument("--seq-len", type=int, default=d.seq_len, metavar="N",
+                   help=f"longest training sequence (default {d.seq_len})")  # fmt: skip
+    e.add_argument("--draft-vocab", type=int, default=d.draft_vocab, metavar="N",
+                   help=f"tokens the head drafts among (default {d.draft_vocab})")  # fmt: skip
+    e.add_argument("--unroll", type=int, default=d.unroll, metavar="K",
+                   help=f"drafting depths trained per sequence (default {d.unroll})")  # fmt: skip
+    e.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    e.add_argument("--seed", type=int, default=d.seed, help="seed (default 0)")
+    e.add_argument("--out", default=None, metavar="DIR",
+                   help="write the head here (default: the cache, where --method eagle looks)")  # fmt: skip
+    e.add_argument("--resume", action="store_true",
+                   help="continue the last run (its features, checkpoint and minutes)")  # fmt: skip
+    e.add_argument("--quiet", action="store_true", help="no progress")
+    e.set_defaults(func=cmd_train_eagle)
+
+    h = sub.add_parser(
+        "heads",
+        help="list the trained heads in the cache, with their evaluation",
+        description="Heads made by `specdec train`, per model: how they were trained and "
+        "how often they agree with the model on held-out text, per drafting depth.",
+    )
+    h.add_argument("--json", action="store_true", help="print a JSON list")
+    h.set_defaults(func=cmd_heads)
 
 
 def _add_datastore(sub: Any) -> None:
@@ -460,6 +530,66 @@ def cmd_auto(args: argparse.Namespace) -> int:
             for arm, a in sorted(arms.items(), key=lambda kv: -kv[1]["tokens_per_s"]):
                 print(f"    {arm:32s} {a['tokens_per_s']:8.2f} tok/s  tau {a['tau']:.2f}  "
                       f"(weight {a['steps']:.1f} steps)")  # fmt: skip
+    return 0
+
+
+def cmd_train_eagle(args: argparse.Namespace) -> int:
+    from specdec.train.eagle import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data,
+        minutes=args.minutes if args.minutes is not None or args.tokens else TrainConfig.minutes,
+        tokens=args.tokens,
+        feature_tokens=args.feature_tokens,
+        seq_len=args.seq_len,
+        respond=args.respond,
+        draft_vocab=args.draft_vocab,
+        unroll=args.unroll,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    cfg.check()  # before the model loads
+    gen = _load_generator(args)
+    report = train(gen, cfg, out=args.out, resume=args.resume, progress=not args.quiet)
+    ev = report["evaluation"]
+    print(
+        f"head for {gen.name}: {report['trained_tokens']:,} training tokens in "
+        f"{report['train_seconds'] / 60:.1f} min; held-out top-1 by depth "
+        f"{', '.join(f'{a:.2f}' for a in ev['top1_by_depth'])}"
+    )
+    return 0
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    from specdec.models.eagle_head import CONFIG_FILE, heads_dir
+
+    rows = []
+    for cfg_file in sorted(heads_dir().glob(f"*/*/{CONFIG_FILE}")):
+        try:
+            data = json.loads(cfg_file.read_text())
+        except (OSError, ValueError):
+            continue
+        training = data.get("training") or {}
+        rows.append({
+            "model": data.get("target", {}).get("name", cfg_file.parent.parent.name),
+            "kind": data.get("kind", cfg_file.parent.name),
+            "folder": str(cfg_file.parent),
+            "draft_vocab": data.get("draft_vocab"),
+            "training": training,
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no trained heads in {heads_dir()} yet: `specdec train eagle --model M` makes one")
+    for r in rows:
+        t = r["training"]
+        ev = t.get("evaluation", {})
+        acc = ", ".join(f"{a:.2f}" for a in ev.get("top1_by_depth", []))
+        print(f"{r['model']}  {r['kind']}  {r['folder']}")
+        print(f"  trained on {t.get('trained_tokens', 0):,} tokens in "
+              f"{t.get('train_seconds', 0) / 60:.1f} min ({t.get('data', '?')}); "
+              f"held-out top-1 by depth: {acc or '?'}")  # fmt: skip
     return 0
 
 

@@ -125,7 +125,10 @@ class Engine:
         rows = sorted({r for r in drafter.prompt_rows(list(prompt_ids)) if 0 <= r < last})
         rows.append(last)
         self.target.reset()
-        prompt_logits = self.target.forward(prompt_ids, logits_rows=rows)
+        features = drafter.needs_features
+        prompt_logits = self.target.forward(prompt_ids, logits_rows=rows, return_hidden=features)
+        if features:
+            prompt_logits, prompt_hidden = prompt_logits
         stats.target_passes += 1
         logits = prompt_logits[-1:]
         first = verifier.verify(DraftTree(), probabilities(logits, sampling), sampling, rng).bonus
@@ -135,6 +138,8 @@ class Engine:
         t = clock()
         drafter.reset(list(prompt_ids))
         drafter.observe_prompt(list(prompt_ids), rows, prompt_logits)
+        if features:
+            drafter.observe_features(prompt_hidden)
         stats.draft_s += clock() - t
         try:
             while True:
@@ -152,13 +157,15 @@ class Engine:
                 tree = drafter.propose(state)
                 t1 = clock()
                 stats.draft_s += t1 - t
-                outcome = self._verify_step(tree, tokens[-1], sampling, rng, verifier)
+                outcome = self._verify_step(tree, tokens[-1], sampling, rng, verifier, features)
                 t2 = clock()
                 stats.verify_s += t2 - t1
                 stats.target_passes += 1
                 stats.drafted += len(tree)
                 stats.pass_sizes[len(tree) + 1] = stats.pass_sizes.get(len(tree) + 1, 0) + 1
                 stats.accepted += len(outcome.path)
+                if features:
+                    drafter.observe_features(outcome.hidden[[0] + [i + 1 for i in outcome.path]])
                 drafter.observe(state, tree, outcome)
                 stats.draft_s += clock() - t2
                 new = outcome.tokens(tree)
@@ -173,18 +180,26 @@ class Engine:
         sampling: SamplingParams,
         rng: torch.Generator | None,
         verifier: Verifier,
+        features: bool = False,
     ) -> Outcome:
-        """One target pass over [root] + tree; keep the root and the accepted path in the cache."""
+        """One target pass over [root] + tree; keep the root and the accepted path in the cache.
+        ``features``: the pass's hidden states too (`Outcome.hidden`)."""
         start = self.target.length
+        hidden = {"return_hidden": True} if features else {}
         if len(tree) == 0:
-            logits = self.target.forward([root], positions=[start])
+            out = self.target.forward([root], positions=[start], **hidden)
         else:
             mask, depth = tree.with_root()
             positions = [start + d for d in depth]
             mask = None if tree.is_chain() else mask  # a chain is causal: no mask needed
-            logits = self.target.forward([root] + tree.tokens, positions=positions, attn_mask=mask)
+            out = self.target.forward(
+                [root] + tree.tokens, positions=positions, attn_mask=mask, **hidden
+            )
+        logits = out[0] if features else out
         outcome = verifier.verify(tree, probabilities(logits, sampling), sampling, rng)
         outcome.logits = logits
+        if features:
+            outcome.hidden = out[1]
         if len(tree):
             self.target.keep([0] + [i + 1 for i in outcome.path])
         return outcome

@@ -208,6 +208,7 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
         logits_rows: torch.Tensor | slice | None = None,
         vocab_rows: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run ``tokens`` through the model, appending them to ``cache``.
 
@@ -220,6 +221,8 @@ class Transformer(nn.Module):
         ``vocab_rows`` (increasing token ids) which columns: logits over that subset of
         the vocabulary only, at that fraction of the LM head's cost where the head can be
         restricted (quantised heads, plain linears; otherwise computed whole and indexed).
+        ``embeds`` (n, hidden): the rows the layers start from instead of the tokens'
+        embeddings (a draft head feeds its own).
         Returns logits (rows, vocab), and with ``return_hidden`` also the last
         run layer's output before the final norm (n, hidden).
         """
@@ -227,7 +230,7 @@ class Transformer(nn.Module):
         start = cache.begin_write(n)
         mask = _attention_mask(attn_mask, start, n, self.device)
         cos, sin = self.rope().lookup(positions, self.dtype)
-        h = self.embed(tokens)  # (n, d)
+        h = self.embed(tokens) if embeds is None else embeds.to(self.dtype).clone()  # (n, d)
         order = range(len(self.layers)) if layers is None else layers
         if self.native_layers is not None and h.dtype == torch.float32:
             h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()

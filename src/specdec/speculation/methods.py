@@ -21,6 +21,7 @@ from specdec.speculation.drafters.auto import AutoDrafter
 from specdec.speculation.drafters.base import BuildContext, Drafter, NoDrafter
 from specdec.speculation.drafters.cross_vocab import CrossVocabDrafter
 from specdec.speculation.drafters.draft_model import DraftModelDrafter
+from specdec.speculation.drafters.eagle import EagleDrafter
 from specdec.speculation.drafters.lookahead import LookaheadDrafter
 from specdec.speculation.drafters.merged import MergedDrafter
 from specdec.speculation.drafters.ngram_cache import NgramCacheDrafter
@@ -35,6 +36,7 @@ DRAFTERS: tuple[type[Drafter], ...] = (
     AutoDrafter,
     DraftModelDrafter,
     CrossVocabDrafter,
+    EagleDrafter,
     PromptLookupDrafter,
     NgramCacheDrafter,
     StandDrafter,

@@ -262,6 +262,15 @@ class AutoDrafter(Drafter):
         for arm in self.arms.values():
             arm.drafter.observe_prompt(prompt_ids, rows, logits)
 
+    @property
+    def needs_features(self) -> bool:
+        return any(a.drafter.needs_features for a in self.arms.values())
+
+    def observe_features(self, hidden: torch.Tensor) -> None:
+        for arm in self.arms.values():  # every step: an arm not chosen cannot ask for them later
+            if arm.drafter.needs_features:
+                arm.drafter.observe_features(hidden)
+
     def propose(self, state: DraftState) -> DraftTree:
         start = self.clock()
         bandit = self._bandit(state)

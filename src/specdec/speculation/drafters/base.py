@@ -134,6 +134,18 @@ class Drafter:
         """After `reset`: the prefill's logits at prompt positions ``rows`` (what was asked,
         plus the last position), one row of ``logits`` each."""
 
+    @property
+    def needs_features(self) -> bool:
+        """Whether this drafter reads the target's hidden states (`observe_features`); the
+        engine then asks the target for them, which a target may refuse (llama.cpp)."""
+        return False
+
+    def observe_features(self, hidden: torch.Tensor) -> None:
+        """The target's hidden states (its last layer's output, before the final norm) at
+        the positions just committed to its cache, in order: the whole prompt after the
+        prefill (after `observe_prompt`), then each step's root and accepted nodes (before
+        `observe`). Only called when `needs_features`."""
+
     def propose(self, state: DraftState) -> DraftTree:
         raise NotImplementedError
 

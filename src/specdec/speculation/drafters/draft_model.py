@@ -21,12 +21,14 @@ tokens, since no corpus statistics ship with the models.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from specdec.errors import InvalidRequestError
+from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget, Target, VocabSubset
 from specdec.speculation.draft_length import (
     ADAPTIVE_HELP,
@@ -65,17 +67,10 @@ def check_tree_sampling(static_tree: bool, siblings: str, verifier: str) -> None
 
 
 @dataclass(frozen=True)
-class DraftModelOptions(Options):
+class DraftingOptions(Options):
+    """How a drafter that runs a model drafts: a chain or a tree, how big, how sampled."""
+
     method: ClassVar[str] = "draft"
-    draft_model: str | None = option(
-        None, "the draft model (name, GGUF, folder)", parse=optional_str
-    )
-    draft_quant: str | None = option(
-        None,
-        "the draft's weights: gguf (its file's own blocks), int8, int4 (requantised per 32 "
-        "values), none (float); default: as the target's (--quant)",
-        parse=one_of("gguf", "int8", "int4", "none"),
-    )
     num_draft_tokens: int = option(
         4, "tokens drafted per step (the start, if adaptive)", minimum=1
     )
@@ -106,13 +101,6 @@ class DraftModelOptions(Options):
     confidence: float = option(
         0.0, "stop drafting when the drafter's top probability falls below this", minimum=0.0
     )
-    draft_vocab: int = option(
-        0,
-        "the draft's logits over the N lowest token ids only (and the end tokens): its LM head "
-        "at N/vocabulary of the cost; byte-level BPE numbers tokens in merge order, roughly "
-        "most frequent first. 0: the whole vocabulary",
-        minimum=0,
-    )
 
     @property
     def dynamic(self) -> bool:
@@ -132,6 +120,49 @@ class DraftModelOptions(Options):
 
     def check(self) -> None:
         check_tree_sampling(self.branching is not None, self.siblings, self.verifier)
+
+
+@dataclass(frozen=True)
+class DraftModelOptions(DraftingOptions):
+    method: ClassVar[str] = "draft"
+    draft_model: str | None = option(
+        None, "the draft model (name, GGUF, folder)", parse=optional_str
+    )
+    draft_quant: str | None = option(
+        None,
+        "the draft's weights: gguf (its file's own blocks), int8, int4 (requantised per 32 "
+        "values), none (float); default: as the target's (--quant)",
+        parse=one_of("gguf", "int8", "int4", "none"),
+    )
+    draft_vocab: int = option(
+        0,
+        "the draft's logits over the N lowest token ids only (and the end tokens): its LM head "
+        "at N/vocabulary of the cost; byte-level BPE numbers tokens in merge order, roughly "
+        "most frequent first. 0: the whole vocabulary",
+        minimum=0,
+    )
+
+
+def shape_arguments(
+    ctx: BuildContext, o: DraftingOptions, draft_cost: Callable[[], PassCost] | None
+) -> dict[str, Any]:
+    """The drafter's keyword arguments for the shape ``o`` asks for; ``draft_cost`` gives
+    the drafter's pass-cost curve, which a dynamic tree needs (with the target's)."""
+    budget = None
+    if o.dynamic:
+        if ctx.pass_cost is None or draft_cost is None:
+            raise InvalidRequestError("tree=dynamic needs the measured pass costs of a target")
+        budget = TreeBudget(ctx.pass_cost(), draft_cost(), max_nodes=o.tree_nodes)
+    kind = AdaptiveLength if o.adaptive else FixedLength
+    return {
+        "policy": kind(o.num_draft_tokens, confidence=o.confidence),
+        "branching": o.branching,
+        "tree_budget": budget,
+        "width": o.tree_width,
+        "max_depth": o.tree_depth,
+        "sibling_sampling": o.siblings,
+        "verify": o.verifier,
+    }
 
 
 def vocab_subset(ctx: BuildContext, draft: Target, n: int) -> Target:
@@ -191,27 +222,12 @@ class DraftModelDrafter(Drafter):
         o = options
         quant = {"quant": o.draft_quant} if o.draft_quant else {}  # else the target's
         draft = ctx.draft(o.draft_model, cls.name, **quant)
-        budget = None
-        if o.dynamic:
-            if ctx.pass_cost is None or ctx.draft_pass_cost is None:
-                raise InvalidRequestError("tree=dynamic needs the measured pass costs of a target")
-            budget = TreeBudget(
-                ctx.pass_cost(), ctx.draft_pass_cost(o.draft_model, **quant), max_nodes=o.tree_nodes
-            )
+        costs = None
+        if ctx.draft_pass_cost is not None:  # measured only if a dynamic tree asks
+            costs = lambda: ctx.draft_pass_cost(o.draft_model, **quant)  # noqa: E731
         if o.draft_vocab:
             draft = vocab_subset(ctx, draft, o.draft_vocab)
-        kind = AdaptiveLength if o.adaptive else FixedLength
-        return cls(
-            draft,
-            ctx.vocab_size,
-            policy=kind(o.num_draft_tokens, confidence=o.confidence),
-            branching=o.branching,
-            tree_budget=budget,
-            width=o.tree_width,
-            max_depth=o.tree_depth,
-            sibling_sampling=o.siblings,
-            verify=o.verifier,
-        )
+        return cls(draft, ctx.vocab_size, **shape_arguments(ctx, o, costs))
 
     def reset(self, prompt_ids: list[int]) -> None:
         self.draft.reset()

@@ -60,6 +60,15 @@ class MergedDrafter(Drafter):
         for d in self.drafters:  # the union of what they asked: rows are the same context
             d.observe_prompt(prompt_ids, rows, logits)
 
+    @property
+    def needs_features(self) -> bool:
+        return any(d.needs_features for d in self.drafters)
+
+    def observe_features(self, hidden: torch.Tensor) -> None:
+        for d in self.drafters:
+            if d.needs_features:
+                d.observe_features(hidden)
+
     def finish(self) -> None:
         for d in self.drafters:
             d.finish()

@@ -24,6 +24,9 @@ class Outcome:
     # the target's logits of the pass (row 0 after the root, row i + 1 after node i), for
     # drafters that learn from them (Token Recycling); set by the engine
     logits: torch.Tensor | None = None
+    # its hidden states (last layer, before the final norm; rows as ``logits``), when the
+    # drafter reads them (`Drafter.needs_features`); set by the engine
+    hidden: torch.Tensor | None = None
 
     def tokens(self, tree: DraftTree) -> list[int]:
         return [tree.tokens[i] for i in self.path] + [self.bonus]

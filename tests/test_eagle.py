@@ -1,0 +1,254 @@
+"""EAGLE heads: the runtime computes what training optimises, drafts read the target's
+committed features, head files are checked, and training learns and resumes exactly.
+
+Greedy exactness of `eagle` (chains, static and dynamic trees) is in the contract suite
+(test_contract.py) and its sampling in test_sampling_at_depth.py.
+"""
+
+import random
+
+import pytest
+import torch
+from random_models import CharTokenizer, random_transformer
+
+from specdec.engine import Engine, Generation
+from specdec.errors import InvalidRequestError
+from specdec.models.eagle_head import EagleHead, HeadError
+from specdec.models.target import NativeTarget
+from specdec.speculation.drafters.base import BuildContext
+from specdec.speculation.drafters.eagle import HeadDraft
+from specdec.speculation.methods import get_method
+
+
+def random_head(model, seed=0, subset=None, scale=0.3):
+    """A head with weights large enough that its layer matters (float64, like ``model``)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    tokens = None
+    if subset:
+        tokens = torch.randperm(vocab, generator=g)[:subset]
+    head = EagleHead.for_target(model, "random", tokens, seed=seed)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return head.to(torch.float64)
+
+
+def target_features(model, tokens):
+    """The target's hidden states at every position of ``tokens`` (a fresh pass)."""
+    target = NativeTarget(model)
+    _, hidden = target.forward(tokens, return_hidden=True)
+    return hidden
+
+
+def head_inputs(model, hidden):
+    feats = model.norm(hidden)
+    return torch.cat([feats.new_zeros(1, feats.shape[1]), feats[:-1]])
+
+
+@pytest.mark.parametrize("subset", [None, 7])
+def test_runtime_computes_what_training_optimises(subset):
+    model = random_transformer("qwen2", seed=3, vocab=40)
+    head = random_head(model, seed=1, subset=subset)
+    tokens = [random.Random(0).randrange(40) for _ in range(12)]
+    hidden = target_features(model, tokens)
+    steps = head.unrolled_forward(model, torch.tensor(tokens), head_inputs(model, hidden), 3)
+    for cut in (1, 5, 9):  # committed tokens[:cut]; then drafted tokens[cut], tokens[cut + 1]
+        draft = HeadDraft(head, model)
+        draft.add_features(hidden[: cut - 1])
+        got = [draft.forward(tokens[:cut])[-1]]
+        got.append(draft.forward([tokens[cut]])[-1])
+        got.append(draft.forward([tokens[cut + 1]])[-1])
+        for depth, row in enumerate(got):  # row after slot cut - 1 + depth
+            want = steps[depth][1][cut - 1 + depth]
+            torch.testing.assert_close(row[head.d2t], want, rtol=1e-9, atol=1e-9)
+            outside = torch.ones(40, dtype=torch.bool)
+            outside[head.d2t] = False
+            assert torch.isinf(row[outside]).all()
+
+
+def context(model, tok, head_dir, cost=None):
+    return BuildContext(
+        tokenizer=tok,
+        vocab_size=model.config.vocab_size,
+        target=NativeTarget(model),
+        pass_cost=None if cost is None else (lambda: cost),
+    )
+
+
+@pytest.mark.parametrize("options", [{}, {"num_draft_tokens": 1}, {"tree": "2,2,1"}])
+def test_each_draft_reads_the_committed_features(options, tmp_path):
+    """The first drafted token is the head's prediction on the committed sequence with the
+    target's own features: the runtime's bookkeeping of features across steps (accepted
+    drafts run again with real features) is right."""
+    model = random_transformer("llama", seed=5, vocab=24)
+    head = random_head(model, seed=2)
+    head.save(tmp_path / "head")
+    tok = CharTokenizer(vocab=24)
+    drafter = get_method("eagle").build(
+        context(model, tok, tmp_path), {"head": str(tmp_path / "head"), **options}
+    )
+    checked = []
+    propose = drafter.propose
+
+    def checking(state):
+        tree = propose(state)
+        if not len(tree):  # the last token: nothing to draft
+            return tree
+        toks = torch.tensor(state.tokens)
+        hidden = target_features(model, state.tokens[:-1])
+        inputs = head_inputs(model, torch.cat([hidden, hidden[-1:]]))  # last row unused
+        _, logits = head.sequence_forward(model, toks, inputs)
+        assert tree.tokens[0] == int(head.d2t[logits[-1].argmax()])
+        checked.append(len(state.tokens))
+        return tree
+
+    drafter.propose = checking
+    res = Generation()
+    engine = Engine(NativeTarget(model, capacity=8), tok)
+    for _ in engine.stream([3, 1, 4, 1, 5], max_new_tokens=40, drafter=drafter, result=res,
+                           ignore_eos=True):  # fmt: skip
+        pass
+    assert len(checked) >= res.stats.target_passes - 2 and res.stats.new_tokens == 40
+
+
+def test_head_files(tmp_path):
+    model = random_transformer("qwen2", seed=1, vocab=30)
+    head = random_head(model, subset=9).float()
+    folder = head.save(tmp_path / "h")
+    again = EagleHead.load(folder)
+    for (k, v), (k2, v2) in zip(head.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    # another model: refused with the reason
+    other = random_transformer("qwen2", seed=1, vocab=31)
+    with pytest.raises(HeadError, match="vocab_size"):
+        HeadDraft(again, other)
+    # damaged files
+    weights = folder / "head.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HeadError, match="damaged"):
+        EagleHead.load(folder)
+    weights.write_bytes(b"")
+    with pytest.raises(HeadError):
+        EagleHead.load(folder)
+    (folder / "config.json").write_text("{")
+    with pytest.raises(HeadError, match="unreadable"):
+        EagleHead.load(folder)
+    with pytest.raises(HeadError, match="no EAGLE head"):
+        EagleHead.load(tmp_path / "nothing")
+
+
+def test_eagle_without_a_head_says_how_to_train_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    model = random_transformer("qwen2", seed=1, vocab=30)
+    ctx = BuildContext(
+        tokenizer=CharTokenizer(30), vocab_size=30, target=NativeTarget(model), model="tiny"
+    )
+    with pytest.raises(InvalidRequestError, match="specdec train eagle --model tiny"):
+        get_method("eagle").build(ctx, {})
+    no_target = BuildContext(tokenizer=CharTokenizer(30), vocab_size=30)
+    with pytest.raises(InvalidRequestError, match="native backend"):
+        get_method("eagle").build(no_target, {})
+
+
+# ---------------------------------------------------------------------------- training
+TEXT = (
+    "the cat sat on the mat. the dog sat on the log. then the cat and the dog ran in "
+    "the sun, and the sun set on them. "
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny model in a safetensors folder, loaded as users load one; a corpus beside it."""
+    from fixtures import save_hf_folder, tiny_hf_model
+
+    from specdec.api import Generator
+
+    root = tmp_path_factory.mktemp("eagle-train")
+    folder = save_hf_folder(tiny_hf_model("qwen2", seed=0).float(), root / "tiny")
+    gen = Generator.load(str(folder), quant="none", dtype="float32", progress=False)
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT * 40)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "tell me about the {w}"}}\n' for w in TEXT.split()[:12]))
+    return gen, corpus, prompts
+
+
+def train_config(corpus, **kw):
+    from specdec.train.eagle import TrainConfig
+
+    base = dict(data=str(corpus), minutes=None, tokens=3000, feature_tokens=1200, seq_len=48,
+                respond=0, draft_vocab=200, unroll=2, lr=3e-3, checkpoint_s=1e9)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_learns_the_target(tiny, tmp_path):
+    from specdec.models.eagle_head import head_rows
+    from specdec.train.eagle import FeatureStore, evaluate, train
+
+    gen, corpus, _ = tiny
+    cfg = train_config(corpus, tokens=12_000)
+    report = train(gen, cfg, out=tmp_path / "head", work=tmp_path / "work", progress=False)
+    trained = report["evaluation"]
+    # the same held-out sequences through an untrained head
+    model = gen.target.model
+    head = EagleHead.load(tmp_path / "head")
+    fresh = EagleHead.for_target(model, "fresh", head.d2t, seed=1)
+    store = next((tmp_path / "work").glob("features-*"))
+    store = FeatureStore(store, model.config.hidden_size, json_identity(store))
+    held = list(range(report["sequences"], len(store)))
+    untrained = evaluate(fresh, model, head_rows(model, head.d2t), store, held, cfg)
+    assert trained["loss"] < 0.7 * untrained["loss"]
+    assert trained["top1_by_depth"][0] > untrained["top1_by_depth"][0] + 0.2
+    assert trained["top1_by_depth"][1] > untrained["top1_by_depth"][1]
+    # and it drafts what the target keeps, through the engine
+    res = gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="eagle",
+                       head=str(tmp_path / "head"), ignore_eos=True)  # fmt: skip
+    assert res.token_ids == gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="ar",
+                                         ignore_eos=True).token_ids  # fmt: skip
+    assert res.stats.accepted > 0
+
+
+def json_identity(folder):
+    import json
+
+    return json.loads((folder / "index.json").read_text())["identity"]
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path):
+    from specdec.train.eagle import train
+
+    gen, _, prompts = tiny  # prompts answered by the target (self-distillation) too
+    whole = train_config(prompts, respond=8, tokens=2000, feature_tokens=400)
+    train(gen, whole, out=tmp_path / "a", work=tmp_path / "wa", progress=False)
+    half = train_config(prompts, respond=8, tokens=1000, feature_tokens=400)
+    train(gen, half, out=tmp_path / "b", work=tmp_path / "wb", progress=False)
+    train(gen, whole, out=tmp_path / "b", work=tmp_path / "wb", resume=True, progress=False)
+    a, b = EagleHead.load(tmp_path / "a"), EagleHead.load(tmp_path / "b")
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(v, w), k
+    assert a.config.training["trained_tokens"] == b.config.training["trained_tokens"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--minutes", "0"], "--minutes must be > 0"),
+        (["--tokens", "-3"], "--tokens must be > 0"),
+        (["--tokens", "10", "--respond", "400"], "--respond must be in"),
+        (["--tokens", "10", "--data", "nowhere.txt"], "neither a source"),
+    ],
+)
+def test_train_cli_refuses_bad_input(tiny, tmp_path, monkeypatch, capsys, args, message):
+    from specdec.cli import main
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    gen = tiny[0]
+    model = str(gen.name)
+    code = main(["train", "eagle", "--model", model, "--quant", "none", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and "Traceback" not in err
+    assert not list((tmp_path / "cache").glob("heads/*/eagle/config.json"))
