@@ -173,7 +173,9 @@ def tiny(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text(TEXT * 40)
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(f'{{"prompt": "tell me about the {w}"}}\n' for w in TEXT.split()[:12]))
+    prompts.write_text(
+        "".join(f'{{"prompt": "tell me about the {w}"}}\n' for w in TEXT.split()[:12])
+    )
     return gen, corpus, prompts
 
 

@@ -212,7 +212,7 @@ class EagleHead(nn.Module):
         ``features`` (T, hidden): the normed feature before each token (row 0 zeros).
         Returns the predicted hidden states (T, hidden) and their logits over the draft
         vocabulary (T, draft_vocab): what the runtime computes token by token."""
-        (h, logits), = self.unrolled_forward(target, tokens, features, 1)
+        ((h, logits),) = self.unrolled_forward(target, tokens, features, 1)
         return h, logits
 
     def unrolled_forward(

@@ -86,7 +86,9 @@ def items(
         else:
             streams.append(_file_items(Path(name), encode, encode_chat, seq_len, respond))
     if not streams:
-        raise InvalidRequestError(f"--data names no source (sources: {', '.join(SOURCES)}, or a file)")
+        raise InvalidRequestError(
+            f"--data names no source (sources: {', '.join(SOURCES)}, or a file)"
+        )
     for group in zip_longest(*streams):
         for item in group:
             if item is not None and item.tokens:
@@ -109,8 +111,12 @@ def _file_items(path: Path, encode, encode_chat, seq_len: int, respond: int) -> 
         except ValueError:
             raise InvalidRequestError(f"{path}:{n}: not a JSON line") from None
         if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-            yield Item(f"{path.name}:{n}", encode_chat(obj["prompt"])[: seq_len - respond], respond > 0)
+            yield Item(
+                f"{path.name}:{n}", encode_chat(obj["prompt"])[: seq_len - respond], respond > 0
+            )
         elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
-            yield from (Item(f"{path.name}:{n}", c, False) for c in _chunks(encode(obj["text"]), seq_len))
+            yield from (
+                Item(f"{path.name}:{n}", c, False) for c in _chunks(encode(obj["text"]), seq_len)
+            )
         else:
-            raise InvalidRequestError(f"{path}:{n}: expected {{\"text\": ...}} or {{\"prompt\": ...}}")
+            raise InvalidRequestError(f'{path}:{n}: expected {{"text": ...}} or {{"prompt": ...}}')

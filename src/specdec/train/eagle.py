@@ -82,7 +82,13 @@ class Meter:
     """Progress of a stage on stderr: a line every ``every`` seconds (and at the end)."""
 
     def __init__(self, what: str, total: float, unit: str, enabled: bool, every: float = 15.0):
-        self.what, self.total, self.unit, self.enabled, self.every = what, total, unit, enabled, every
+        self.what, self.total, self.unit, self.enabled, self.every = (
+            what,
+            total,
+            unit,
+            enabled,
+            every,
+        )
         self.start = self.last = time.perf_counter()
         self.done0: float | None = None
 
@@ -94,7 +100,11 @@ class Meter:
             return
         self.last = now
         rate = (done - self.done0) / max(now - self.start, 1e-9)
-        eta = f", ETA {_minutes((self.total - done) / rate)}" if rate > 0 and done < self.total else ""
+        eta = (
+            f", ETA {_minutes((self.total - done) / rate)}"
+            if rate > 0 and done < self.total
+            else ""
+        )
         print(
             f"specdec: train eagle: {self.what}: {done:,.0f}/{self.total:,.0f} {self.unit} "
             f"({rate:,.0f}/s{eta}){extra}",
@@ -204,7 +214,9 @@ def save_checkpoint(folder: Path, head: EagleHead, opt, pos: Position, cfg: Trai
     tensors = {}
     for idx, s in state["state"].items():
         for key, value in s.items():
-            tensors[f"{idx}.{key}"] = value.detach().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{idx}.{key}"] = (
+                value.detach().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+            )
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     meta = {"position": asdict(pos), "config": asdict(cfg), "param_groups": state["param_groups"]}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -272,7 +284,9 @@ def train(
     if resume and vocab_file.exists():
         d2t = torch.tensor(json.loads(vocab_file.read_text()), dtype=torch.long)
     else:
-        d2t = draft_tokens(store, model.config.vocab_size, cfg.draft_vocab, gen.tokenizer.eos_token_ids)
+        d2t = draft_tokens(
+            store, model.config.vocab_size, cfg.draft_vocab, gen.tokenizer.eos_token_ids
+        )
         vocab_file.write_text(json.dumps(d2t.tolist()))
     head = EagleHead.for_target(model, gen.name, d2t, seed=cfg.seed)
     weight = head_rows(model, head.d2t).float()

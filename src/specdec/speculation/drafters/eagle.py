@@ -91,7 +91,9 @@ class HeadDraft:
         self.model, self.fc, self.config = model, fc, target.config
         self.vocab = target.config.vocab_size
         self.rows = head.d2t.clone()
-        self.cache = model.new_cache(capacity=256, max_capacity=target.config.max_position_embeddings)
+        self.cache = model.new_cache(
+            capacity=256, max_capacity=target.config.max_position_embeddings
+        )
         d = cfg.hidden_size
         self.real = torch.zeros(0, d, dtype=dtype)  # the target's normed features by position
         self.n_real = 0
@@ -137,7 +139,9 @@ class HeadDraft:
         if self.parents is not None:
             return self.out[self.parents[i]]
         if position - 1 < self.n_real:
-            return self.real[position - 1] if position > 0 else self.real.new_zeros(self.real.shape[1])
+            return (
+                self.real[position - 1] if position > 0 else self.real.new_zeros(self.real.shape[1])
+            )
         if i == 0 and slot > 0:  # a drafted token: the head's own output before it
             return self.out[slot - 1]
         if self.measuring:
@@ -150,9 +154,9 @@ class HeadDraft:
         if positions is None:
             positions = range(start, start + n)
         positions = list(positions)
-        feats = torch.stack(
-            [self._feature(i, start + i, p) for i, p in enumerate(positions)]
-        ).to(self.real.dtype)
+        feats = torch.stack([self._feature(i, start + i, p) for i, p in enumerate(positions)]).to(
+            self.real.dtype
+        )
         self.parents = None
         t = torch.as_tensor(tokens, dtype=torch.long)
         x = self.fc(torch.cat([self.model.embed(t).to(feats.dtype), feats], dim=-1))

@@ -1,0 +1,1 @@
+"""Training drafters here: data from the target itself, features on disk, heads in the cache."""
