@@ -234,3 +234,32 @@ def test_the_auto_command_lists_and_forgets_records(tmp_path, monkeypatch, capsy
     assert [r["identity"] for r in json.loads(capsys.readouterr().out)] == [
         "m2|file|bfloat16|none|cpu"
     ]
+
+
+def test_a_trained_head_is_an_arm_and_its_features_follow_every_step(tmp_path, monkeypatch):
+    """With a head in the cache for the model, 'eagle' is an arm; chosen at random steps
+    (so it often catches up after steps it did not run), the output is the target's."""
+    from test_contract import eagle_head, switching
+
+    from specdec.models.eagle_head import EagleHead, head_folder
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    model = random_transformer("qwen2", seed=4, vocab=32)
+    tok = CharTokenizer(32)
+    ctx = BuildContext(tokenizer=tok, vocab_size=32, target=NativeTarget(model), model="tiny")
+    options = {"drafters": "pld,eagle", "remember": False}
+    without = get_method("auto").build(ctx, options)
+    assert set(without.arms) == {"pld", "ar"}  # no head trained: no arm, no error
+    EagleHead.load(eagle_head(model, seed=3)).to(model.dtype).save(head_folder("tiny"))
+    drafter = switching(get_method("auto").build(ctx, options), seed=1)
+    assert set(drafter.arms) == {"pld", "eagle", "ar"}
+    prompt = [1, 2, 3, 1, 2, 3, 4]
+    ref = Generation()
+    got = Generation()
+    for result, d in ((ref, None), (got, drafter)):
+        for _ in Engine(NativeTarget(model, capacity=8), tok).stream(
+            prompt, max_new_tokens=60, drafter=d, result=result, ignore_eos=True
+        ):
+            pass
+    assert got.token_ids == ref.token_ids
+    assert got.stats.drafters["eagle"]["steps"] > 3

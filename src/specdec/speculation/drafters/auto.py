@@ -13,6 +13,9 @@ kept per sampling mode, and, with ``remember``, in the cache per target model,
 weights, device and machine, so that a process starts from what the last one learnt
 (`specdec auto --reset` forgets it).
 
+An EAGLE head (``eagle``, when `specdec train eagle` made one for the model) is an arm
+like a draft model; it reads the target's hidden states of every step, chosen or not.
+
 A draft model reads the prompt the first time it is chosen in a request: a cost of the
 request, not of its steps, so it is timed apart and, once measured, weighed before the
 model is first chosen (spread over the tokens left: on a long prompt with few tokens to
@@ -52,7 +55,8 @@ class AutoOptions(Options):
     drafters: str = option(
         "pld,ngram-cache,draft",
         "the methods to choose among, comma-separated; 'draft': one arm per draft model "
-        "and weight format (plain decoding is always among them)",
+        "and weight format; 'eagle': the model's trained head, if there is one (plain "
+        "decoding is always among them)",
     )
     draft_model: str | None = option(
         None,
@@ -208,6 +212,13 @@ class AutoDrafter(Drafter):
                 raise InvalidRequestError("auto cannot choose among autos")
             if name == "draft":
                 arms += cls._draft_arms(ctx, o)
+                continue
+            if name == "eagle":
+                try:
+                    drafter = get_method("eagle").build(ctx, {})
+                except InvalidRequestError:
+                    continue  # no head trained for this model, or a target without features
+                arms.append(Arm(name, drafter, peek=False))
                 continue
             drafter = get_method(name).build(ctx, {})
             arms.append(Arm(name, drafter, peek=not drafter.runs_a_model))
