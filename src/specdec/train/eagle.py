@@ -11,8 +11,9 @@ Stages, each resumable (a run cut short continues where its files say):
    on the target's features, steps 2.. on its own, as when drafting; EAGLE-3's
    training-time test) against the target's own next-token distribution (cross-entropy
    over the draft vocabulary) and, at step 1, the target's feature (smooth L1, EAGLE-1's
-   regression loss); AdamW. A checkpoint (weights, optimiser, position) is written each
-   ``checkpoint_s`` and at the end; a resumed run equals an uninterrupted one.
+   regression loss, here on unit-RMS rows); AdamW. A checkpoint (weights, optimiser,
+   position) is written each ``checkpoint_s`` and at the end; a resumed run equals an
+   uninterrupted one.
 4. evaluation on held-out sequences: top-1 agreement with the target per drafting depth,
    and the chain acceptance it implies; then the head is written to its folder.
 
@@ -181,7 +182,9 @@ def sequence_loss(
         scale = inputs.pow(2).mean(-1, keepdim=True).sqrt() * cfg.noise
         inputs = inputs + torch.randn(inputs.shape, generator=generator) * scale
     steps = head.unrolled_forward(target, tokens, inputs, cfg.unroll, weight)
-    loss = cfg.reg_weight * F.smooth_l1_loss(target.norm(steps[0][0]), feats)
+    # the feature regression on unit-RMS rows: the target's norm weights (about 5 at the 1.5B)
+    # would otherwise scale this term, and its balance with the classification, per model
+    loss = cfg.reg_weight * F.smooth_l1_loss(_unit(steps[0][0]), _unit(hidden))
     agree = []
     for k, (_, logits) in enumerate(steps, start=1):
         rows = slice(k - 1, None)  # rows with a committed prefix at this depth
@@ -190,6 +193,10 @@ def sequence_loss(
         loss = loss + cfg.cls_weight * ce
         agree.append((int((logits[rows].argmax(-1) == best[rows]).sum()), logp.shape[0]))
     return loss, agree
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 @dataclass
@@ -324,7 +331,11 @@ def train(
             pos.seconds = time.perf_counter() - run_start
             recent = (recent + [float(loss.detach())])[-50:]
             done = pos.trained_tokens if budget_tokens < math.inf else pos.seconds
-            meter.update(done, f", epoch {pos.epoch + 1}, loss {sum(recent) / len(recent):.3f}")
+            meter.update(
+                done,
+                f", {pos.trained_tokens:,} tokens ({pos.trained_tokens / pos.seconds:.0f}/s), "
+                f"epoch {pos.epoch + 1}, loss {sum(recent) / len(recent):.3f}",
+            )
             if time.perf_counter() - last_save > cfg.checkpoint_s:
                 save_checkpoint(work / "checkpoint", head, opt, pos, cfg)
                 last_save = time.perf_counter()
