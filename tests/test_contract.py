@@ -134,7 +134,7 @@ def eagle_options(model, tok, rng: random.Random):
     shape = rng.choice(["chain", "static", "dynamic"])
     cost = None
     if shape == "chain":
-        opts["adaptive"] = rng.choice([True, False])
+        opts.update(tree="none", adaptive=rng.choice([True, False]))
     elif shape == "static":
         opts["tree"] = ",".join(str(rng.randint(1, 3)) for _ in range(rng.randint(1, 4)))
         opts["siblings"] = rng.choice(["iid", "without-replacement", "beam"])

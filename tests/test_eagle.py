@@ -77,7 +77,9 @@ def context(model, tok, head_dir, cost=None):
     )
 
 
-@pytest.mark.parametrize("options", [{}, {"num_draft_tokens": 1}, {"tree": "2,2,1"}])
+@pytest.mark.parametrize(
+    "options", [{"tree": "none"}, {"tree": "none", "num_draft_tokens": 1}, {"tree": "2,2,1"}]
+)
 def test_each_draft_reads_the_committed_features(options, tmp_path):
     """The first drafted token is the head's prediction on the committed sequence with the
     target's own features: the runtime's bookkeeping of features across steps (accepted
@@ -208,7 +210,7 @@ def test_training_learns_the_target(tiny, tmp_path):
     assert trained["top1_by_depth"][1] > untrained["top1_by_depth"][1]
     # and it drafts what the target keeps, through the engine
     res = gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="eagle",
-                       head=str(tmp_path / "head"), ignore_eos=True)  # fmt: skip
+                       head=str(tmp_path / "head"), tree="none", ignore_eos=True)  # fmt: skip
     assert res.token_ids == gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="ar",
                                          ignore_eos=True).token_ids  # fmt: skip
     assert res.stats.accepted > 0

@@ -196,7 +196,7 @@ CASES: dict[str, tuple[str, dict, SamplingParams]] = {
         SHAPED,
     ),
     # an EAGLE head (random) on the target's features: chains and trees of its samples
-    "eagle-chain-k3": ("eagle", {"num_draft_tokens": 3}, T1),
+    "eagle-chain-k3": ("eagle", {"num_draft_tokens": 3, "tree": "none"}, T1),
     "eagle-tree-2,2,1": ("eagle", {"tree": "2,2,1", "siblings": "without-replacement"}, SHAPED),
     "eagle-dynamic+pld": (
         "eagle+pld",

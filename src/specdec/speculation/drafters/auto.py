@@ -214,8 +214,10 @@ class AutoDrafter(Drafter):
                 arms += cls._draft_arms(ctx, o)
                 continue
             if name == "eagle":
+                shape = o.tree or ("dynamic" if ctx.pass_cost is not None else "none")
+                given = {"num_draft_tokens": o.num_draft_tokens, "tree": shape}
                 try:
-                    drafter = get_method("eagle").build(ctx, {})
+                    drafter = get_method("eagle").build(ctx, given)
                 except InvalidRequestError:
                     continue  # no head trained for this model, or a target without features
                 arms.append(Arm(name, drafter, peek=False))

@@ -109,7 +109,7 @@ class DraftingOptions(Options):
     @property
     def branching(self) -> list[int] | None:
         """A static tree's children per node at each depth, or None."""
-        if not self.tree or self.dynamic:
+        if not self.tree or self.dynamic or str(self.tree).strip().lower() in ("none", "chain"):
             return None
         try:
             return [int(x) for x in str(self.tree).split(",")]

@@ -40,6 +40,13 @@ from specdec.speculation.tree import DraftTree
 @dataclass(frozen=True)
 class EagleOptions(DraftingOptions):
     method: ClassVar[str] = "eagle"
+    tree: str | None = option(
+        "dynamic",
+        "'dynamic' (EAGLE-2: grown by the head's path probability, sized by the measured "
+        "pass costs), a static shape (children per node at each depth, e.g. 3,2,1), or "
+        "none: a chain of num_draft_tokens",
+        parse=optional_str,
+    )
     head: str | None = option(
         None,
         "the head's folder; default: the one `specdec train eagle --model MODEL` made",
@@ -91,6 +98,8 @@ class HeadDraft:
         self.model, self.fc, self.config = model, fc, target.config
         self.vocab = target.config.vocab_size
         self.rows = head.d2t.clone()
+        if hasattr(target.lm_head, "rows"):  # a quantised head's subset: built once, now
+            target.lm_head.rows(self.rows)
         self.cache = model.new_cache(
             capacity=256, max_capacity=target.config.max_position_embeddings
         )
