@@ -185,7 +185,8 @@ def train_config(corpus, **kw):
     from specdec.train.eagle import TrainConfig
 
     base = dict(data=str(corpus), minutes=None, tokens=3000, feature_tokens=1200, seq_len=48,
-                respond=0, draft_vocab=200, unroll=2, lr=3e-3, checkpoint_s=1e9)  # fmt: skip
+                respond=0, draft_vocab=200, unroll=2, lr=3e-3, checkpoint_s=1e9,
+                engine_prompts=0)  # fmt: skip
     return TrainConfig(**{**base, **kw})
 
 
@@ -194,9 +195,10 @@ def test_training_learns_the_target(tiny, tmp_path):
     from specdec.train.eagle import FeatureStore, evaluate, train
 
     gen, corpus, _ = tiny
-    cfg = train_config(corpus, tokens=12_000)
+    cfg = train_config(corpus, tokens=12_000, engine_prompts=1, engine_tokens=20)
     report = train(gen, cfg, out=tmp_path / "head", work=tmp_path / "work", progress=False)
     trained = report["evaluation"]
+    assert report["engine"]["prompts"] == 1 and report["engine"]["identical"] == 1
     # the same held-out sequences through an untrained head
     model = gen.target.model
     head = EagleHead.load(tmp_path / "head")
@@ -256,3 +258,30 @@ def test_train_cli_refuses_bad_input(tiny, tmp_path, monkeypatch, capsys, args, 
     err = capsys.readouterr().err
     assert code != 0 and message in err and "Traceback" not in err
     assert not list((tmp_path / "cache").glob("heads/*/eagle/config.json"))
+
+
+def test_training_prompts_are_never_benchmark_questions():
+    from specdec.bench.questions import load_dataset
+    from specdec.train.corpus import HELD_OUT, held_out_prompts
+
+    trained = {source for source, _ in held_out_prompts()}
+    for name, skip in HELD_OUT.items():
+        benched = load_dataset(name).select(limit=skip).questions
+        assert benched and not {f"{name}:{q.question_id}" for q in benched} & trained
+    assert len(trained) > 1000
+
+
+def test_a_feature_store_keeps_what_its_index_lists(tmp_path):
+    from specdec.train.features import FeatureStore
+
+    store = FeatureStore(tmp_path, 4, "model-a")
+    store.append([1, 2, 3], torch.arange(12.0).view(3, 4), "x")
+    with open(tmp_path / "tokens.bin", "ab") as f:  # a run cut short mid-append
+        f.write(b"\x07\x00")
+    again = FeatureStore(tmp_path, 4, "model-a")
+    assert len(again) == 1 and again.tokens == 3
+    tokens, hidden = again.sequence(0)
+    assert tokens.tolist() == [1, 2, 3] and torch.equal(hidden, torch.arange(12.0).view(3, 4))
+    again.append([4], torch.ones(1, 4))
+    assert again.sequence(1)[0].tolist() == [4]
+    assert len(FeatureStore(tmp_path, 4, "model-b")) == 0  # another model's: started again

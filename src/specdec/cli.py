@@ -556,6 +556,7 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
         f"head for {gen.name}: {report['trained_tokens']:,} training tokens in "
         f"{report['train_seconds'] / 60:.1f} min; held-out top-1 by depth "
         f"{', '.join(f'{a:.2f}' for a in ev['top1_by_depth'])}"
+        + (f"; tau {report['engine']['tau_chain4']:.2f} (chain of 4)" if "engine" in report else "")
     )
     return 0
 

@@ -15,7 +15,8 @@ Stages, each resumable (a run cut short continues where its files say):
    position) is written each ``checkpoint_s`` and at the end; a resumed run equals an
    uninterrupted one.
 4. evaluation on held-out sequences: top-1 agreement with the target per drafting depth,
-   and the chain acceptance it implies; then the head is written to its folder.
+   and the chain acceptance it implies; then the head is written to its folder, and τ
+   through the engine is measured on a few chat questions (``engine_prompts``).
 
 Deviations from the papers: the head trains on far less data (a CPU hour of features,
 not ShareGPT's 68k dialogues); the loss weights are EAGLE-1's (regression 1, classification
@@ -62,6 +63,8 @@ class TrainConfig:
     cls_weight: float = 0.1
     held_out: float = 0.05  # share of the store's sequences kept for evaluation
     checkpoint_s: float = 60.0
+    engine_prompts: int = 2  # held-out prompts generated through the engine at the end
+    engine_tokens: int = 96
     seed: int = 0
 
     def check(self) -> None:
@@ -355,7 +358,39 @@ def train(
         "machine_threads": torch.get_num_threads(),
     }
     head.save(out)
+    if cfg.engine_prompts > 0:
+        head.config.training["engine"] = engine_check(gen, out, cfg)
+        head.save(out)
     return head.config.training
+
+
+def engine_check(gen, folder: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """τ of the new head through the engine (a greedy chain of 4) on the first
+    ``engine_prompts`` held-out questions of Spec-Bench's chat category, and whether the
+    output is the model's own."""
+    from specdec.bench.questions import load_dataset
+
+    questions = load_dataset("spec-bench").select(["mt_bench"], limit=cfg.engine_prompts)
+    drafter = gen.drafter("eagle", head=str(folder), tree="none", num_draft_tokens=4)
+    passes = tokens = same = 0
+    for q in questions.questions:
+        ids = gen.prompt_ids(q.turns[0])
+        runs = []
+        for d in (drafter, None):
+            res = Generation()
+            for _ in gen.engine.stream(
+                ids, max_new_tokens=cfg.engine_tokens, drafter=d, result=res
+            ):
+                pass
+            runs.append(res)
+        passes += runs[0].stats.target_passes
+        tokens += runs[0].stats.new_tokens
+        same += runs[0].token_ids == runs[1].token_ids
+    return {
+        "prompts": len(questions.questions),
+        "tau_chain4": round(tokens / max(1, passes), 3),
+        "identical": same,
+    }
 
 
 @torch.no_grad()
