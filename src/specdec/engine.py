@@ -126,9 +126,12 @@ class Engine:
         rows.append(last)
         self.target.reset()
         features = drafter.needs_features
-        prompt_logits = self.target.forward(prompt_ids, logits_rows=rows, return_hidden=features)
-        if features:
-            prompt_logits, prompt_hidden = prompt_logits
+        if features:  # only then: a target without hidden states takes no such argument
+            prompt_logits, prompt_hidden = self.target.forward(
+                prompt_ids, logits_rows=rows, return_hidden=True
+            )
+        else:
+            prompt_logits = self.target.forward(prompt_ids, logits_rows=rows)
         stats.target_passes += 1
         logits = prompt_logits[-1:]
         first = verifier.verify(DraftTree(), probabilities(logits, sampling), sampling, rng).bonus
