@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -235,8 +236,6 @@ def save_checkpoint(folder: Path, head: EagleHead, opt, pos: Position, cfg: Trai
         os.replace(folder, old)
     os.replace(tmp, folder)
     if old.exists():
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -279,8 +278,6 @@ def train(
     identity = f"{gen.identity}|{cfg.seq_len}|{cfg.respond}|{cfg.data}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     if not resume and work.exists():
-        import shutil
-
         shutil.rmtree(work / "checkpoint", ignore_errors=True)
     store = FeatureStore(work / f"features-{key}", model.config.hidden_size, identity)
     t0 = time.perf_counter()

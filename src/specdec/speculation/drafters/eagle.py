@@ -60,7 +60,7 @@ class EagleOptions(DraftingOptions):
     )
 
 
-class HeadDraft:
+class HeadDraft(NativeTarget):
     """An EAGLE head on its target, as a draft `Target`: a one-layer `Transformer` that
     shares the target's embedding, final norm and LM head, and whose every input row
     carries a feature: the target's (`add_features`) for a committed token, the head's own
@@ -95,14 +95,12 @@ class HeadDraft:
             quantise_linears(model, packed)
             fc = QuantLinear(float_parts(fc.weight.float(), quant), fc.bias)
             attach_native_layers(model)
-        self.model, self.fc, self.config = model, fc, target.config
+        super().__init__(model, capacity=256)  # its cache: up to the target's context
+        self.fc, self.config = fc, target.config
         self.vocab = target.config.vocab_size
         self.rows = head.d2t.clone()
         if hasattr(target.lm_head, "rows"):  # a quantised head's subset: built once, now
             target.lm_head.rows(self.rows)
-        self.cache = model.new_cache(
-            capacity=256, max_capacity=target.config.max_position_embeddings
-        )
         d = cfg.hidden_size
         self.real = torch.zeros(0, d, dtype=dtype)  # the target's normed features by position
         self.n_real = 0
@@ -110,20 +108,9 @@ class HeadDraft:
         self.parents: list[int] | None = None  # the next pass's rows' parent slots (a tree)
         self.measuring = False  # a cost measurement: missing features are zeros
 
-    @property
-    def length(self) -> int:
-        return self.cache.length
-
-    @property
-    def max_length(self) -> int:
-        return self.cache.max_capacity
-
     def reset(self) -> None:
-        self.cache.reset()
+        super().reset()
         self.n_real = 0
-
-    def rollback(self, n: int) -> None:
-        self.cache.rollback(n)
 
     def keep(self, indices: list[int]) -> None:
         raise NotImplementedError("a head's tree slots are rolled back, never kept")
@@ -251,19 +238,14 @@ def head_pass_cost(draft: HeadDraft, folder: Path, quant: str, ctx: BuildContext
     """The head's pass-cost curve, measured once per head file, format and machine."""
     from specdec.models.pass_cost import cached_pass_cost, measure_pass_cost
 
-    draft.measuring = True
-    try:
-        if not ctx.identity:  # a target known by no name (tests): measured, not kept
-            return measure_pass_cost(draft, budget_s=2.0)
-    finally:
-        draft.measuring = False
-        draft.reset()
     weights = folder / "head.safetensors"
     st = weights.stat()
     stamp = hashlib.sha256(f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     identity = f"eagle head|{stamp.hexdigest()[:16]}|{quant}|{ctx.identity}"
     draft.measuring = True
     try:
+        if not ctx.identity:  # a target known by no name (tests): measured, not kept
+            return measure_pass_cost(draft, budget_s=2.0)
         return cached_pass_cost(draft, identity, progress=ctx.progress)
     finally:
         draft.measuring = False
