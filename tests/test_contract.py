@@ -109,12 +109,12 @@ def cross_vocab_options(model, tok, rng: random.Random):
     return opts, context(model, tok, draft=NativeTarget(draft, capacity=4), draft_tokenizer=dtok)
 
 
-def eagle_head(model, seed: int, subset: int | None = None) -> str:
+def eagle_head(model, seed: int, subset: int | None = None, version: int = 1) -> str:
     """A random EAGLE head for ``model`` (weights large enough to matter), in a folder."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     tokens = torch.randperm(vocab, generator=g)[:subset] if subset else None
-    head = EagleHead.for_target(model, "random", tokens, seed=seed)
+    head = EagleHead.for_target(model, "random", tokens, seed=seed, version=version)
     with torch.no_grad():
         for name, p in head.named_parameters():
             if not name.endswith("norm.weight"):
@@ -125,11 +125,12 @@ def eagle_head(model, seed: int, subset: int | None = None) -> str:
 
 
 def eagle_options(model, tok, rng: random.Random):
-    """An EAGLE head (random; its draft vocabulary a subset, maybe) drafting a chain, a
-    static tree or a dynamic one (its pass costs measured on the spot)."""
+    """An EAGLE head (random, EAGLE-1 or EAGLE-3; its draft vocabulary a subset, maybe)
+    drafting a chain, a static tree or a dynamic one (its pass costs measured on the spot)."""
     vocab = model.config.vocab_size
     subset = rng.choice([None, rng.randint(1, vocab)])
-    opts = {"head": eagle_head(model, rng.randrange(1000), subset),
+    version = rng.choice([1, 3])
+    opts = {"head": eagle_head(model, rng.randrange(1000), subset, version),
             "num_draft_tokens": rng.randint(1, 6)}  # fmt: skip
     shape = rng.choice(["chain", "static", "dynamic"])
     cost = None

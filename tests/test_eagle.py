@@ -20,40 +20,69 @@ from specdec.speculation.drafters.eagle import HeadDraft
 from specdec.speculation.methods import get_method
 
 
-def random_head(model, seed=0, subset=None, scale=0.3):
-    """A head with weights large enough that its layer matters (float64, like ``model``)."""
+def random_head(model, seed=0, subset=None, scale=0.3, version=1):
+    """A head with weights large enough that its layer matters (float64, like ``model``);
+    version 3 reads every layer's input and the last layer's output."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     tokens = None
     if subset:
         tokens = torch.randperm(vocab, generator=g)[:subset]
-    head = EagleHead.for_target(model, "random", tokens, seed=seed)
+    layers = tuple(range(model.config.num_layers + 1)) if version == 3 else ()
+    head = EagleHead.for_target(model, "random", tokens, seed=seed, version=version,
+                                feature_layers=layers)  # fmt: skip
     with torch.no_grad():
         for name, p in head.named_parameters():
             if not name.endswith("norm.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+            elif version == 3:  # norms away from 1 and from each other
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
     return head.to(torch.float64)
 
 
-def target_features(model, tokens):
-    """The target's hidden states at every position of ``tokens`` (a fresh pass)."""
+def target_features(model, tokens, head=None):
+    """The target's hidden states at every position of ``tokens`` (a fresh pass), at the
+    layers ``head`` reads (default: the last layer's output)."""
     target = NativeTarget(model)
-    _, hidden = target.forward(tokens, return_hidden=True)
-    return hidden
+    layers = head.config.feature_layers if head is not None else None
+    _, hidden = target.forward(tokens, return_hidden=True, hidden_layers=layers)
+    return hidden.clone()  # not an inference tensor: the head's layers track gradients
 
 
-def head_inputs(model, hidden):
-    feats = model.norm(hidden)
+def head_inputs(model, hidden, head=None):
+    if head is None:
+        feats = model.norm(hidden)
+    else:
+        feats = head.committed_features(model, hidden)
     return torch.cat([feats.new_zeros(1, feats.shape[1]), feats[:-1]])
 
 
-@pytest.mark.parametrize("subset", [None, 7])
-def test_runtime_computes_what_training_optimises(subset):
+def test_hidden_layers_are_the_residual_stream_entering_each_layer():
+    model = random_transformer("llama", seed=2, vocab=20)
+    tokens = [1, 5, 2, 7]
+    n = model.config.num_layers
+    _, last = NativeTarget(model).forward(tokens, return_hidden=True)
+    _, every = NativeTarget(model).forward(
+        tokens, return_hidden=True, hidden_layers=list(range(n + 1))
+    )
+    d = model.config.hidden_size
+    torch.testing.assert_close(every[:, :d], model.embed(torch.tensor(tokens)))
+    torch.testing.assert_close(every[:, n * d :], last)
+    for i in range(1, n):  # the first i layers' output is layer i's input
+        _, part = NativeTarget(model).forward(tokens, return_hidden=True, layers=list(range(i)))
+        torch.testing.assert_close(every[:, i * d : (i + 1) * d], part)
+    with pytest.raises(ValueError, match="not one of"):
+        NativeTarget(model).forward(tokens, return_hidden=True, hidden_layers=[n + 1])
+
+
+@pytest.mark.parametrize("version,subset", [(1, None), (1, 7), (3, None), (3, 7)])
+def test_runtime_computes_what_training_optimises(version, subset):
     model = random_transformer("qwen2", seed=3, vocab=40)
-    head = random_head(model, seed=1, subset=subset)
+    head = random_head(model, seed=1, subset=subset, version=version)
     tokens = [random.Random(0).randrange(40) for _ in range(12)]
-    hidden = target_features(model, tokens)
-    steps = head.unrolled_forward(model, torch.tensor(tokens), head_inputs(model, hidden), 3)
+    hidden = target_features(model, tokens, head)
+    inputs = head_inputs(model, hidden, head)
+    steps = head.unrolled_forward(model, torch.tensor(tokens), inputs, 3)
     for cut in (1, 5, 9):  # committed tokens[:cut]; then drafted tokens[cut], tokens[cut + 1]
         draft = HeadDraft(head, model)
         draft.add_features(hidden[: cut - 1])
@@ -78,14 +107,21 @@ def context(model, tok, head_dir, cost=None):
 
 
 @pytest.mark.parametrize(
-    "options", [{"tree": "none"}, {"tree": "none", "num_draft_tokens": 1}, {"tree": "2,2,1"}]
+    "options,version",
+    [
+        ({"tree": "none"}, 1),
+        ({"tree": "none", "num_draft_tokens": 1}, 1),
+        ({"tree": "2,2,1"}, 1),
+        ({"tree": "none"}, 3),
+        ({"tree": "2,2,1"}, 3),
+    ],
 )
-def test_each_draft_reads_the_committed_features(options, tmp_path):
+def test_each_draft_reads_the_committed_features(options, version, tmp_path):
     """The first drafted token is the head's prediction on the committed sequence with the
     target's own features: the runtime's bookkeeping of features across steps (accepted
     drafts run again with real features) is right."""
     model = random_transformer("llama", seed=5, vocab=24)
-    head = random_head(model, seed=2)
+    head = random_head(model, seed=2, version=version)
     head.save(tmp_path / "head")
     tok = CharTokenizer(vocab=24)
     drafter = get_method("eagle").build(
@@ -99,8 +135,8 @@ def test_each_draft_reads_the_committed_features(options, tmp_path):
         if not len(tree):  # the last token: nothing to draft
             return tree
         toks = torch.tensor(state.tokens)
-        hidden = target_features(model, state.tokens[:-1])
-        inputs = head_inputs(model, torch.cat([hidden, hidden[-1:]]))  # last row unused
+        hidden = target_features(model, state.tokens[:-1], head)
+        inputs = head_inputs(model, torch.cat([hidden, hidden[-1:]]), head)  # last row unused
         _, logits = head.sequence_forward(model, toks, inputs)
         assert tree.tokens[0] == int(head.d2t[logits[-1].argmax()])
         checked.append(len(state.tokens))
@@ -190,24 +226,28 @@ def train_config(corpus, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_training_learns_the_target(tiny, tmp_path):
+@pytest.mark.parametrize("version", [1, 3])
+def test_training_learns_the_target(tiny, tmp_path, version):
     from specdec.models.eagle_head import head_rows
-    from specdec.train.eagle import FeatureStore, evaluate, train
+    from specdec.train.eagle import FeatureStore, evaluate, stored_layers, train
 
     gen, corpus, _ = tiny
-    cfg = train_config(corpus, tokens=12_000, engine_prompts=1, engine_tokens=20)
+    cfg = train_config(corpus, tokens=12_000, engine_prompts=1, engine_tokens=20,
+                       version=version)  # fmt: skip
     report = train(gen, cfg, out=tmp_path / "head", work=tmp_path / "work", progress=False)
     trained = report["evaluation"]
     assert report["engine"]["prompts"] == 1 and report["engine"]["identical"] == 1
     # the same held-out sequences through an untrained head
     model = gen.target.model
     head = EagleHead.load(tmp_path / "head")
-    fresh = EagleHead.for_target(model, "fresh", head.d2t, seed=1)
+    assert head.version == version
+    fresh = EagleHead.for_target(model, "fresh", head.d2t, seed=1, version=version)
     store = next((tmp_path / "work").glob("features-*"))
-    store = FeatureStore(store, model.config.hidden_size, json_identity(store))
+    width = model.config.hidden_size * len(stored_layers(version, model.config.num_layers))
+    store = FeatureStore(store, width, json_identity(store))
     held = list(range(report["sequences"], len(store)))
     untrained = evaluate(fresh, model, head_rows(model, head.d2t), store, held, cfg)
-    assert trained["loss"] < 0.7 * untrained["loss"]
+    assert trained["loss"] < (0.7 if version == 1 else 0.9) * untrained["loss"]
     assert trained["top1_by_depth"][0] > untrained["top1_by_depth"][0] + 0.2
     assert trained["top1_by_depth"][1] > untrained["top1_by_depth"][1]
     # and it drafts what the target keeps, through the engine
@@ -285,3 +325,65 @@ def test_a_feature_store_keeps_what_its_index_lists(tmp_path):
     again.append([4], torch.ones(1, 4))
     assert again.sequence(1)[0].tolist() == [4]
     assert len(FeatureStore(tmp_path, 4, "model-b")) == 0  # another model's: started again
+
+
+def test_speculators_export_reads_back_to_the_same_drafts(tmp_path, capsys):
+    """An EAGLE-3 head written in vLLM's format (speculators) and read back drafts the same
+    logits; the files say what vLLM needs; what cannot be exported or read is refused."""
+    import json
+
+    from specdec.cli import main
+    from specdec.models.speculators_format import export_head, import_head
+
+    model = random_transformer("qwen2", seed=3, vocab=40)
+    head = random_head(model, seed=4, subset=9, version=3).float()
+    head.save(tmp_path / "ours")
+    assert main(["export", "eagle", "--head", str(tmp_path / "ours"), "--out",
+                 str(tmp_path / "vllm"), "--verifier", "org/model"]) == 0  # fmt: skip
+    config = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert config["speculators_model_type"] == "eagle3" and config["draft_vocab_size"] == 9
+    assert config["speculators_config"]["verifier"]["name_or_path"] == "org/model"
+    assert config["eagle_aux_hidden_state_layer_ids"] == list(head.config.feature_layers)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "vllm" / "model.safetensors"))
+    assert weights["layers.0.self_attn.q_proj.weight"].shape[1] == 2 * model.config.hidden_size
+    assert (weights["d2t"] + torch.arange(9)).tolist() == head.d2t.tolist()
+    assert int(weights["t2d"].sum()) == 9 and "embed_tokens.weight" not in weights
+    again = import_head(tmp_path / "vllm")
+    for key, value in head.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    tokens = [random.Random(1).randrange(40) for _ in range(10)]
+    hidden = target_features(model.float(), tokens, head)
+    drafts = []
+    for h in (head, again):
+        draft = HeadDraft(h, model.float())
+        draft.add_features(hidden[:-1])
+        drafts.append(torch.stack([draft.forward(tokens)[-1], draft.forward([5])[-1]]))
+    assert torch.equal(drafts[0], drafts[1])
+    # `--method eagle` reads the exported folder as it is
+    ctx = context(model.float(), CharTokenizer(vocab=40), tmp_path)
+    drafter = get_method("eagle").build(ctx, {"head": str(tmp_path / "vllm"), "tree": "none"})
+    assert drafter.feature_layers == head.config.feature_layers
+    # refused: an EAGLE-1 head, a folder in use, a damaged or foreign checkpoint
+    v1 = random_head(model, version=1).float()
+    with pytest.raises(HeadError, match="only EAGLE-3"):
+        export_head(v1, tmp_path / "v1", "x")
+    assert main(["export", "eagle", "--head", str(tmp_path / "ours"), "--out",
+                 str(tmp_path / "vllm")]) != 0  # fmt: skip
+    assert "not empty" in capsys.readouterr().err
+    config["norm_output"] = True
+    (tmp_path / "vllm" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HeadError, match="norm_output"):
+        import_head(tmp_path / "vllm")
+    config["norm_output"] = False
+    (tmp_path / "vllm" / "config.json").write_text(json.dumps(config))
+    weights.pop("fc.weight")
+    from safetensors.torch import save_file
+
+    save_file(weights, str(tmp_path / "vllm" / "model.safetensors"))
+    with pytest.raises(HeadError, match="fc.weight"):
+        import_head(tmp_path / "vllm")
+    other = random_transformer("qwen2", seed=3, vocab=41)
+    with pytest.raises(HeadError, match="vocab_size"):
+        HeadDraft(again, other)

@@ -126,9 +126,9 @@ def cross_vocab_draft(tok):
 
 
 @functools.cache
-def random_head() -> str:
+def random_head(version: str = "1") -> str:
     """An EAGLE head for the target: random, so that its q differs from the target's p."""
-    return eagle_head(target_model(), seed=4)
+    return eagle_head(target_model(), seed=4, version=int(version))
 
 
 def build(method: str, options: dict, tok) -> Drafter:
@@ -146,7 +146,7 @@ def build(method: str, options: dict, tok) -> Drafter:
     if "rest" in method.split("+"):
         opts["datastore"] = rest_datastore(tok)
     if "eagle" in method.split("+"):
-        opts["head"] = random_head()
+        opts["head"] = random_head(opts.get("version", "1"))
     drafter = get_method(method).build(ctx, opts)
     return switching(drafter, seed=0) if method == "auto" else drafter
 
@@ -198,6 +198,7 @@ CASES: dict[str, tuple[str, dict, SamplingParams]] = {
     # an EAGLE head (random) on the target's features: chains and trees of its samples
     "eagle-chain-k3": ("eagle", {"num_draft_tokens": 3, "tree": "none"}, T1),
     "eagle-tree-2,2,1": ("eagle", {"tree": "2,2,1", "siblings": "without-replacement"}, SHAPED),
+    "eagle3-tree-2,1": ("eagle", {"version": "3", "tree": "2,1"}, T1),
     "eagle-dynamic+pld": (
         "eagle+pld",
         {"tree": "dynamic", "tree_width": 2, "tree_depth": 3, "min_ngram": 1, "max_ngram": 2,

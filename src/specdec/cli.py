@@ -1,5 +1,5 @@
 """Command line: `specdec generate | methods | bench | models | pull | datastore build | auto |
-train eagle | heads`.
+train eagle | heads | export eagle`.
 
 Errors a user can cause print one line (no traceback) and exit non-zero.
 """
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_datastore(sub)
     _add_auto(sub)
     _add_train(sub)
+    _add_export(sub)
     return parser
 
 
@@ -236,6 +237,12 @@ def _add_train(sub: Any) -> None:
         "sources), or a .txt / .jsonl file ({\"text\": ...} or {\"prompt\": ...} lines) "
         f"(default {d.data})",
     )
+    e.add_argument(
+        "--version", type=int, choices=(1, 3), default=d.version,
+        help="1: EAGLE-1 (reads the last layer; stored as the model's 'eagle' head); 3: "
+        "EAGLE-3 (three layers fused, its own LM head; 'eagle3', the one --method eagle "
+        "prefers; exportable to vLLM with `specdec export eagle`) (default 1)",
+    )  # fmt: skip
     budget = e.add_mutually_exclusive_group()
     budget.add_argument(
         "--minutes", type=float, default=None, metavar="N",
@@ -272,6 +279,38 @@ def _add_train(sub: Any) -> None:
     )
     h.add_argument("--json", action="store_true", help="print a JSON list")
     h.set_defaults(func=cmd_heads)
+
+
+def _add_export(sub: Any) -> None:
+    x = sub.add_parser(
+        "export",
+        help="write a trained head in another engine's format (vLLM's)",
+        description="Write a head trained here in a format other engines load.",
+    )
+    xsub = x.add_subparsers(dest="export_command", required=True, metavar="KIND")
+    e = xsub.add_parser(
+        "eagle",
+        help="an EAGLE-3 head as a speculators checkpoint (vLLM serves it natively)",
+        description="Write the model's EAGLE-3 head (`specdec train eagle --version 3`) as a "
+        "speculators checkpoint: config.json (speculators_model_type eagle3) and "
+        "model.safetensors, without the embedding (vLLM shares the target's). Serve it "
+        "with vLLM: --speculative-config '{\"model\": \"DIR\", \"method\": \"eagle3\", "
+        "\"num_speculative_tokens\": 3}'. `--method eagle --option head=DIR` reads such a "
+        "folder back.",
+    )
+    e.add_argument("--model", default=DEFAULT_MODEL, metavar="M",
+                   help=f"whose head (default {DEFAULT_MODEL})")  # fmt: skip
+    e.add_argument("--head", default=None, metavar="DIR",
+                   help="the head's folder (default: the model's EAGLE-3 head in the cache)")  # fmt: skip
+    e.add_argument("--format", default="speculators", choices=("speculators",),
+                   help="the checkpoint format (default speculators)")  # fmt: skip
+    e.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
+    e.add_argument("--verifier", default=None, metavar="NAME",
+                   help="the target as the other engine names it (default: the model's "
+                   "Hugging Face id when known)")  # fmt: skip
+    e.add_argument("--tokens", type=int, default=3, metavar="K",
+                   help="speculative tokens the checkpoint suggests (default 3)")  # fmt: skip
+    e.set_defaults(func=cmd_export_eagle)
 
 
 def _add_datastore(sub: Any) -> None:
@@ -538,6 +577,7 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         data=args.data,
+        version=args.version,
         minutes=args.minutes if args.minutes is not None or args.tokens else TrainConfig.minutes,
         tokens=args.tokens,
         feature_tokens=args.feature_tokens,
@@ -561,6 +601,32 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_eagle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from specdec.errors import InvalidRequestError
+    from specdec.models.catalog import KNOWN_MODELS
+    from specdec.models.eagle_head import head_folder, load_head
+    from specdec.models.speculators_format import export_head
+
+    folder = Path(args.head) if args.head else head_folder(args.model, "eagle3")
+    if not folder.exists():
+        raise InvalidRequestError(
+            f"no EAGLE-3 head at {folder}: train one with `specdec train eagle --model "
+            f"{args.model} --version 3`"
+        )
+    if args.tokens < 1:
+        raise InvalidRequestError(f"--tokens must be >= 1, got {args.tokens}")
+    head = load_head(folder)
+    name = head.config.target.get("name") or args.model
+    known = KNOWN_MODELS.get(name)
+    verifier = args.verifier or (known.hub_id if known and known.hub_id else name)
+    out = export_head(head, args.out, verifier, tokens=args.tokens)
+    print(f"wrote {out} (EAGLE-3 for {verifier}; {head.config.draft_vocab:,}-token draft "
+          f"vocabulary; reads layers {list(head.config.feature_layers)})")  # fmt: skip
+    return 0
+
+
 def cmd_heads(args: argparse.Namespace) -> int:
     from specdec.models.eagle_head import CONFIG_FILE, heads_dir
 
@@ -574,6 +640,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
         rows.append({
             "model": data.get("target", {}).get("name", cfg_file.parent.parent.name),
             "kind": data.get("kind", cfg_file.parent.name),
+            "version": data.get("version", 1),
             "folder": str(cfg_file.parent),
             "draft_vocab": data.get("draft_vocab"),
             "training": training,
@@ -587,7 +654,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
         t = r["training"]
         ev = t.get("evaluation", {})
         acc = ", ".join(f"{a:.2f}" for a in ev.get("top1_by_depth", []))
-        print(f"{r['model']}  {r['kind']}  {r['folder']}")
+        print(f"{r['model']}  {r['kind']} (EAGLE-{r['version']})  {r['folder']}")
         print(f"  trained on {t.get('trained_tokens', 0):,} tokens in "
               f"{t.get('train_seconds', 0) / 60:.1f} min ({t.get('data', '?')}); "
               f"held-out top-1 by depth: {acc or '?'}")  # fmt: skip

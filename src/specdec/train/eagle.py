@@ -10,8 +10,9 @@ Stages, each resumable (a run cut short continues where its files say):
 3. epochs: per sequence, the head's unrolled passes (`EagleHead.unrolled_forward`: step 1
    on the target's features, steps 2.. on its own, as when drafting; EAGLE-3's
    training-time test) against the target's own next-token distribution (cross-entropy
-   over the draft vocabulary) and, at step 1, the target's feature (smooth L1, EAGLE-1's
-   regression loss, here on unit-RMS rows); AdamW. A checkpoint (weights, optimiser,
+   over the draft vocabulary) and, for version 1 at step 1, the target's feature (smooth
+   L1, EAGLE-1's regression loss, here on unit-RMS rows; version 3 has none, as EAGLE-3);
+   AdamW. A checkpoint (weights, optimiser,
    position) is written each ``checkpoint_s`` and at the end; a resumed run equals an
    uninterrupted one.
 4. evaluation on held-out sequences: top-1 agreement with the target per drafting depth,
@@ -19,9 +20,10 @@ Stages, each resumable (a run cut short continues where its files say):
    through the engine is measured on a few chat questions (``engine_prompts``).
 
 Deviations from the papers: the head trains on far less data (a CPU hour of features,
-not ShareGPT's 68k dialogues); the loss weights are EAGLE-1's (regression 1, classification
-0.1) with EAGLE-3's unrolled steps added; feature noise (EAGLE-1's) is Gaussian, scaled by
-each feature row's RMS.
+not ShareGPT's 68k dialogues); version 1's loss weights are EAGLE-1's (regression 1,
+classification 0.1) with EAGLE-3's unrolled steps added; its feature noise (EAGLE-1's) is
+Gaussian, scaled by each feature row's RMS; version 3 trains without noise, on the
+classification alone, as EAGLE-3.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from safetensors.torch import load_file, save_file
 
 from specdec.engine import Generation
 from specdec.errors import InvalidRequestError
-from specdec.models.eagle_head import EagleHead, head_folder, head_rows
+from specdec.models.eagle_head import EagleHead, default_feature_layers, head_folder, head_rows
+from specdec.speculation.drafters.base import layer_features
 from specdec.train.corpus import items
 from specdec.train.features import FeatureStore
 
@@ -51,6 +54,7 @@ from specdec.train.features import FeatureStore
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = "prompts,python"
+    version: int = 1  # EAGLE-1 or EAGLE-3
     minutes: float | None = 60.0  # training time (the epochs), across resumed runs
     tokens: int | None = None  # or: training tokens (sequence tokens x steps run)
     feature_tokens: int = 150_000  # tokens of features to compute (the store's size)
@@ -79,6 +83,8 @@ class TrainConfig:
             raise InvalidRequestError(
                 f"--respond must be in [0, {self.seq_len // 2}) for --seq-len {self.seq_len}"
             )
+        if self.version not in (1, 3):
+            raise InvalidRequestError(f"--version must be 1 or 3, got {self.version}")
         if self.draft_vocab < 1 or self.unroll < 1 or self.lr <= 0:
             raise InvalidRequestError("--draft-vocab, --unroll and --lr must be positive")
 
@@ -123,8 +129,15 @@ def _minutes(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------------------- features
+def stored_layers(version: int, num_layers: int) -> tuple[int, ...]:
+    """The target layers a store keeps per token: what the head reads, and the last
+    layer's output (the target's distribution, the training target)."""
+    return tuple(sorted({*default_feature_layers(version, num_layers), num_layers}))
+
+
 def compute_features(gen, store: FeatureStore, cfg: TrainConfig, progress: bool) -> None:
     """Fill ``store`` up to ``cfg.feature_tokens`` (what it holds already is kept)."""
+    layers = stored_layers(cfg.version, gen.target.model.config.num_layers)
     tok = gen.tokenizer
 
     def chat(text: str) -> list[int]:
@@ -148,7 +161,9 @@ def compute_features(gen, store: FeatureStore, cfg: TrainConfig, progress: bool)
             tokens += answer.token_ids
         tokens = tokens[: cfg.seq_len]
         gen.target.reset()
-        _, hidden = gen.target.forward(tokens, logits_rows=slice(-1, None), return_hidden=True)
+        _, hidden = gen.target.forward(
+            tokens, logits_rows=slice(-1, None), return_hidden=True, hidden_layers=layers
+        )
         gen.target.reset()
         store.append(tokens, hidden, item.source)
         meter.update(store.tokens, f", {len(store)} sequences")
@@ -176,25 +191,40 @@ def sequence_loss(
     cfg: TrainConfig,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """The loss on one sequence, and per step (right, counted) top-1 agreements."""
+    """The loss on one sequence, and per step (right, counted) top-1 agreements.
+    ``hidden``: the store's rows (`stored_layers` side by side); ``weight``: the target's
+    LM-head rows at the draft vocabulary."""
+    n_layers = target.config.num_layers
+    have = stored_layers(head.version, n_layers)
+    last = layer_features(hidden, have, (n_layers,))
     with torch.no_grad():
-        feats = target.norm(hidden)
-        want = F.linear(feats, weight).log_softmax(-1)  # the target's own distribution
+        want = F.linear(target.norm(last), weight).log_softmax(-1)  # the target's distribution
         best = want.argmax(-1)
+    if head.version == 1:
+        with torch.no_grad():
+            feats = target.norm(last)
+        if cfg.noise > 0 and generator is not None:
+            scale = feats.pow(2).mean(-1, keepdim=True).sqrt() * cfg.noise
+            feats = feats + torch.randn(feats.shape, generator=generator) * scale
+    else:
+        feats = head.committed_features(
+            target, layer_features(hidden, have, head.config.feature_layers)
+        )
     inputs = torch.cat([feats.new_zeros(1, feats.shape[1]), feats[:-1]])
-    if cfg.noise > 0 and generator is not None:
-        scale = inputs.pow(2).mean(-1, keepdim=True).sqrt() * cfg.noise
-        inputs = inputs + torch.randn(inputs.shape, generator=generator) * scale
     steps = head.unrolled_forward(target, tokens, inputs, cfg.unroll, weight)
-    # the feature regression on unit-RMS rows: the target's norm weights (about 5 at the 1.5B)
-    # would otherwise scale this term, and its balance with the classification, per model
-    loss = cfg.reg_weight * F.smooth_l1_loss(_unit(steps[0][0]), _unit(hidden))
+    if head.version == 1:
+        # the feature regression on unit-RMS rows: the target's norm weights (about 5 at the
+        # 1.5B) would otherwise scale this term, and its balance with the classification
+        loss = cfg.reg_weight * F.smooth_l1_loss(_unit(steps[0][0]), _unit(last))
+        cls_weight = cfg.cls_weight
+    else:
+        loss, cls_weight = torch.zeros(()), 1.0
     agree = []
     for k, (_, logits) in enumerate(steps, start=1):
         rows = slice(k - 1, None)  # rows with a committed prefix at this depth
         logp = logits[rows].log_softmax(-1)
         ce = -(want[rows].exp() * logp).sum(-1).mean()
-        loss = loss + cfg.cls_weight * ce
+        loss = loss + cls_weight * ce
         agree.append((int((logits[rows].argmax(-1) == best[rows]).sum()), logp.shape[0]))
     return loss, agree
 
@@ -273,13 +303,16 @@ def train(
     if not isinstance(gen.target, NativeTarget):
         raise InvalidRequestError("training a head needs the native backend (--backend native)")
     model = gen.target.model
-    out = Path(out) if out else head_folder(gen.name)
+    out = Path(out) if out else head_folder(gen.name, "eagle3" if cfg.version == 3 else "eagle")
     work = Path(work) if work else out.with_name(out.name + "-work")
+    layers = stored_layers(cfg.version, model.config.num_layers)
     identity = f"{gen.identity}|{cfg.seq_len}|{cfg.respond}|{cfg.data}"
+    if layers != (model.config.num_layers,):
+        identity += f"|layers {','.join(map(str, layers))}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     if not resume and work.exists():
         shutil.rmtree(work / "checkpoint", ignore_errors=True)
-    store = FeatureStore(work / f"features-{key}", model.config.hidden_size, identity)
+    store = FeatureStore(work / f"features-{key}", model.config.hidden_size * len(layers), identity)
     t0 = time.perf_counter()
     compute_features(gen, store, cfg, progress)
     feature_s = time.perf_counter() - t0
@@ -295,7 +328,7 @@ def train(
             store, model.config.vocab_size, cfg.draft_vocab, gen.tokenizer.eos_token_ids
         )
         vocab_file.write_text(json.dumps(d2t.tolist()))
-    head = EagleHead.for_target(model, gen.name, d2t, seed=cfg.seed)
+    head = EagleHead.for_target(model, gen.name, d2t, seed=cfg.seed, version=cfg.version)
     weight = head_rows(model, head.d2t).float()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     pos = (load_checkpoint(work / "checkpoint", head, opt) if resume else None) or Position()

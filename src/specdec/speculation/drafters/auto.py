@@ -39,7 +39,13 @@ from typing import Any, ClassVar
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.speculation.drafters.base import BuildContext, Drafter, DraftState, NoDrafter
+from specdec.speculation.drafters.base import (
+    BuildContext,
+    Drafter,
+    DraftState,
+    NoDrafter,
+    layer_features,
+)
 from specdec.speculation.options import Options, option, optional_str
 from specdec.speculation.sampling import SamplingParams
 from specdec.speculation.step_bandit import ALL, StepBandit
@@ -276,13 +282,14 @@ class AutoDrafter(Drafter):
             arm.drafter.observe_prompt(prompt_ids, rows, logits)
 
     @property
-    def needs_features(self) -> bool:
-        return any(a.drafter.needs_features for a in self.arms.values())
+    def feature_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({i for a in self.arms.values() for i in a.drafter.feature_layers}))
 
     def observe_features(self, hidden: torch.Tensor) -> None:
+        have = self.feature_layers
         for arm in self.arms.values():  # every step: an arm not chosen cannot ask for them later
-            if arm.drafter.needs_features:
-                arm.drafter.observe_features(hidden)
+            if arm.drafter.feature_layers:
+                arm.drafter.observe_features(layer_features(hidden, have, arm.drafter.feature_layers))
 
     def propose(self, state: DraftState) -> DraftTree:
         start = self.clock()

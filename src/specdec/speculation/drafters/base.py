@@ -135,16 +135,18 @@ class Drafter:
         plus the last position), one row of ``logits`` each."""
 
     @property
-    def needs_features(self) -> bool:
-        """Whether this drafter reads the target's hidden states (`observe_features`); the
-        engine then asks the target for them, which a target may refuse (llama.cpp)."""
-        return False
+    def feature_layers(self) -> tuple[int, ...]:
+        """The target's hidden states this drafter reads (`observe_features`), by layer id:
+        id i is the residual stream entering layer i, id num_layers the last layer's output
+        before the final norm. Empty: none. The engine asks the target for them only then
+        (a target may refuse: llama.cpp)."""
+        return ()
 
     def observe_features(self, hidden: torch.Tensor) -> None:
-        """The target's hidden states (its last layer's output, before the final norm) at
-        the positions just committed to its cache, in order: the whole prompt after the
-        prefill (after `observe_prompt`), then each step's root and accepted nodes (before
-        `observe`). Only called when `needs_features`."""
+        """The target's hidden states at `feature_layers`, side by side (rows of
+        len(feature_layers) * hidden), at the positions just committed to its cache, in
+        order: the whole prompt after the prefill (after `observe_prompt`), then each step's
+        root and accepted nodes (before `observe`). Only called when `feature_layers`."""
 
     def propose(self, state: DraftState) -> DraftTree:
         raise NotImplementedError
@@ -240,3 +242,12 @@ class NoDrafter(Drafter):
 
     def propose(self, state: DraftState) -> DraftTree:
         return DraftTree()
+
+
+def layer_features(hidden: torch.Tensor, have: tuple[int, ...], want: tuple[int, ...]):
+    """The columns of ``want``'s layers in ``hidden`` (rows of ``have``'s layers side by
+    side), side by side in ``want``'s order."""
+    if have == want:
+        return hidden
+    d = hidden.shape[1] // len(have)
+    return torch.cat([hidden[:, have.index(i) * d : (have.index(i) + 1) * d] for i in want], 1)

@@ -16,6 +16,7 @@ carry features (`HeadDraft`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,9 +25,9 @@ from typing import ClassVar
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.models.eagle_head import EagleHead, head_folder
+from specdec.models.eagle_head import EagleHead, head_folder, load_head
 from specdec.models.target import NativeTarget
-from specdec.models.transformer import Transformer
+from specdec.models.transformer import Transformer, attention_mask
 from specdec.speculation.drafters.base import BuildContext, DraftState
 from specdec.speculation.drafters.draft_model import (
     DraftingOptions,
@@ -47,9 +48,16 @@ class EagleOptions(DraftingOptions):
         "none: a chain of num_draft_tokens",
         parse=optional_str,
     )
+    version: str = option(
+        "auto",
+        "1 (EAGLE-1: the target's last hidden state) or 3 (EAGLE-3: three layers' states "
+        "fused, a norm and LM head of its own); auto: 3 when the model has such a head",
+        parse=one_of("auto", "1", "3"),
+    )
     head: str | None = option(
         None,
-        "the head's folder; default: the one `specdec train eagle --model MODEL` made",
+        "the head's folder (ours, or a speculators EAGLE-3 checkpoint); default: the one "
+        "`specdec train eagle --model MODEL [--version 3]` made",
         parse=optional_str,
     )
     head_quant: str = option(
@@ -61,24 +69,29 @@ class EagleOptions(DraftingOptions):
 
 
 class HeadDraft(NativeTarget):
-    """An EAGLE head on its target, as a draft `Target`: a one-layer `Transformer` that
-    shares the target's embedding, final norm and LM head, and whose every input row
-    carries a feature: the target's (`add_features`) for a committed token, the head's own
-    output at the row's parent for a drafted one (the slot before it in a causal pass,
-    or ``parents`` given for a tree pass). Logits are -inf outside the draft vocabulary."""
+    """An EAGLE head on its target, as a draft `Target`: one decoder layer that shares the
+    target's embedding (and, version 1, its final norm and LM head), and whose every input
+    row carries a feature: the committed one (`add_features`, from the target's hidden
+    states) for a committed token, the head's own output at the row's parent for a drafted
+    one (the slot before it in a causal pass, or ``parents`` given for a tree pass).
+    Logits are -inf outside the draft vocabulary. ``quant``: the head's linears through
+    the native kernel (int8/int4; version 1's layer in one native call) or float."""
 
     def __init__(self, head: EagleHead, target: Transformer, quant: str = "none") -> None:
         head.check_target(target)
         cfg = head.config.layer
         dtype = target.dtype
-        model = Transformer(replace(cfg, vocab_size=1, tie_word_embeddings=False))
-        model.layers[0].load_state_dict(head.layer.state_dict())
-        model = model.to(dtype)
+        head = copy.deepcopy(head).to(dtype).requires_grad_(False)
+        self.head, self.version = head, head.version
+        self.feature_layers = head.config.feature_layers
+        model = Transformer(replace(cfg, vocab_size=1, tie_word_embeddings=False)).to(dtype)
         model.config = cfg
-        model.embed, model.norm, model.lm_head = target.embed, target.norm, target.lm_head
-        fc = torch.nn.Linear(head.fc.in_features, head.fc.out_features, dtype=dtype)
-        fc.load_state_dict(head.fc.state_dict())
-        fc.requires_grad_(False)
+        model.layers = torch.nn.ModuleList([head.layer])  # the head's own layer, shared
+        model.embed = target.embed
+        if self.version == 1:
+            model.norm, model.lm_head = target.norm, target.lm_head
+        else:
+            model.norm, model.lm_head = head.norm, head.lm_head
         if quant in ("int8", "int4"):
             from specdec.models.quant_linear import (
                 QuantLinear,
@@ -87,24 +100,27 @@ class HeadDraft(NativeTarget):
                 quantise_linears,
             )
 
-            def packed(name: str):  # the layer's own linears; the LM head is the target's
-                if name == "lm_head":
+            def packed(name: str):  # version 1's LM head is the target's, as it is
+                if name == "lm_head" and self.version == 1:
                     return None
                 return float_parts(model.get_submodule(name).weight.float(), quant)
 
             quantise_linears(model, packed)
-            fc = QuantLinear(float_parts(fc.weight.float(), quant), fc.bias)
-            attach_native_layers(model)
+            if self.version == 3:
+                head.lm_head = model.lm_head
+            head.fc = QuantLinear(float_parts(head.fc.weight.float(), quant), head.fc.bias)
+            if self.version == 1:  # version 3's attention reads 2·hidden: no one-call kernel
+                attach_native_layers(model)
         super().__init__(model, capacity=256)  # its cache: up to the target's context
-        self.fc, self.config = fc, target.config
+        self.target, self.config = target, target.config
         self.vocab = target.config.vocab_size
         self.rows = head.d2t.clone()
-        if hasattr(target.lm_head, "rows"):  # a quantised head's subset: built once, now
-            target.lm_head.rows(self.rows)
+        if self.version == 1 and hasattr(target.lm_head, "rows"):
+            target.lm_head.rows(self.rows)  # a quantised head's subset: built once, now
         d = cfg.hidden_size
-        self.real = torch.zeros(0, d, dtype=dtype)  # the target's normed features by position
+        self.real = torch.zeros(0, d, dtype=dtype)  # committed features by position
         self.n_real = 0
-        self.out = torch.zeros(0, d, dtype=dtype)  # the head's normed outputs by slot
+        self.out = torch.zeros(0, d, dtype=dtype)  # the head's output features by slot
         self.parents: list[int] | None = None  # the next pass's rows' parent slots (a tree)
         self.measuring = False  # a cost measurement: missing features are zeros
 
@@ -125,10 +141,11 @@ class HeadDraft(NativeTarget):
 
     @torch.inference_mode()
     def add_features(self, hidden: torch.Tensor) -> None:
-        """The target's hidden states (before its final norm) at the next positions."""
+        """The target's hidden states at `feature_layers` at the next positions."""
         n = hidden.shape[0]
         self.real = self._grown(self.real, self.n_real + n)
-        self.real[self.n_real : self.n_real + n] = self.model.norm(hidden.to(self.real.dtype))
+        rows = self.head.committed_features(self.target, hidden.to(self.real.dtype))
+        self.real[self.n_real : self.n_real + n] = rows
         self.n_real += n
 
     def _feature(self, i: int, slot: int, position: int) -> torch.Tensor:
@@ -155,22 +172,42 @@ class HeadDraft(NativeTarget):
         )
         self.parents = None
         t = torch.as_tensor(tokens, dtype=torch.long)
-        x = self.fc(torch.cat([self.model.embed(t).to(feats.dtype), feats], dim=-1))
-        part, hidden = self.model(
-            t,
-            torch.as_tensor(positions, dtype=torch.long),
-            self.cache,
-            attn_mask=attn_mask,
-            logits_rows=logits_rows,
-            vocab_rows=self.rows,
-            return_hidden=True,
-            embeds=x,
-        )
+        p = torch.as_tensor(positions, dtype=torch.long)
+        embeds = self.model.embed(t).to(feats.dtype)
+        if self.version == 1:
+            x = self.head.fc(torch.cat([embeds, feats], dim=-1))
+            part, hidden = self.model(
+                t,
+                p,
+                self.cache,
+                attn_mask=attn_mask,
+                logits_rows=logits_rows,
+                vocab_rows=self.rows,
+                return_hidden=True,
+                embeds=x,
+            )
+        else:
+            hidden = self._layer_pass(embeds, feats, p, attn_mask)
+            rows = hidden if logits_rows is None else hidden[logits_rows]
+            part = self.head.logits(self.target, rows, None)
+            if part.dtype in (torch.bfloat16, torch.float16):
+                part = part.float()
         self.out = self._grown(self.out, start + n)
-        self.out[start : start + n] = self.model.norm(hidden)
+        self.out[start : start + n] = self.head.next_features(self.target, hidden)
         logits = torch.full((part.shape[0], self.vocab), float("-inf"), dtype=part.dtype)
         logits[:, self.rows] = part
         return logits
+
+    def _layer_pass(self, embeds, feats, positions, attn_mask) -> torch.Tensor:
+        """Version 3's layer over new rows, appending them to the head's cache."""
+        n = embeds.shape[0]
+        start = self.cache.begin_write(n)
+        mask = attention_mask(attn_mask, start, n, embeds.device)
+        cos, sin = self.model.rope().lookup(positions, embeds.dtype)
+        block = self.head.layer
+        a, h = self.head.layer_input(embeds, feats)
+        h = h + block.attn(a, cos, sin, self.cache, 0, start, mask)
+        return h + block.ffn(block.ffn_norm(h))
 
 
 class EagleDrafter(DraftModelDrafter):
@@ -192,13 +229,19 @@ class EagleDrafter(DraftModelDrafter):
                 "method 'eagle' reads the target's hidden states: it needs the native backend "
                 "(--backend torch)"
             )
-        folder = Path(o.head) if o.head else head_folder(ctx.model or "model")
+        folder = Path(o.head) if o.head else default_head(ctx.model or "model", o.version)
         if not o.head and not folder.exists():
+            flag = " --version 3" if o.version == "3" else ""
             raise InvalidRequestError(
                 f"no EAGLE head for {ctx.model or 'this model'}: train one with "
-                f"`specdec train eagle --model {ctx.model or 'MODEL'}` (or give head=FOLDER)"
+                f"`specdec train eagle --model {ctx.model or 'MODEL'}{flag}` (or give "
+                "head=FOLDER)"
             )
-        head = EagleHead.load(folder)
+        head = load_head(folder)
+        if o.version != "auto" and head.version != int(o.version):
+            raise InvalidRequestError(
+                f"{folder} holds an EAGLE-{head.version} head, not version {o.version}"
+            )
         quant = o.head_quant
         if quant == "auto":
             quant = "int4" if target.model.native_layers is not None else "none"
@@ -210,8 +253,8 @@ class EagleDrafter(DraftModelDrafter):
         return cls(draft, ctx.vocab_size, **shape_arguments(ctx, o, cost))
 
     @property
-    def needs_features(self) -> bool:
-        return True
+    def feature_layers(self) -> tuple[int, ...]:
+        return self.draft.feature_layers
 
     def observe_features(self, hidden: torch.Tensor) -> None:
         self.draft.add_features(hidden)
@@ -234,13 +277,23 @@ class EagleDrafter(DraftModelDrafter):
         return super()._run_nodes(tree, nodes, slots, root_position)
 
 
+def default_head(model: str, version: str = "auto") -> Path:
+    """The head `specdec train eagle` made for ``model``: version 3's when asked for, or
+    when ``auto`` and one exists; else version 1's."""
+    three = head_folder(model, "eagle3")
+    if version == "3" or (version == "auto" and three.exists()):
+        return three
+    return head_folder(model, "eagle")
+
+
 def head_pass_cost(draft: HeadDraft, folder: Path, quant: str, ctx: BuildContext):
     """The head's pass-cost curve, measured once per head file, format and machine."""
     from specdec.models.pass_cost import cached_pass_cost, measure_pass_cost
 
-    weights = folder / "head.safetensors"
-    st = weights.stat()
-    stamp = hashlib.sha256(f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    stamp = hashlib.sha256()
+    for weights in sorted(folder.glob("*.safetensors")):
+        st = weights.stat()
+        stamp.update(f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     identity = f"eagle head|{stamp.hexdigest()[:16]}|{quant}|{ctx.identity}"
     draft.measuring = True
     try:

@@ -32,7 +32,7 @@ import math
 import torch
 
 from specdec.errors import InvalidRequestError
-from specdec.speculation.drafters.base import Drafter, DraftState
+from specdec.speculation.drafters.base import Drafter, DraftState, layer_features
 from specdec.speculation.sampling import SamplingParams
 from specdec.speculation.sizing import best_size
 from specdec.speculation.tree import DraftTree
@@ -61,13 +61,14 @@ class MergedDrafter(Drafter):
             d.observe_prompt(prompt_ids, rows, logits)
 
     @property
-    def needs_features(self) -> bool:
-        return any(d.needs_features for d in self.drafters)
+    def feature_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({i for d in self.drafters for i in d.feature_layers}))
 
     def observe_features(self, hidden: torch.Tensor) -> None:
+        have = self.feature_layers
         for d in self.drafters:
-            if d.needs_features:
-                d.observe_features(hidden)
+            if d.feature_layers:
+                d.observe_features(layer_features(hidden, have, d.feature_layers))
 
     def finish(self) -> None:
         for d in self.drafters:

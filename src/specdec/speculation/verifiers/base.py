@@ -25,7 +25,7 @@ class Outcome:
     # drafters that learn from them (Token Recycling); set by the engine
     logits: torch.Tensor | None = None
     # its hidden states (last layer, before the final norm; rows as ``logits``), when the
-    # drafter reads them (`Drafter.needs_features`); set by the engine
+    # drafter reads them (`Drafter.feature_layers`); set by the engine
     hidden: torch.Tensor | None = None
 
     def tokens(self, tree: DraftTree) -> list[int]:
