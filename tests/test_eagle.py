@@ -279,6 +279,29 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path):
     assert a.config.training["trained_tokens"] == b.config.training["trained_tokens"]
 
 
+def test_a_version_3_run_reuses_the_answers_a_version_1_run_made(tiny, tmp_path, monkeypatch):
+    from specdec.train.eagle import FeatureStore, stored_layers, train
+
+    gen, _, prompts = tiny
+    heads = tmp_path / "heads" / "m"
+    cfg = train_config(prompts, respond=8, tokens=200, feature_tokens=200)
+    train(gen, cfg, out=heads / "eagle", progress=False)
+
+    def no_answers(*a, **kw):
+        raise AssertionError("answered again")
+
+    monkeypatch.setattr(gen.engine, "stream", no_answers)
+    train(gen, train_config(prompts, respond=8, tokens=200, feature_tokens=200, version=3),
+          out=heads / "eagle3", progress=False)  # fmt: skip
+    one, three = (next((heads / w).glob("features-*")) for w in ("eagle-work", "eagle3-work"))
+    one = FeatureStore(one, gen.target.model.config.hidden_size, json_identity(one))
+    c = gen.target.model.config
+    width = c.hidden_size * len(stored_layers(3, c.num_layers))
+    three = FeatureStore(three, width, json_identity(three))
+    assert len(one) == len(three) > 1
+    assert all(torch.equal(one.sequence(i)[0], three.sequence(i)[0]) for i in range(len(one)))
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -135,8 +135,13 @@ def stored_layers(version: int, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({*default_feature_layers(version, num_layers), num_layers}))
 
 
-def compute_features(gen, store: FeatureStore, cfg: TrainConfig, progress: bool) -> None:
-    """Fill ``store`` up to ``cfg.feature_tokens`` (what it holds already is kept)."""
+def compute_features(
+    gen, store: FeatureStore, cfg: TrainConfig, progress: bool, donors: tuple = ()
+) -> None:
+    """Fill ``store`` up to ``cfg.feature_tokens`` (what it holds already is kept). The
+    target's answers are taken from ``donors`` (stores of the same model, data and
+    lengths, made for another head version) where they hold them: answering is most of
+    the cost, and the same greedy answer would come out."""
     layers = stored_layers(cfg.version, gen.target.model.config.num_layers)
     tok = gen.tokenizer
 
@@ -151,7 +156,17 @@ def compute_features(gen, store: FeatureStore, cfg: TrainConfig, progress: bool)
         if n < done:
             continue  # made by an earlier run
         tokens = list(item.tokens)
-        if item.respond:  # the target's own answer (prompt lookup: the same, sooner)
+        answered = next(
+            (
+                d.sequence(n)[0].tolist()
+                for d in donors
+                if item.respond and n < len(d) and d.sources[n] == item.source
+            ),
+            None,
+        )
+        if answered and answered[: len(tokens)] == tokens:
+            tokens = answered
+        elif item.respond:  # the target's own answer (prompt lookup: the same, sooner)
             answer = Generation()
             stream = gen.engine.stream(
                 tokens, max_new_tokens=cfg.respond, drafter=gen.drafter("pld"), result=answer
@@ -170,6 +185,24 @@ def compute_features(gen, store: FeatureStore, cfg: TrainConfig, progress: bool)
     meter.update(store.tokens, f", {len(store)} sequences", force=True)
     if len(store) < 2:
         raise InvalidRequestError(f"--data {cfg.data!r} gave fewer than 2 sequences")
+
+
+def answer_donors(heads: Path, identity: str, store: FeatureStore) -> tuple[FeatureStore, ...]:
+    """Other stores under ``heads`` (the model's heads folder) made from the same data with
+    the same lengths: their sequences hold the target's answers."""
+    base = identity.split("|layers ")[0]
+    found = []
+    for index in sorted(heads.glob("*-work/features-*/index.json")):
+        if index.parent == store.folder:
+            continue
+        try:
+            data = json.loads(index.read_text())
+            other = data["identity"]
+            if other.split("|layers ")[0] == base:
+                found.append(FeatureStore(index.parent, int(data["hidden_size"]), other))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return tuple(found)
 
 
 # ---------------------------------------------------------------------------- training
@@ -314,7 +347,7 @@ def train(
         shutil.rmtree(work / "checkpoint", ignore_errors=True)
     store = FeatureStore(work / f"features-{key}", model.config.hidden_size * len(layers), identity)
     t0 = time.perf_counter()
-    compute_features(gen, store, cfg, progress)
+    compute_features(gen, store, cfg, progress, answer_donors(out.parent, identity, store))
     feature_s = time.perf_counter() - t0
 
     n_eval = max(1, int(round(len(store) * cfg.held_out)))
