@@ -410,3 +410,9 @@ def test_speculators_export_reads_back_to_the_same_drafts(tmp_path, capsys):
     other = random_transformer("qwen2", seed=3, vocab=41)
     with pytest.raises(HeadError, match="vocab_size"):
         HeadDraft(again, other)
+    # bfloat16: half the bytes, the head rounded
+    assert main(["export", "eagle", "--head", str(tmp_path / "ours"), "--out",
+                 str(tmp_path / "half"), "--dtype", "bfloat16"]) == 0  # fmt: skip
+    half = import_head(tmp_path / "half")
+    w = head.state_dict()["layer.ffn.w2.weight"]
+    assert torch.equal(half.state_dict()["layer.ffn.w2.weight"], w.bfloat16().float())

@@ -310,6 +310,9 @@ def _add_export(sub: Any) -> None:
                    "Hugging Face id when known)")  # fmt: skip
     e.add_argument("--tokens", type=int, default=3, metavar="K",
                    help="speculative tokens the checkpoint suggests (default 3)")  # fmt: skip
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the weights' type: float32 (exactly the head, the default) or "
+                   "bfloat16 (half the bytes)")  # fmt: skip
     e.set_defaults(func=cmd_export_eagle)
 
 
@@ -621,7 +624,10 @@ def cmd_export_eagle(args: argparse.Namespace) -> int:
     name = head.config.target.get("name") or args.model
     known = KNOWN_MODELS.get(name)
     verifier = args.verifier or (known.hub_id if known and known.hub_id else name)
-    out = export_head(head, args.out, verifier, tokens=args.tokens)
+    import torch
+
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    out = export_head(head, args.out, verifier, tokens=args.tokens, dtype=dtype)
     print(f"wrote {out} (EAGLE-3 for {verifier}; {head.config.draft_vocab:,}-token draft "
           f"vocabulary; reads layers {list(head.config.feature_layers)})")  # fmt: skip
     return 0

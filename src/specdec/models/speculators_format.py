@@ -71,10 +71,17 @@ def _layer_config(head: EagleHead) -> dict[str, Any]:
     return out
 
 
-def export_head(head: EagleHead, folder: str | Path, verifier: str, tokens: int = 3) -> Path:
+def export_head(
+    head: EagleHead,
+    folder: str | Path,
+    verifier: str,
+    tokens: int = 3,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write ``head`` (version 3) as a speculators checkpoint in ``folder``, whole or not
     at all. ``verifier``: the target's name or path as vLLM should know it; ``tokens``:
-    the speculative tokens its proposal config suggests."""
+    the speculative tokens its proposal config suggests; ``dtype``: of the weights
+    (float32: exactly the head; bfloat16: half the bytes, as such checkpoints usually are)."""
     if head.version != 3:
         raise HeadError("only EAGLE-3 heads have a speculators format (train one with --version 3)")
     folder = Path(folder)
@@ -105,7 +112,9 @@ def export_head(head: EagleHead, folder: str | Path, verifier: str, tokens: int 
         "d2t": ids - torch.arange(ids.numel()),
         "t2d": t2d,
     }
-    tensors = {k: t.contiguous() for k, t in tensors.items()}
+    tensors = {
+        k: (t.to(dtype) if t.is_floating_point() else t).contiguous() for k, t in tensors.items()
+    }
     config = {
         "architectures": ["Eagle3Speculator"],
         "speculators_model_type": "eagle3",
@@ -115,7 +124,7 @@ def export_head(head: EagleHead, folder: str | Path, verifier: str, tokens: int 
         "norm_before_residual": c.norm_before_residual,
         "target_hidden_size": d,
         "eagle_aux_hidden_state_layer_ids": list(c.feature_layers),
-        "torch_dtype": "float32",
+        "torch_dtype": str(dtype).removeprefix("torch."),
         "speculators_config": {
             "algorithm": "eagle3",
             "proposal_methods": [
