@@ -231,11 +231,11 @@ def sequence_loss(
     have = stored_layers(head.version, n_layers)
     last = layer_features(hidden, have, (n_layers,))
     with torch.no_grad():
-        want = F.linear(target.norm(last), weight).log_softmax(-1)  # the target's distribution
+        normed = target.norm(last)
+        want = F.linear(normed, weight).log_softmax(-1)  # the target's distribution
         best = want.argmax(-1)
     if head.version == 1:
-        with torch.no_grad():
-            feats = target.norm(last)
+        feats = normed  # version 1's committed features: the target's normed last layer
         if cfg.noise > 0 and generator is not None:
             scale = feats.pow(2).mean(-1, keepdim=True).sqrt() * cfg.noise
             feats = feats + torch.randn(feats.shape, generator=generator) * scale
