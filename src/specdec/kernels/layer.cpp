@@ -77,50 +77,76 @@ int linear(const LinearParts& l, const float* x, int64_t n, int64_t k, float* y,
 
 extern "C" {
 
-// h [n, d] (the residual stream) is updated in place. cos/sin [n, head_dim] are the
-// rows' rotary tables (NeoX half rotation); the layer's keys and values go to slots
-// start..start+n-1 of kc/vc [kv_heads, capacity, head_dim]; mask [n, start+n] bytes
-// (0: hidden) or null (every slot visible). 0 on success; else the failing step's code.
-int specdec_layer(float* h, int64_t n, const LayerParams* p, const float* cos, const float* sin,
-                  float* kc, float* vc, int64_t capacity, int64_t start, const uint8_t* mask,
-                  int nthreads) {
+// One sequence's rows in a batched pass: its own KV cache and mask.
+struct LayerSegment {
+    int64_t n;         // rows (consecutive in h, after the previous segment's)
+    float* kc;         // [kv_heads, capacity, head_dim]
+    float* vc;
+    int64_t capacity;
+    int64_t start;     // first slot written
+    const uint8_t* mask;  // [n, start+n] bytes (0: hidden) or null (every slot visible)
+};
+
+// h [n, d] (the residual stream, every segment's rows in order) is updated in place.
+// cos/sin [n, head_dim] are the rows' rotary tables (NeoX half rotation). The linears run
+// once over all n rows (one read of the weights for the whole batch); each segment's keys
+// and values go to slots start..start+n_s-1 of its own cache, and its rows attend only to
+// that cache. Every operation is per row, so a row's result does not depend on the other
+// segments. 0 on success; else the failing step's code.
+int specdec_layer_batch(float* h, int64_t n, const LayerParams* p, const float* cos,
+                        const float* sin, const LayerSegment* segs, int64_t nseg, int nthreads) {
     const int64_t d = p->d, H = p->heads, Hkv = p->kv_heads, D = p->head_dim, F = p->ffn;
-    const int64_t nq = (H + 2 * Hkv) * D, L = start + n;
+    const int64_t nq = (H + 2 * Hkv) * D;
     const int64_t scratch = n * (d + nq + H * D + H * D + 2 * F + F + d);
     float* buf = (float*)std::malloc(sizeof(float) * scratch);
     if (!buf) return 2;
-    float* x = buf;            // [n, d] normed input
-    float* qkv = x + n * d;    // [n, nq]
-    float* q = qkv + n * nq;   // [H, n, D] rotated queries
-    float* att = q + H * n * D;  // [n, H*D]
+    float* x = buf;               // [n, d] normed input
+    float* qkv = x + n * d;       // [n, nq]
+    float* q = qkv + n * nq;      // per segment [H, n_s, D]: rotated queries
+    float* att = q + H * n * D;   // [n, H*D]
     float* gu = att + n * H * D;  // [n, 2F]
     float* act = gu + n * 2 * F;  // [n, F]
     float* o = act + n * F;       // [n, d]
     int rc = 0;
+    int64_t total = 0;
+    for (int64_t s = 0; s < nseg; s++) total += segs[s].n;
+    if (total != n) {
+        std::free(buf);
+        return 3;
+    }
 
     rms_norm(h, n, d, p->attn_norm, p->eps, x);
     if ((rc = linear(p->qkv, x, n, d, qkv, nq, nthreads))) goto done;
     {
         const int64_t half = D / 2;
-        for (int64_t i = 0; i < n; i++) {
-            const float* c = cos + i * D;
-            const float* s = sin + i * D;
-            for (int64_t hh = 0; hh < H + Hkv; hh++) {  // rotate queries and keys
-                const float* v = qkv + i * nq + hh * D;
-                float* dst = hh < H ? q + (hh * n + i) * D : kc + ((hh - H) * capacity + start + i) * D;
-                for (int64_t j = 0; j < half; j++) {
-                    const float a = v[j], b = v[j + half];
-                    dst[j] = a * c[j] + (-b) * s[j];
-                    dst[j + half] = b * c[j + half] + a * s[j + half];
+        int64_t row = 0;
+        for (int64_t s = 0; s < nseg; s++) {
+            const LayerSegment& g = segs[s];
+            float* qs = q + row * H * D;
+            for (int64_t i = 0; i < g.n; i++) {
+                const int64_t r = row + i;
+                const float* c = cos + r * D;
+                const float* sn = sin + r * D;
+                for (int64_t hh = 0; hh < H + Hkv; hh++) {  // rotate queries and keys
+                    const float* v = qkv + r * nq + hh * D;
+                    float* dst = hh < H ? qs + (hh * g.n + i) * D
+                                        : g.kc + ((hh - H) * g.capacity + g.start + i) * D;
+                    for (int64_t j = 0; j < half; j++) {
+                        const float a = v[j], b = v[j + half];
+                        dst[j] = a * c[j] + (-b) * sn[j];
+                        dst[j + half] = b * c[j + half] + a * sn[j + half];
+                    }
                 }
+                for (int64_t hh = 0; hh < Hkv; hh++)
+                    std::memcpy(g.vc + (hh * g.capacity + g.start + i) * D,
+                                qkv + r * nq + (H + Hkv + hh) * D, sizeof(float) * D);
             }
-            for (int64_t hh = 0; hh < Hkv; hh++)
-                std::memcpy(vc + (hh * capacity + start + i) * D, qkv + i * nq + (H + Hkv + hh) * D,
-                            sizeof(float) * D);
+            if ((rc = specdec_attend(qs, H, g.n, D, g.kc, g.vc, Hkv, g.capacity * D,
+                                     g.start + g.n, g.mask, att + row * H * D, H * D, nthreads)))
+                goto done;
+            row += g.n;
         }
     }
-    if ((rc = specdec_attend(q, H, n, D, kc, vc, Hkv, capacity * D, L, mask, att, H * D, nthreads)))
-        goto done;
     if ((rc = linear(p->wo, att, n, H * D, o, d, nthreads))) goto done;
     for (int64_t j = 0; j < n * d; j++) h[j] += o[j];
 
@@ -132,6 +158,15 @@ int specdec_layer(float* h, int64_t n, const LayerParams* p, const float* cos, c
 done:
     std::free(buf);
     return rc;
+}
+
+// One sequence: h [n, d]; its keys and values go to slots start..start+n-1 of kc/vc
+// [kv_heads, capacity, head_dim]; mask [n, start+n] bytes or null.
+int specdec_layer(float* h, int64_t n, const LayerParams* p, const float* cos, const float* sin,
+                  float* kc, float* vc, int64_t capacity, int64_t start, const uint8_t* mask,
+                  int nthreads) {
+    const LayerSegment seg{n, kc, vc, capacity, start, mask};
+    return specdec_layer_batch(h, n, p, cos, sin, &seg, 1, nthreads);
 }
 
 }  // extern "C"

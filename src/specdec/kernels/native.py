@@ -168,6 +168,17 @@ def _library() -> ctypes.CDLL:
                     ctypes.c_void_p,  # mask or NULL
                     ctypes.c_int,  # threads
                 ]
+                lib.specdec_layer_batch.restype = ctypes.c_int
+                lib.specdec_layer_batch.argtypes = [
+                    ctypes.c_void_p,  # h [n, d], updated in place
+                    ctypes.c_int64,  # n
+                    ctypes.c_void_p,  # LayerParams
+                    ctypes.c_void_p,  # cos [n, D]
+                    ctypes.c_void_p,  # sin
+                    ctypes.c_void_p,  # LayerSegment[nseg]
+                    ctypes.c_int64,  # nseg
+                    ctypes.c_int,  # threads
+                ]
                 lib.specdec_vnni_peak.restype = ctypes.c_double
                 lib.specdec_vnni_peak.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
                 lib.specdec_read_gbs.restype = ctypes.c_double
@@ -370,6 +381,17 @@ class _LayerParams(ctypes.Structure):
     ]
 
 
+class _LayerSegment(ctypes.Structure):
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("kc", ctypes.c_void_p),
+        ("vc", ctypes.c_void_p),
+        ("capacity", ctypes.c_int64),
+        ("start", ctypes.c_int64),
+        ("mask", ctypes.c_void_p),
+    ]
+
+
 class LayerKernel:
     """A whole decoder layer (``layer.cpp``) with quantised linears, in one native call.
 
@@ -447,3 +469,36 @@ class LayerKernel:
         )
         if rc:
             raise RuntimeError(f"specdec_layer failed ({rc})")
+
+    def batch(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: list[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor | None]],
+    ) -> None:
+        """Several sequences in one call: ``segments`` lists each one's (rows, keys, values,
+        start, mask), its rows consecutive in ``h`` in that order. The linears read their
+        weights once for all rows; each sequence attends to its own cache."""
+        segs = (_LayerSegment * len(segments))()
+        for s, (n, keys, values, start, mask) in enumerate(segments):
+            segs[s] = _LayerSegment(
+                n,
+                keys.data_ptr(),
+                values.data_ptr(),
+                keys.shape[1],
+                start,
+                None if mask is None else mask.data_ptr(),
+            )
+        rc = _library().specdec_layer_batch(
+            h.data_ptr(),
+            h.shape[0],
+            self._ref,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            ctypes.addressof(segs),
+            len(segments),
+            torch.get_num_threads(),
+        )
+        if rc:
+            raise RuntimeError(f"specdec_layer_batch failed ({rc})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -95,23 +96,44 @@ class Attention(nn.Module):
         start: int,
         mask: torch.Tensor | None,  # (n, start + n) bool, None: attend to everything
     ) -> torch.Tensor:
+        return self.forward_segments(x, cos, sin, [(x.shape[0], cache, start, mask)], layer)
+
+    def forward_segments(
+        self,
+        x: torch.Tensor,  # (n, d): every segment's rows, in order
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: list[tuple[int, KVCache, int, torch.Tensor | None]],  # rows, cache, start, mask
+        layer: int,
+    ) -> torch.Tensor:
+        """Projections over all rows at once; each segment attends to its own cache."""
         n = x.shape[0]
         qkv = self.wqkv(x)
         heads = qkv.view(n, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(0, 1)
         qk, v = heads.split([self.n_heads + self.n_kv, self.n_kv])  # (H + Hkv, n, D), (Hkv, n, D)
         qk = qk * cos + _rotate_half(qk) * sin  # RoPE on queries and keys in one go
         q, k = qk.split([self.n_heads, self.n_kv])
+        outs, r = [], 0
+        for rows, cache, start, mask in segments:
+            e = r + rows
+            outs.append(self._attend(q[:, r:e], k[:, r:e], v[:, r:e], cache, layer, start, mask))
+            r = e
+        return self.wo(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+    def _attend(self, q, k, v, cache: KVCache, layer: int, start: int, mask) -> torch.Tensor:
+        """(n, H*D): queries q (H, n, D) over the cache after writing k, v at ``start``."""
+        n = q.shape[1]
         end = start + n
         cache.k[layer, :, start:end] = k
         cache.v[layer, :, start:end] = v
         keys = cache.k[layer, :, :end]  # (Hkv, end, D)
         values = cache.v[layer, :, :end]
         if n <= SMALL_PASS and q.dtype == torch.float32 and _native_attention():
-            return self.wo(native.attend(q.contiguous(), cache.k[layer], cache.v[layer], end, mask))
+            return native.attend(q.contiguous(), cache.k[layer], cache.v[layer], end, mask)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=True
         )  # (1, H, n, D)
-        return self.wo(out[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim))
+        return out[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim)
 
 
 # Passes of at most this many tokens (a decode step, a verified draft) attend with the
@@ -153,6 +175,19 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = FeedForward(config)
+
+
+@dataclass
+class Segment:
+    """One sequence's share of a batched pass (`Transformer.forward_batch`): its new
+    tokens, their positions, its cache, an optional tree mask (as `Transformer.forward`'s
+    ``attn_mask``) and the rows that need logits (None: all)."""
+
+    tokens: Sequence[int]
+    positions: Sequence[int]
+    cache: KVCache
+    attn_mask: torch.Tensor | None = None
+    logits_rows: slice | list[int] | None = None
 
 
 class Transformer(nn.Module):
@@ -271,6 +306,82 @@ class Transformer(nn.Module):
         for j in final:
             tapped[:, j] = h
         return logits, tapped.reshape(n, -1)
+
+    @torch.inference_mode()
+    def forward_batch(
+        self, segments: Sequence[Segment], hidden_layers: Sequence[int] | None = None
+    ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+        """Several sequences in one pass, each appending to its own cache: continuous
+        batching. The linears (and the LM head) run once over every segment's rows, so
+        the weights are read once for the whole batch; attention stays within a segment.
+        Each row's arithmetic is what `forward` does for its sequence alone (the native
+        kernels are per row), so a sequence's output does not depend on its batch.
+        Returns, per segment, what `forward` returns for it (with ``hidden_layers``: its
+        logits and the residual stream entering those layers, side by side)."""
+        if not segments:
+            return []
+        dev = self.device
+        starts = [seg.cache.begin_write(len(seg.tokens)) for seg in segments]
+        sizes = [len(seg.tokens) for seg in segments]
+        n = sum(sizes)
+        masks = [
+            attention_mask(seg.attn_mask, start, size, dev)
+            for seg, start, size in zip(segments, starts, sizes, strict=True)
+        ]
+        tokens = torch.cat([torch.as_tensor(seg.tokens, dtype=torch.long) for seg in segments])
+        positions = torch.cat(
+            [torch.as_tensor(seg.positions, dtype=torch.long) for seg in segments]
+        )
+        cos, sin = self.rope().lookup(positions.to(dev), self.dtype)
+        h = self.embed(tokens.to(dev))
+        order = range(len(self.layers))
+        taps = _taps(hidden_layers, order, len(self.layers))
+        tapped = h.new_empty(n, len(hidden_layers), h.shape[1]) if taps else None
+        if self.native_layers is not None and h.dtype == torch.float32:
+            h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
+            masks = [None if m is None else m.contiguous() for m in masks]
+            for i in order:
+                if i in taps:
+                    tapped[:, taps[i]] = h
+                parts = [
+                    (size, seg.cache.k[i], seg.cache.v[i], start, mask)
+                    for seg, size, start, mask in zip(segments, sizes, starts, masks, strict=True)
+                ]
+                self.native_layers[i].batch(h, cos, sin, parts)
+        else:
+            parts = [
+                (size, seg.cache, start, mask)
+                for seg, size, start, mask in zip(segments, sizes, starts, masks, strict=True)
+            ]
+            for i in order:
+                if i in taps:
+                    tapped[:, taps[i]] = h
+                block = self.layers[i]
+                h = h + block.attn.forward_segments(block.attn_norm(h), cos, sin, parts, i)
+                h = h + block.ffn(block.ffn_norm(h))
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        picked = [
+            torch.arange(offsets[j], offsets[j + 1])[
+                seg.logits_rows if seg.logits_rows is not None else slice(None)
+            ]
+            for j, seg in enumerate(segments)
+        ]
+        logits = self.lm_head(self.norm(h[torch.cat(picked).to(dev)]))
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
+        per = list(logits.split([len(p) for p in picked]))
+        if hidden_layers is None:
+            return per
+        if tapped is None:
+            hidden = h
+        else:
+            for j, i in enumerate(hidden_layers):
+                if i == len(self.layers):
+                    tapped[:, j] = h
+            hidden = tapped.reshape(n, -1)
+        return [(per[j], hidden[offsets[j] : offsets[j + 1]]) for j in range(len(segments))]
 
 
 def _taps(ids: Sequence[int] | None, order: Sequence[int], count: int) -> dict[int, int]:
