@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from random_models import random_transformer, tree_mask_and_depths
+from test_contract import FACTORIES, greedy_case, make_drafter, run
 from test_quant_model import quantised_model
 
+from specdec.batching import BatchEngine, BatchRequest
+from specdec.engine import Decoding, Generation
+from specdec.models.target import NativeTarget
 from specdec.models.transformer import Segment
+from specdec.speculation.drafters.base import NoDrafter
+from specdec.speculation.goodput import Acceptance, GoodputControl
+from specdec.speculation.sampling import SamplingParams
 
 
 def _tree_mask():
@@ -78,3 +87,126 @@ def test_a_batched_pass_gives_each_sequence_its_solo_result(kind, hidden):
         assert n == solo.cache.length
         assert torch.allclose(seg.cache.k[:, :, :n], solo.cache.k[:, :, :n], atol=1e-12)
         assert torch.allclose(seg.cache.v[:, :, :n], solo.cache.v[:, :, :n], atol=1e-12)
+
+
+class RandomCaps:
+    """Stands in for goodput control: each request's cap drawn at random each step (no
+    cap, nothing drafted, or a few nodes), so that every drafter meets cut trees and
+    skipped steps."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def allocate(self, rates, other_rows=0):
+        return [self.rng.choice([None, 0, 1, 2, 3]) for _ in rates]
+
+
+def _requests(seed: int):
+    rng, model, tok, _, _, _, _ = greedy_case(seed)
+    cases = []
+    for _ in range(4):
+        prompt = [rng.randrange(47) for _ in range(rng.randint(1, 20))]
+        cases.append((prompt, rng.randint(1, 30)))
+    return rng, model, tok, cases
+
+
+def _batched(model, tok, cases, drafters, control, sampling=SamplingParams(), late=1):
+    """Run ``cases`` through one BatchEngine (the last ``late`` of them join after two
+    steps); each request's `Generation`."""
+    engine = BatchEngine(model, max_batch=3, control=control)
+    results, requests = [], []
+    for (prompt, n), drafter in zip(cases, drafters, strict=True):
+        res = Generation()
+        d = Decoding(
+            NativeTarget(model, capacity=8),
+            tok,
+            prompt,
+            max_new_tokens=n,
+            sampling=sampling,
+            drafter=drafter,
+            result=res,
+        )
+        results.append(res)
+        requests.append(BatchRequest(d))
+    for r in requests[: len(requests) - late]:
+        engine.submit(r)
+    steps = 0
+    while engine.running or engine.waiting or steps < 2:
+        engine.step()
+        steps += 1
+        if steps == 2:
+            for r in requests[len(requests) - late :]:
+                engine.submit(r)
+        assert steps < 1000
+    for r in requests:
+        assert r.error is None, r.error
+        assert r.ended.is_set()
+    return results
+
+
+@pytest.mark.parametrize("method", sorted(FACTORIES))
+@pytest.mark.parametrize("seed", range(3))
+def test_batched_requests_are_greedy_exact_under_cut_and_skipped_drafts(method, seed):
+    rng, model, tok, cases = _requests(seed)
+    refs = [run(model, NoDrafter(), prompt, n, tok) for prompt, n in cases]
+    drafters = [make_drafter(method, model, tok, rng) for _ in cases]
+    got = _batched(model, tok, cases, drafters, RandomCaps(seed))
+    for g, ref in zip(got, refs, strict=True):
+        assert g.token_ids == ref.token_ids
+        assert g.text == ref.text
+        assert g.finish_reason == ref.finish_reason
+
+
+@pytest.mark.parametrize("method", ["ar", "draft", "pld"])
+def test_a_seeded_sample_is_the_same_in_a_batch_as_alone(method):
+    rng, model, tok, cases = _requests(7)
+    sampling = SamplingParams(temperature=1.0, seed=11)
+    solo = [
+        run(model, make_drafter(method, model, tok, random.Random(i)), p, n, tok, sampling)
+        for i, (p, n) in enumerate(cases)
+    ]
+    drafters = [make_drafter(method, model, tok, random.Random(i)) for i in range(len(cases))]
+    got = _batched(model, tok, cases, drafters, None, sampling)
+    assert [g.token_ids for g in got] == [s.token_ids for s in solo]
+
+
+def test_goodput_control_drafts_less_as_the_batch_grows():
+    # a pass-cost curve like the 1.5B's: 16 rows cost ~4.5 one-row passes
+    control = GoodputControl(lambda n: 30.0 + 6.6 * (n - 1))
+    assert control.allocate([0.8]) == [None]  # alone: the drafter sizes its own tree
+    two = control.allocate([0.8, 0.8])
+    many = control.allocate([0.8] * 16)
+    assert sum(two) > 0
+    assert sum(many) < sum(two) * 8
+    assert control.allocate([0.1] * 16) == [0] * 16  # poor acceptance under load: none
+    flat = GoodputControl(lambda n: 30.0)  # rows free: draft the most allowed
+    assert flat.allocate([0.5, 0.5]) == [16, 16]
+
+
+def test_acceptance_estimate_follows_the_request():
+    a = Acceptance()
+    for _ in range(30):
+        a.observe(4, 4)
+    assert a.rate > 0.9
+    for _ in range(30):
+        a.observe(4, 0)
+    assert a.rate < 0.2
+
+
+def test_a_cancelled_request_leaves_the_batch_and_others_finish():
+    rng, model, tok, cases = _requests(3)
+    refs = [run(model, NoDrafter(), prompt, n, tok) for prompt, n in cases]
+    engine = BatchEngine(model, max_batch=4)
+    reqs = []
+    for prompt, _ in cases:
+        d = Decoding(NativeTarget(model, capacity=8), tok, prompt, max_new_tokens=40)
+        reqs.append(engine.submit(BatchRequest(d)))
+    engine.step()
+    reqs[0].cancel()
+    engine.step()
+    assert reqs[0].ended.is_set() and reqs[0] not in engine.running
+    while engine.running:
+        engine.step()
+    for r, ref in zip(reqs[1:], refs[1:], strict=True):
+        n = len(ref.token_ids)
+        assert r.decoding.out.token_ids[:n] == ref.token_ids[: len(r.decoding.out.token_ids)]

@@ -19,7 +19,7 @@ from specdec.models.tokenizer import Tokenizer
 from specdec.speculation.drafters.base import Drafter, DraftState, NoDrafter
 from specdec.speculation.sampling import SamplingParams, probabilities
 from specdec.speculation.tree import DraftTree
-from specdec.speculation.verifiers.base import Outcome, Verifier
+from specdec.speculation.verifiers.base import Verifier
 
 
 @dataclass
@@ -75,6 +75,189 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+@dataclass
+class Pass:
+    """One sequence's share of a target pass: new tokens at positions (None: after what the
+    cache holds), a tree mask (None: causal), the rows that need logits (None: all) and
+    the hidden layers its drafter reads (empty: none)."""
+
+    tokens: list[int]
+    positions: list[int] | None = None
+    attn_mask: torch.Tensor | None = None
+    logits_rows: list[int] | None = None
+    hidden_layers: tuple[int, ...] = ()
+
+
+def run_pass(target: Target, p: Pass) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``p`` through one target alone: its logits, and its hidden states when asked."""
+    if p.hidden_layers:  # only then: a target without hidden states takes no such argument
+        return target.forward(
+            p.tokens,
+            positions=p.positions,
+            attn_mask=p.attn_mask,
+            logits_rows=p.logits_rows,
+            return_hidden=True,
+            hidden_layers=p.hidden_layers,
+        )
+    kw = {} if p.attn_mask is None else {"attn_mask": p.attn_mask}
+    return target.forward(p.tokens, positions=p.positions, logits_rows=p.logits_rows, **kw), None
+
+
+class Decoding:
+    """One request's decoding as steps, so that one loop (`Engine.stream`) or a batch of
+    many (`specdec.batching`) can drive it: `prefill` → `start` (the pass's result), then
+    while not `done`: `propose` → `verified`; `close` at the end (also when cut short).
+
+    Each step hands out a `Pass` for the request's own `target` and takes back that
+    pass's output; what the request computes never depends on who ran the pass.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        tokenizer: Tokenizer,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingParams = SamplingParams(),
+        stop: tuple[str, ...] = (),
+        ignore_eos: bool = False,
+        drafter: Drafter | None = None,
+        verifier: Verifier | None = None,
+        result: Generation | None = None,
+    ) -> None:
+        self.out = result if result is not None else Generation()
+        if not prompt_ids:
+            raise InvalidRequestError("empty prompt")
+        if max_new_tokens < 1:
+            raise InvalidRequestError(f"max new tokens must be >= 1, got {max_new_tokens}")
+        limit = target.max_length
+        if len(prompt_ids) >= limit:
+            raise InvalidRequestError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the context of {limit} tokens"
+            )
+        self.target = target
+        self.prompt_ids = list(prompt_ids)
+        self.max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
+        self.sampling = sampling
+        self.drafter = drafter or NoDrafter()
+        self.verifier = verifier or self.drafter.verifier(sampling) or default_verifier(sampling)
+        self.rng = (
+            torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        )
+        self.emit = _Emitter(tokenizer, self.out, self.max_new_tokens, stop, ignore_eos)
+        self.stats = self.out.stats
+        self.stats.prompt_tokens = len(prompt_ids)
+        self.features = self.drafter.feature_layers
+        self.tokens: list[int] = []
+        self._started = self._closed = False
+        self._t0 = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.emit.done
+
+    def prefill(self) -> Pass:
+        """The prompt's pass (the target's cache is emptied first)."""
+        self._t0 = time.perf_counter()
+        last = len(self.prompt_ids) - 1
+        rows = self.drafter.prompt_rows(list(self.prompt_ids))
+        self._rows = sorted({r for r in rows if 0 <= r < last}) + [last]
+        self.target.reset()
+        return Pass(list(self.prompt_ids), None, None, self._rows, self.features)
+
+    def start(self, logits: torch.Tensor, hidden: torch.Tensor | None) -> str:
+        """The prefill's output: the first token is chosen and committed; its text."""
+        clock, stats = time.perf_counter, self.stats
+        stats.target_passes += 1
+        first = self.verifier.verify(
+            DraftTree(), probabilities(logits[-1:], self.sampling), self.sampling, self.rng
+        ).bonus
+        stats.prefill_s = clock() - self._t0
+        self.tokens = list(self.prompt_ids)
+        t = clock()
+        self.drafter.reset(list(self.prompt_ids))
+        self._started = True
+        self.drafter.observe_prompt(list(self.prompt_ids), self._rows, logits)
+        if self.features:
+            self.drafter.observe_features(hidden)
+        stats.draft_s += clock() - t
+        return self._commit([first])
+
+    def _commit(self, new: list[int]) -> str:
+        self.tokens += new
+        piece = self.emit.push(new)
+        self.stats.wall_s = time.perf_counter() - self._t0
+        if self.emit.done:
+            self.close()
+        return piece
+
+    def propose(self, max_nodes: int | None = None) -> Pass:
+        """Draft this step's tree and return the pass that verifies it. ``max_nodes``
+        caps the tree: the drafter is given that budget, and one that scores its nodes
+        (`Drafter.node_scores`) keeps only its best ones; 0 asks the drafter nothing this
+        step (it neither proposes nor observes: a step of plain decoding, which every
+        drafter catches up on)."""
+        clock = time.perf_counter
+        left = self.max_new_tokens - self.stats.new_tokens
+        budget = left if max_nodes is None else min(left, max_nodes + 1)
+        self._state = DraftState(
+            self.tokens, len(self.prompt_ids), self.sampling, self.rng, budget=budget
+        )
+        t = clock()
+        self._asked = max_nodes != 0
+        tree = self.drafter.propose(self._state) if self._asked else DraftTree()
+        if max_nodes is not None and len(tree) > max_nodes:
+            scores = self.drafter.node_scores()
+            if scores is not None:  # its best nodes (scores never grow along a path)
+                best = sorted(range(len(tree)), key=lambda i: (-scores[i], i))[:max_nodes]
+                keep = sorted(best)
+                self.drafter.keep_only(keep)
+                tree = tree.subtree(keep)
+        self._t1 = clock()
+        self.stats.draft_s += self._t1 - t
+        self.tree = tree
+        start, root = self.target.length, self.tokens[-1]
+        if len(tree) == 0:
+            return Pass([root], [start], None, None, self.features)
+        mask, depth = tree.with_root()
+        mask = None if tree.is_chain() else mask  # a chain is causal: no mask needed
+        return Pass([root] + tree.tokens, [start + d for d in depth], mask, None, self.features)
+
+    def verified(self, logits: torch.Tensor, hidden: torch.Tensor | None) -> str:
+        """The pass's output for this step's tree: keep the accepted path (in the target's
+        cache and the drafter's), commit its tokens; their text."""
+        clock, stats, tree = time.perf_counter, self.stats, self.tree
+        outcome = self.verifier.verify(
+            tree, probabilities(logits, self.sampling), self.sampling, self.rng
+        )
+        outcome.logits = logits
+        if self.features:
+            outcome.hidden = hidden
+        if len(tree):
+            self.target.keep([0] + [i + 1 for i in outcome.path])
+        t2 = clock()
+        stats.verify_s += t2 - self._t1
+        stats.target_passes += 1
+        stats.drafted += len(tree)
+        stats.pass_sizes[len(tree) + 1] = stats.pass_sizes.get(len(tree) + 1, 0) + 1
+        stats.accepted += len(outcome.path)
+        if self.features:
+            self.drafter.observe_features(outcome.hidden[[0] + [i + 1 for i in outcome.path]])
+        if self._asked:
+            self.drafter.observe(self._state, tree, outcome)
+        self.outcome = outcome
+        stats.draft_s += clock() - t2
+        return self._commit(outcome.tokens(tree))
+
+    def close(self) -> None:
+        """The request ended (or was cut short): the drafter says what it did (once)."""
+        if self._started and not self._closed:
+            self._closed = True
+            self.stats.wall_s = time.perf_counter() - self._t0
+            self.stats.drafters = self.drafter.finish()
+
+
 class Engine:
     """Prefill → (propose → one target pass over [root] + tree → verify → commit → observe)*."""
 
@@ -101,111 +284,28 @@ class Engine:
         (greedy, or speculative sampling).
         ``ignore_eos`` keeps going past end-of-sequence tokens (for benchmarks of fixed length).
         """
-        out = result if result is not None else Generation()
-        if not prompt_ids:
-            raise InvalidRequestError("empty prompt")
-        if max_new_tokens < 1:
-            raise InvalidRequestError(f"max new tokens must be >= 1, got {max_new_tokens}")
-        limit = self.target.max_length
-        if len(prompt_ids) >= limit:
-            raise InvalidRequestError(
-                f"prompt of {len(prompt_ids)} tokens does not fit the context of {limit} tokens"
-            )
-        max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
-        drafter = drafter or NoDrafter()
-        verifier = verifier or drafter.verifier(sampling) or default_verifier(sampling)
-        rng = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        emit = _Emitter(self.tokenizer, out, max_new_tokens, stop, ignore_eos)
-        stats = out.stats
-        stats.prompt_tokens = len(prompt_ids)
-        clock = time.perf_counter
-
-        t0 = clock()
-        last = len(prompt_ids) - 1
-        rows = sorted({r for r in drafter.prompt_rows(list(prompt_ids)) if 0 <= r < last})
-        rows.append(last)
-        self.target.reset()
-        features = drafter.feature_layers
-        if features:  # only then: a target without hidden states takes no such argument
-            prompt_logits, prompt_hidden = self.target.forward(
-                prompt_ids, logits_rows=rows, return_hidden=True, hidden_layers=features
-            )
-        else:
-            prompt_logits = self.target.forward(prompt_ids, logits_rows=rows)
-        stats.target_passes += 1
-        logits = prompt_logits[-1:]
-        first = verifier.verify(DraftTree(), probabilities(logits, sampling), sampling, rng).bonus
-        stats.prefill_s = clock() - t0
-        tokens = list(prompt_ids)
-        new = [first]
-        t = clock()
-        drafter.reset(list(prompt_ids))
-        drafter.observe_prompt(list(prompt_ids), rows, prompt_logits)
-        if features:
-            drafter.observe_features(prompt_hidden)
-        stats.draft_s += clock() - t
+        d = Decoding(
+            self.target,
+            self.tokenizer,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop=stop,
+            ignore_eos=ignore_eos,
+            drafter=drafter,
+            verifier=verifier,
+            result=result,
+        )
         try:
-            while True:
-                tokens += new
-                piece = emit.push(new)
-                stats.wall_s = clock() - t0
+            piece = d.start(*run_pass(self.target, d.prefill()))
+            if piece:
+                yield piece
+            while not d.done:
+                piece = d.verified(*run_pass(self.target, d.propose()))
                 if piece:
                     yield piece
-                if emit.done:
-                    break
-                state = DraftState(
-                    tokens, len(prompt_ids), sampling, rng, budget=max_new_tokens - stats.new_tokens
-                )
-                t = clock()
-                tree = drafter.propose(state)
-                t1 = clock()
-                stats.draft_s += t1 - t
-                outcome = self._verify_step(tree, tokens[-1], sampling, rng, verifier, features)
-                t2 = clock()
-                stats.verify_s += t2 - t1
-                stats.target_passes += 1
-                stats.drafted += len(tree)
-                stats.pass_sizes[len(tree) + 1] = stats.pass_sizes.get(len(tree) + 1, 0) + 1
-                stats.accepted += len(outcome.path)
-                if features:
-                    drafter.observe_features(outcome.hidden[[0] + [i + 1 for i in outcome.path]])
-                drafter.observe(state, tree, outcome)
-                stats.draft_s += clock() - t2
-                new = outcome.tokens(tree)
-            stats.wall_s = clock() - t0
         finally:  # also when the caller stops reading early
-            stats.drafters = drafter.finish()
-
-    def _verify_step(
-        self,
-        tree: DraftTree,
-        root: int,
-        sampling: SamplingParams,
-        rng: torch.Generator | None,
-        verifier: Verifier,
-        features: tuple[int, ...] = (),
-    ) -> Outcome:
-        """One target pass over [root] + tree; keep the root and the accepted path in the cache.
-        ``features``: the pass's hidden states at those layers too (`Outcome.hidden`)."""
-        start = self.target.length
-        hidden = {"return_hidden": True, "hidden_layers": features} if features else {}
-        if len(tree) == 0:
-            out = self.target.forward([root], positions=[start], **hidden)
-        else:
-            mask, depth = tree.with_root()
-            positions = [start + d for d in depth]
-            mask = None if tree.is_chain() else mask  # a chain is causal: no mask needed
-            out = self.target.forward(
-                [root] + tree.tokens, positions=positions, attn_mask=mask, **hidden
-            )
-        logits = out[0] if features else out
-        outcome = verifier.verify(tree, probabilities(logits, sampling), sampling, rng)
-        outcome.logits = logits
-        if features:
-            outcome.hidden = out[1]
-        if len(tree):
-            self.target.keep([0] + [i + 1 for i in outcome.path])
-        return outcome
+            d.close()
 
 
 def default_verifier(sampling: SamplingParams) -> Verifier:

@@ -1,0 +1,222 @@
+"""Continuous batching: many requests decode together, one target pass per step.
+
+Requests join the running batch between steps and leave it when they finish or are
+cancelled. Each step every running request drafts its tree (as much as goodput
+control allows: `specdec.speculation.goodput`), a new request brings its prompt, and
+one pass of the target (`Transformer.forward_batch`) runs all of them, each sequence
+in its own KV cache; then each request verifies its tree and commits its tokens.
+A request's arithmetic is the same as alone (the native kernels are per row), so
+its greedy output never depends on what else is in the batch.
+
+The engine is driven by one thread (`BatchEngine.run` or `step` in a loop); `submit`
+and `BatchRequest.cancel` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from specdec.engine import Decoding, Pass, run_pass
+from specdec.models.target import NativeTarget
+from specdec.models.transformer import Segment, Transformer
+from specdec.speculation.drafters.base import layer_features
+from specdec.speculation.goodput import Acceptance, GoodputControl
+
+
+@dataclass
+class BatchRequest:
+    """One request in the batch: its decoding, where its text goes, and how it ended.
+
+    ``on_text(piece)`` is called from the engine's thread with each new piece of text;
+    ``on_end(request)`` once, when it finished, failed (``error``) or was cancelled.
+    ``release()`` (if given) runs after that, to give back what the request held.
+    """
+
+    decoding: Decoding
+    on_text: Callable[[str], None] | None = None
+    on_end: Callable[[BatchRequest], None] | None = None
+    release: Callable[[], None] | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None  # from submission
+    ended: threading.Event = field(default_factory=threading.Event)
+    _started: bool = False
+
+    def cancel(self) -> None:
+        """Stop at the next step (its slot is freed then)."""
+        self.cancelled = True
+
+
+class BatchEngine:
+    """Runs the requests submitted to it, up to ``max_batch`` at a time.
+
+    ``model``: the target all requests share (their `NativeTarget`s hold their own
+    caches over it); None, or requests on other targets, run their passes one after
+    another instead of in one pass. ``control``: goodput control of how much each
+    request drafts (None: every drafter sizes its own tree).
+    """
+
+    def __init__(
+        self,
+        model: Transformer | None,
+        *,
+        max_batch: int = 16,
+        control: GoodputControl | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.model = model
+        self.max_batch = max_batch
+        self.control = control
+        self.waiting: list[BatchRequest] = []
+        self.running: list[BatchRequest] = []
+        self._lock = threading.Condition()
+        self._stop = False
+        self.steps = 0
+        self.last_batch = 0  # requests in the latest step's pass
+        self.last_rows = 0  # rows in it
+
+    # ------------------------------------------------------------------ any thread
+    def submit(self, request: BatchRequest) -> BatchRequest:
+        with self._lock:
+            self.waiting.append(request)
+            self._lock.notify()
+        return request
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+
+    def run(self) -> None:
+        """Step until `stop`, sleeping while there is nothing to do."""
+        while True:
+            with self._lock:
+                while not self._stop and not self.waiting and not self.running:
+                    self._lock.wait()
+                if self._stop:
+                    break
+            self.step()
+        for r in self.running + self.waiting:
+            r.cancel()
+        self._drop(self.running + self.waiting)
+        self.running, self.waiting = [], []
+
+    # ------------------------------------------------------------------ the engine's thread
+    def step(self) -> int:
+        """One pass over every running request (and the prompts of those joining now);
+        returns how many requests it ran."""
+        with self._lock:
+            room = self.max_batch - len(self.running)
+            joining, self.waiting = self.waiting[:room], self.waiting[room:]
+        self.running += joining
+        gone = [r for r in self.running if r.cancelled]
+        if gone:
+            self._drop(gone)
+        batch = [r for r in self.running if not r.cancelled]
+        if not batch:
+            self.running = []
+            return 0
+        decoding = [r for r in batch if r._started]
+        caps: dict[int, int | None] = {}
+        if self.control is not None and decoding:
+            rates = [r.acceptance.rate for r in decoding]
+            prompts = sum(len(r.decoding.prompt_ids) for r in batch if not r._started)
+            caps = dict(zip(map(id, decoding), self.control.allocate(rates, prompts), strict=True))
+        passes: list[tuple[BatchRequest, Pass]] = []
+        for r in batch:
+            try:
+                if r._started:
+                    passes.append((r, r.decoding.propose(caps.get(id(r)))))
+                else:
+                    passes.append((r, r.decoding.prefill()))
+            except Exception as e:  # a drafter failed: this request ends, the rest go on
+                r.error = e
+        try:
+            outputs = self._run(passes)
+        except Exception as e:  # the pass itself failed: every request in it ends
+            for r, _ in passes:
+                r.error = e
+            outputs = [None] * len(passes)
+        self.steps += 1
+        self.last_batch, self.last_rows = len(passes), sum(len(p.tokens) for _, p in passes)
+        for (r, _), out in zip(passes, outputs, strict=True):
+            if r.error is not None:
+                continue
+            try:
+                self._deliver(r, out)
+            except Exception as e:
+                r.error = e
+        self._drop([r for r in batch if r.error is not None or r.decoding.done])
+        return len(passes)
+
+    def _run(self, passes: list[tuple[BatchRequest, Pass]]) -> list:
+        """Every pass's (logits, hidden): in one batched pass where they share the model."""
+        batched = [
+            (r, p)
+            for r, p in passes
+            if isinstance(r.decoding.target, NativeTarget)
+            and self.model is not None
+            and r.decoding.target.model is self.model
+        ]
+        out: dict[int, tuple] = {}
+        if batched:
+            layers = tuple(sorted({i for _, p in batched for i in p.hidden_layers}))
+            segments = []
+            for r, p in batched:
+                cache = r.decoding.target.cache
+                positions = p.positions
+                if positions is None:
+                    positions = list(range(cache.length, cache.length + len(p.tokens)))
+                segments.append(Segment(p.tokens, positions, cache, p.attn_mask, p.logits_rows))
+            results = self.model.forward_batch(segments, hidden_layers=layers or None)
+            for (r, p), res in zip(batched, results, strict=True):
+                if not layers:
+                    out[id(r)] = (res, None)
+                else:
+                    logits, hidden = res
+                    want = p.hidden_layers
+                    out[id(r)] = (logits, layer_features(hidden, layers, want) if want else None)
+        for r, p in passes:
+            if id(r) not in out:
+                out[id(r)] = run_pass(r.decoding.target, p)
+        return [out[id(r)] for r, _ in passes]
+
+    def _deliver(self, r: BatchRequest, out: tuple) -> None:
+        d = r.decoding
+        if not r._started:
+            piece = d.start(*out)
+            r._started = True
+            r.first_token_s = time.perf_counter() - r.submitted
+        else:
+            piece = d.verified(*out)
+            if len(d.tree):
+                r.acceptance.observe(max(d.tree.depths) + 1, len(d.outcome.path))
+        if piece and r.on_text is not None:
+            r.on_text(piece)
+
+    def _drop(self, ended: list[BatchRequest]) -> None:
+        for r in ended:
+            if r in self.running:
+                self.running.remove(r)
+            try:
+                r.decoding.close()
+            except Exception as e:  # a drafter's finish failed: the request still ends
+                r.error = r.error or e
+            if r.on_end is not None:
+                try:
+                    r.on_end(r)
+                except Exception:  # the listener is gone (a closed connection)
+                    pass
+            if r.release is not None:
+                r.release()
+            r.ended.set()
