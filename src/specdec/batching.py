@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from specdec.engine import Decoding, Pass, run_pass
 from specdec.models.target import NativeTarget
@@ -45,6 +46,10 @@ class BatchRequest:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None  # from submission
     ended: threading.Event = field(default_factory=threading.Event)
+    need: int = 0  # bytes it reserves when it joins (see BatchEngine's ``admit``)
+    reserved: int = 0
+    job: Any = None  # what the caller wants to find again (the server's request)
+    method: str = ""
     _started: bool = False
 
     def cancel(self) -> None:
@@ -58,7 +63,8 @@ class BatchEngine:
     ``model``: the target all requests share (their `NativeTarget`s hold their own
     caches over it); None, or requests on other targets, run their passes one after
     another instead of in one pass. ``control``: goodput control of how much each
-    request drafts (None: every drafter sizes its own tree).
+    request drafts (None: every drafter sizes its own tree). ``admit(request)``: whether
+    a waiting request may join now (e.g. its memory fits); requests join in order.
     """
 
     def __init__(
@@ -67,12 +73,15 @@ class BatchEngine:
         *,
         max_batch: int = 16,
         control: GoodputControl | None = None,
+        admit: Callable[[BatchRequest], bool] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.model = model
         self.max_batch = max_batch
         self.control = control
+        self.admit = admit
+        self.on_idle: Callable[[], None] | None = None  # called a second after work runs out
         self.waiting: list[BatchRequest] = []
         self.running: list[BatchRequest] = []
         self._lock = threading.Condition()
@@ -99,12 +108,22 @@ class BatchEngine:
 
     def run(self) -> None:
         """Step until `stop`, sleeping while there is nothing to do."""
+        tidied = True
         while True:
             with self._lock:
                 while not self._stop and not self.waiting and not self.running:
-                    self._lock.wait()
+                    # a quiet second after the last step (the callers have let go of the
+                    # finished requests by then): tidy up once
+                    if not self._lock.wait(timeout=1.0) and not tidied and self.on_idle:
+                        tidied = True
+                        self._lock.release()
+                        try:
+                            self.on_idle()
+                        finally:
+                            self._lock.acquire()
                 if self._stop:
                     break
+            tidied = False
             self.step()
         for r in self.running + self.waiting:
             r.cancel()
@@ -116,8 +135,15 @@ class BatchEngine:
         """One pass over every running request (and the prompts of those joining now);
         returns how many requests it ran."""
         with self._lock:
-            room = self.max_batch - len(self.running)
-            joining, self.waiting = self.waiting[:room], self.waiting[room:]
+            gone = [r for r in self.waiting if r.cancelled]
+            self.waiting = [r for r in self.waiting if not r.cancelled]
+            joining = []
+            while self.waiting and len(self.running) + len(joining) < self.max_batch:
+                if self.admit is not None and not self.admit(self.waiting[0]):
+                    break
+                joining.append(self.waiting.pop(0))
+        if gone:
+            self._drop(gone)
         self.running += joining
         gone = [r for r in self.running if r.cancelled]
         if gone:
@@ -219,4 +245,5 @@ class BatchEngine:
                     pass
             if r.release is not None:
                 r.release()
+            r.on_text = r.on_end = r.release = None  # the callers' closures: no cycles kept
             r.ended.set()

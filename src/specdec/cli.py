@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_generate(sub)
+    _add_serve(sub)
     _add_methods(sub)
     _add_bench(sub)
     _add_profile(sub)
@@ -126,6 +127,86 @@ def _add_generate(sub: Any) -> None:
     )
     g.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     g.set_defaults(func=cmd_generate)
+
+
+def _add_serve(sub: Any) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over HTTP: /v1/chat/completions and /v1/completions "
+        "(streaming or not), /v1/models, /health, /metrics (Prometheus). Requests decode "
+        "together in one batch, each with speculation; how much each one drafts is chosen "
+        "every step from its measured acceptance and the cost of the batch's pass, so that "
+        "under load it falls back to plain batching. A request may name its own method in "
+        "the body field 'method' (options in 'method_options'). One log line per request.",
+    )
+    _add_model_args(s, DEFAULT_MODEL)
+    s.add_argument(
+        "--method",
+        default="auto",
+        metavar="NAME",
+        help="the requests' decoding method unless they name one (default auto)",
+    )
+    s.add_argument("--draft", default=None, metavar="MODEL", help="draft model for --method draft")
+    s.add_argument(
+        "--num-draft-tokens", type=int, default=None, metavar="K", help="tokens drafted per step"
+    )
+    s.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="a method option"
+    )
+    s.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: loopback)"
+    )
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        metavar="B",
+        help="most requests decoding at once (default 16); others wait in the queue",
+    )
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        metavar="N",
+        help="most requests waiting; beyond it requests get 429 (default 256)",
+    )
+    s.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="memory for the requests' KV caches (default: 3/4 of what is free after "
+        "loading); a request waits until its cache fits, one that never could gets 400",
+    )
+    s.add_argument(
+        "--max-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="max_tokens of requests that give none (default 256)",
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="a request running longer is cancelled (default 600 s)",
+    )
+    s.add_argument(
+        "--no-goodput",
+        action="store_true",
+        help="let every request draft what its drafter wants, whatever the load",
+    )
+    s.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/ (default: $SPECDEC_API_KEY, or none)",
+    )
+    s.add_argument("--quiet", action="store_true", help="no progress or request log on stderr")
+    s.set_defaults(func=cmd_serve)
 
 
 def _add_methods(sub: Any) -> None:
@@ -490,6 +571,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 f"identical: {report['identical']}"
             )
         print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from specdec.errors import InvalidRequestError
+
+    for name, value, low in (
+        ("--max-batch", args.max_batch, 1),
+        ("--max-queue", args.max_queue, 0),
+        ("--max-tokens", args.max_tokens, 1),
+        ("--port", args.port, 0),
+    ):
+        if value < low:
+            raise InvalidRequestError(f"{name} must be >= {low}, got {value}")
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise InvalidRequestError(f"--max-memory must be > 0 GB, got {args.max_memory}")
+    if args.request_timeout <= 0:
+        raise InvalidRequestError("--request-timeout must be > 0")
+    try:
+        import uvicorn
+
+        from specdec.serve.app import create_app
+        from specdec.serve.service import Service
+    except ImportError as e:  # pragma: no cover - both are dependencies
+        raise InvalidRequestError(f"the server needs fastapi and uvicorn: {e}") from None
+    api_key = args.api_key or os.environ.get("SPECDEC_API_KEY") or None
+    gen = _load_generator(args)
+    service = Service(
+        gen,
+        method=args.method,
+        options=_method_options(args),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory else None,
+        goodput=not args.no_goodput,
+    )
+    app = create_app(
+        service,
+        model_name=args.model,
+        api_key=api_key,
+        default_max_tokens=args.max_tokens,
+        request_timeout_s=args.request_timeout,
+    )
+    if not args.quiet:
+        logging.getLogger("specdec.serve").setLevel(logging.INFO)
+        loopback = args.host in ("127.0.0.1", "localhost", "::1")
+        print(
+            f"[specdec] serving {args.model} on http://{args.host}:{args.port}/v1 "
+            f"(method {args.method}, batches of up to {service.engine.max_batch}, "
+            f"KV budget {service.memory_budget / 2**30:.1f} GiB"
+            f"{', API key required' if api_key else ''})",
+            file=sys.stderr,
+        )
+        if not loopback and not api_key:
+            print(
+                "[specdec] warning: listening beyond loopback without --api-key",
+                file=sys.stderr,
+            )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        service.close()
     return 0
 
 

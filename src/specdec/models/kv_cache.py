@@ -108,3 +108,9 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = self.fresh_start = self.fresh_count = 0
+
+    def release(self) -> None:
+        """Give the memory back: empty, with no slots allocated (it grows again if used)."""
+        self.k = self.k.new_zeros((*self.k.shape[:2], 0, self.k.shape[3]))
+        self.v = self.v.new_zeros((*self.v.shape[:2], 0, self.v.shape[3]))
+        self.reset()

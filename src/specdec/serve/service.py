@@ -1,0 +1,295 @@
+"""What the HTTP server runs: one loaded model, a batch engine on its own thread, a pool
+of drafters, a memory budget and the server's metrics. Independent of HTTP, so that
+it can be driven and tested directly.
+
+- Each request gets its own KV cache over the shared model and its own drafter,
+  checked out of a pool per (method, options) and given back when the request ends:
+  drafters that learn across requests (the n-gram cache, Token Recycling, REST,
+  auto's statistics) keep learning over every request they serve, and no two running
+  requests ever share one. A draft model's weights are shared; its cache is not.
+- Memory: a request reserves the KV cache of its prompt plus its most new tokens
+  (plus room for a draft tree) when it joins the batch; a request that does not fit
+  the budget waits until others end, and one that could never fit is refused.
+- Backends without batched passes (llama.cpp, transformers) serve one request at a
+  time, in arrival order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from specdec.batching import BatchEngine, BatchRequest
+from specdec.engine import Decoding, Generation
+from specdec.errors import InvalidRequestError, SpecdecError
+from specdec.models.target import NativeTarget
+from specdec.serve.metrics import Metrics
+from specdec.speculation.drafters.base import Drafter
+from specdec.speculation.goodput import GoodputControl
+from specdec.speculation.methods import get_method
+from specdec.speculation.sampling import SamplingParams
+
+log = logging.getLogger("specdec.serve")
+
+TREE_ROOM = 80  # cache slots beyond prompt + new tokens: a draft tree written before its cut
+
+
+class OverloadedError(SpecdecError):
+    """The server cannot take the request now (its queue is full): retry later."""
+
+
+class TooLargeError(InvalidRequestError):
+    """The request could never fit the server's limits."""
+
+
+@dataclass
+class Job:
+    """A request as the service sees it."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    method: str | None = None  # None: the server's
+    options: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    kind: str = "chat"
+
+
+class DrafterPool:
+    """Drafters per (method, options): one per running request, reused after it ends."""
+
+    def __init__(self, gen) -> None:
+        self.gen = gen
+        self.idle: dict[tuple, list[Drafter]] = {}
+        self._lock = threading.Lock()
+
+    def key(self, method: str, options: dict[str, Any]) -> tuple[str, tuple, str]:
+        """(resolved method, its key, the method as asked) — checks method and options."""
+        name, opts = self.gen.resolve(method, options)
+        spec = get_method(name)
+        return name, (name, repr(spec.effective_options(opts))), opts
+
+    def take(self, method: str, options: dict[str, Any]) -> tuple[tuple, Drafter, str]:
+        name, key, opts = self.key(method, options)
+        with self._lock:
+            if self.idle.get(key):
+                return key, self.idle[key].pop(), name
+            ctx = self.gen.build_context()
+            # a draft model's weights are shared, its KV cache is the drafter's own
+            load = ctx.load_draft
+
+            def own_cache(spec, same_tokenizer=True, **kw):
+                got = load(spec, same_tokenizer, **kw)
+                if same_tokenizer:
+                    return _own_cache(got)
+                return _own_cache(got[0]), got[1]
+
+            ctx = dataclasses.replace(ctx, load_draft=own_cache)
+            return key, get_method(name).build(ctx, opts), name
+
+    def give(self, key: tuple, drafter: Drafter, keep: int = 16) -> None:
+        """Back to the pool (at most ``keep`` idle ones per key: a burst's extras go)."""
+        with self._lock:
+            idle = self.idle.setdefault(key, [])
+            if len(idle) < keep:
+                idle.append(drafter)
+
+
+def _own_cache(target):
+    return NativeTarget(target.model) if type(target) is NativeTarget else target
+
+
+class Service:
+    """The model, its batch engine (on a thread of its own) and the server's state."""
+
+    def __init__(
+        self,
+        gen,
+        *,
+        method: str = "auto",
+        options: dict[str, Any] | None = None,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        max_memory_bytes: int | None = None,
+        goodput: bool = True,
+    ) -> None:
+        self.gen = gen
+        self.method, self.options = method, dict(options or {})
+        self.pool = DrafterPool(gen)
+        self.pool.key(method, self.options)  # a bad default method fails at start
+        native = isinstance(gen.target, NativeTarget) and type(gen.target) is NativeTarget
+        self.model = gen.target.model if native else None
+        if not native:
+            max_batch = 1  # one cache: one request at a time
+        control = GoodputControl(gen.pass_cost()) if goodput and native else None
+        self.engine = BatchEngine(
+            self.model, max_batch=max_batch, control=control, admit=self._admit
+        )
+        self.max_queue = max_queue
+        cfg = gen.target.config
+        dtype_bytes = self.model.dtype.itemsize if self.model is not None else 4
+        self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+        self.memory_budget = max_memory_bytes or _default_budget()
+        self.reserved = 0
+        self.metrics = Metrics()
+        self._lock = threading.Lock()
+        self.engine.on_idle = _give_memory_back
+        self._thread = threading.Thread(target=self.engine.run, name="specdec-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def context(self) -> int:
+        return self.gen.target.max_length
+
+    def close(self) -> None:
+        self.engine.stop()
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ requests
+    def submit(
+        self,
+        job: Job,
+        on_text: Callable[[str], None] | None,
+        on_end: Callable[[BatchRequest], None],
+    ) -> BatchRequest:
+        """Check ``job`` and queue it; raises InvalidRequestError (the client's mistake),
+        TooLargeError or OverloadedError. ``on_text``/``on_end`` are called from the
+        engine's thread."""
+        n = len(job.prompt_ids)
+        if n == 0:
+            raise InvalidRequestError("empty prompt")
+        if n >= self.context:
+            raise TooLargeError(
+                f"prompt of {n} tokens does not fit the context of {self.context} tokens"
+            )
+        if job.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {job.max_tokens}")
+        max_tokens = min(job.max_tokens, self.context - n)
+        slots = min(n + max_tokens + TREE_ROOM, self.context + TREE_ROOM)
+        need = slots * self.kv_bytes_per_token
+        if need > self.memory_budget:
+            raise TooLargeError(
+                f"the request needs {need / 2**20:.0f} MiB of KV cache ({n} prompt tokens + "
+                f"{max_tokens} new); the server's memory budget is "
+                f"{self.memory_budget / 2**20:.0f} MiB: ask for fewer max_tokens"
+            )
+        if self.engine.queued >= self.max_queue:
+            self.metrics.count("rejected", reason="queue_full")
+            raise OverloadedError(
+                f"the server's queue is full ({self.max_queue} requests waiting); retry later"
+            )
+        method = job.method or self.method
+        options = self.options if job.method is None else job.options
+        key, drafter, name = self.pool.take(method, options)
+        if self.model is not None:  # its cache is allocated when it runs, not while it waits
+            target = NativeTarget(self.model, capacity=0)
+            target.cache.max_capacity = slots
+        else:
+            target = self.gen.target
+        result = Generation()
+        try:
+            decoding = Decoding(
+                target,
+                self.gen.tokenizer,
+                job.prompt_ids,
+                max_new_tokens=max_tokens,
+                sampling=job.sampling,
+                stop=job.stop,
+                drafter=drafter,
+                result=result,
+            )
+        except Exception:
+            self.pool.give(key, drafter)
+            raise
+
+        def release() -> None:
+            self.pool.give(key, drafter, keep=self.engine.max_batch)
+            if target is not self.gen.target:
+                target.cache.release()  # now, not when the last reference goes
+            with self._lock:
+                self.reserved -= request.reserved
+                request.reserved = 0
+
+        request = BatchRequest(
+            decoding,
+            on_text=on_text,
+            on_end=self._ended(job, name, on_end),
+            release=release,
+            need=need,
+            job=job,
+            method=name,
+        )
+        self.metrics.count("requests_received")
+        return self.engine.submit(request)
+
+    def _admit(self, request: BatchRequest) -> bool:
+        """Join the batch if its KV cache fits what the running requests left."""
+        with self._lock:
+            if self.reserved + request.need > self.memory_budget:
+                return False
+            self.reserved += request.need
+            request.reserved = request.need
+            return True
+
+    def _ended(self, job: Job, method: str, then: Callable[[BatchRequest], None]):
+        def ended(request: BatchRequest) -> None:
+            s = request.decoding.out.stats
+            status = "error" if request.error else "cancelled" if request.cancelled else "ok"
+            self.metrics.finished(request, status)
+            log.info(
+                "%s %s %s: %d prompt + %d new tokens, tau %.2f, %.2f s (%s)",
+                job.id,
+                job.kind,
+                status,
+                s.prompt_tokens,
+                s.new_tokens,
+                s.tau,
+                time.perf_counter() - request.submitted,
+                method,
+            )
+            then(request)
+
+        return ended
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "queue_length": self.engine.queued,
+            "running_requests": len(self.engine.running),
+            "batch_size": self.engine.last_batch,
+            "batch_rows": self.engine.last_rows,
+            "kv_reserved_bytes": self.reserved,
+            "kv_budget_bytes": self.memory_budget,
+        }
+
+
+def _give_memory_back() -> None:
+    """When the server falls idle: freed KV caches back to the system (glibc keeps freed
+    blocks of a few MB in its heap otherwise, and the process stays at its peak)."""
+    import gc
+
+    gc.collect()  # what only the cycle collector would free
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+def _default_budget() -> int:
+    """Three quarters of the memory available now (the model is loaded already)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 * 3 // 4
+    except OSError:
+        pass
+    return 4 << 30
