@@ -315,7 +315,7 @@ def _add_train(sub: Any) -> None:
         default=d.data,
         help="comma-separated sources: prompts (Spec-Bench, HumanEval, GSM8K questions the "
         "benchmarks never take, answered by the model), python (the standard library's "
-        "sources), or a .txt / .jsonl file ({\"text\": ...} or {\"prompt\": ...} lines) "
+        'sources), or a .txt / .jsonl file ({"text": ...} or {"prompt": ...} lines) '
         f"(default {d.data})",
     )
     e.add_argument(
@@ -375,8 +375,8 @@ def _add_export(sub: Any) -> None:
         description="Write the model's EAGLE-3 head (`specdec train eagle --version 3`) as a "
         "speculators checkpoint: config.json (speculators_model_type eagle3) and "
         "model.safetensors, without the embedding (vLLM shares the target's). Serve it "
-        "with vLLM: --speculative-config '{\"model\": \"DIR\", \"method\": \"eagle3\", "
-        "\"num_speculative_tokens\": 3}'. `--method eagle --option head=DIR` reads such a "
+        'with vLLM: --speculative-config \'{"model": "DIR", "method": "eagle3", '
+        '"num_speculative_tokens": 3}\'. `--method eagle --option head=DIR` reads such a '
         "folder back.",
     )
     e.add_argument("--model", default=DEFAULT_MODEL, metavar="M",
@@ -608,6 +608,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_memory_bytes=int(args.max_memory * 2**30) if args.max_memory else None,
         goodput=not args.no_goodput,
+        background=False,  # the engine steps on this (the main) thread: see Service
     )
     app = create_app(
         service,
@@ -616,6 +617,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_tokens,
         request_timeout_s=args.request_timeout,
     )
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:
+            service.close()  # the engine's loop on the main thread returns
+
+    import signal
+    import threading
+    import time
+
+    http = threading.Thread(target=serve_http, name="specdec-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise InvalidRequestError(
+                f"cannot listen on {args.host}:{args.port} (in use, or not an address here?)"
+            )
+        time.sleep(0.05)
     if not args.quiet:
         logging.getLogger("specdec.serve").setLevel(logging.INFO)
         loopback = args.host in ("127.0.0.1", "localhost", "::1")
@@ -631,10 +655,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "[specdec] warning: listening beyond loopback without --api-key",
                 file=sys.stderr,
             )
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        service.run()
+    except KeyboardInterrupt:
+        pass
     finally:
-        service.close()
+        server.should_exit = True
+        http.join(timeout=10)
     return 0
 
 

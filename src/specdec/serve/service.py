@@ -119,7 +119,12 @@ class Service:
         max_queue: int = 256,
         max_memory_bytes: int | None = None,
         goodput: bool = True,
+        background: bool = True,
     ) -> None:
+        """``background``: the engine steps on a thread of its own; False leaves it to the
+        caller to call `run` (on the main thread, the one whose OpenMP workers are warm:
+        measured on 2 cores, the native kernels run ~2.5x slower per step from a second
+        thread, whose OpenMP team is throttled beside the main thread's)."""
         self.gen = gen
         self.method, self.options = method, dict(options or {})
         self.pool = DrafterPool(gen)
@@ -141,8 +146,16 @@ class Service:
         self.metrics = Metrics()
         self._lock = threading.Lock()
         self.engine.on_idle = _give_memory_back
-        self._thread = threading.Thread(target=self.engine.run, name="specdec-engine", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(
+                target=self.engine.run, name="specdec-engine", daemon=True
+            )
+            self._thread.start()
+
+    def run(self) -> None:
+        """Step the engine on this thread until `close` (when not in the background)."""
+        self.engine.run()
 
     @property
     def context(self) -> int:
@@ -150,7 +163,8 @@ class Service:
 
     def close(self) -> None:
         self.engine.stop()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ requests
     def submit(
