@@ -6,13 +6,14 @@ import random
 
 import pytest
 import torch
-from random_models import random_transformer, tree_mask_and_depths
+from random_models import CharTokenizer, random_transformer, tree_mask_and_depths
 from test_contract import FACTORIES, greedy_case, make_drafter, run
 from test_quant_model import quantised_model
 
 from specdec.batching import BatchEngine, BatchRequest
 from specdec.engine import Decoding, Generation
 from specdec.models.target import NativeTarget
+from specdec.models import transformer
 from specdec.models.transformer import Segment
 from specdec.speculation.drafters.base import NoDrafter
 from specdec.speculation.goodput import Acceptance, GoodputControl
@@ -39,6 +40,7 @@ def _segments(model, history: list[list[int]]):
         Segment([7, 8, 9], [n1, n1 + 1, n1 + 2], caches[1], logits_rows=[0, 2]),
         Segment([3, 4, 6, 2, 1, 11], [n2 + d for d in depths], caches[2], mask),
         Segment(list(range(1, 12)), list(range(11)), model.new_cache()),  # a prefill
+        Segment(list(range(20, 26)), list(range(6)), model.new_cache(), logits_rows=[2, 5]),
     ]
 
 
@@ -65,7 +67,10 @@ def _clone_caches(segs):
 
 @pytest.mark.parametrize("kind", ["float64", "native-int8", "native-int4"])
 @pytest.mark.parametrize("hidden", [None, (1, 3)])
-def test_a_batched_pass_gives_each_sequence_its_solo_result(kind, hidden):
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_a_batched_pass_gives_each_sequence_its_solo_result(kind, hidden, chunk, monkeypatch):
+    if chunk:  # prompts run in chunks over several waves (on the native kernels)
+        monkeypatch.setattr(transformer, "PREFILL_CHUNK", chunk)
     if kind == "float64":
         model = random_transformer("qwen2", seed=3)
     else:
@@ -97,7 +102,7 @@ class RandomCaps:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def allocate(self, rates, other_rows=0):
+    def allocate(self, rates, other_rows=0, draft_ms=None):
         return [self.rng.choice([None, 0, 1, 2, 3]) for _ in rates]
 
 
@@ -210,3 +215,65 @@ def test_a_cancelled_request_leaves_the_batch_and_others_finish():
     for r, ref in zip(reqs[1:], refs[1:], strict=True):
         n = len(ref.token_ids)
         assert r.decoding.out.token_ids[:n] == ref.token_ids[: len(r.decoding.out.token_ids)]
+
+
+def _service(budget_slots: int, max_queue: int = 8):
+    from specdec.api import Generator
+    from specdec.serve.service import Service
+
+    model = random_transformer("llama", seed=2, vocab=48)
+    gen = Generator(NativeTarget(model), CharTokenizer(vocab=48), "tiny")
+    svc = Service(
+        gen, method="ar", max_batch=4, max_queue=max_queue, goodput=False, background=False
+    )
+    svc.memory_budget = budget_slots * svc.kv_bytes_per_token
+    return svc
+
+
+def test_memory_budget_shrinks_trees_then_queues_then_refuses():
+    from specdec.serve.service import MIN_TREE_ROOM, TREE_ROOM, Job, OverloadedError, TooLargeError
+
+    prompt, new = [1, 2, 3, 4], 20
+    base = len(prompt) + new
+    svc = _service(2 * base + TREE_ROOM + MIN_TREE_ROOM + 2, max_queue=2)
+    with pytest.raises(TooLargeError):  # could never fit
+        svc.submit(Job(prompt, 10 * svc.memory_budget), None, lambda r: None)
+    ended = []
+    reqs = [svc.submit(Job(prompt, new), None, ended.append) for _ in range(2)]
+    with pytest.raises(OverloadedError):  # two waiting: the queue is full
+        svc.submit(Job(prompt, new), None, ended.append)
+    svc.engine.step()
+    third = svc.submit(Job(prompt, new), None, ended.append)
+    svc.engine.step()
+    assert reqs[0].max_nodes == TREE_ROOM - 1  # the full room for its trees
+    assert MIN_TREE_ROOM - 1 <= reqs[1].max_nodes < TREE_ROOM - 1  # less room: smaller trees
+    assert third in svc.engine.waiting  # no room left: it waits
+    assert svc.reserved <= svc.memory_budget
+    while svc.engine.running or svc.engine.waiting:
+        svc.engine.step()
+    assert len(ended) == 3 and all(r.error is None for r in ended)
+    assert svc.reserved == 0
+    texts = {r.decoding.out.text for r in ended}
+    assert len(texts) == 1  # the same prompt, greedy: the same answer, in any room
+
+
+@pytest.mark.parametrize("kind", ["float64", "native-int8"])
+def test_a_lone_prompt_in_chunks_equals_one_pass(kind, monkeypatch):
+    monkeypatch.setattr(transformer, "PREFILL_CHUNK", 4)
+    model = (
+        random_transformer("qwen2", seed=3)
+        if kind == "float64"
+        else quantised_model(5, "int8", torch.float32)
+    )
+    tokens = list(range(1, 12))
+    want = model(torch.tensor(tokens), torch.arange(11), model.new_cache())
+    (got,) = model.forward_batch([Segment(tokens, list(range(11)), model.new_cache())])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_goodput_control_pays_for_drafting_time():
+    control = GoodputControl(lambda n: 30.0 + 6.6 * (n - 1))
+    cheap = control.allocate([0.7, 0.7, 0.7, 0.7], 0, [0.1] * 4)
+    costly = control.allocate([0.7, 0.7, 0.7, 0.7], 0, [0.1, 0.1, 0.1, 500.0])
+    assert cheap[3] > 0 and costly[3] == 0  # a drafter slower than what it earns is not asked
+    assert costly[:3] == cheap[:3]

@@ -47,6 +47,8 @@ class BatchRequest:
     first_token_s: float | None = None  # from submission
     ended: threading.Event = field(default_factory=threading.Event)
     need: int = 0  # bytes it reserves when it joins (see BatchEngine's ``admit``)
+    max_nodes: int | None = None  # most nodes it may draft in a step (None: no limit)
+    draft_ms: float = 0.0  # what asking its drafter costs, smoothed over its steps
     reserved: int = 0
     job: Any = None  # what the caller wants to find again (the server's request)
     method: str = ""
@@ -157,12 +159,21 @@ class BatchEngine:
         if self.control is not None and decoding:
             rates = [r.acceptance.rate for r in decoding]
             prompts = sum(len(r.decoding.prompt_ids) for r in batch if not r._started)
-            caps = dict(zip(map(id, decoding), self.control.allocate(rates, prompts), strict=True))
+            costs = [r.draft_ms for r in decoding]
+            allocated = self.control.allocate(rates, prompts, costs)
+            caps = dict(zip(map(id, decoding), allocated, strict=True))
         passes: list[tuple[BatchRequest, Pass]] = []
         for r in batch:
             try:
                 if r._started:
-                    passes.append((r, r.decoding.propose(caps.get(id(r)))))
+                    cap = caps.get(id(r))
+                    if r.max_nodes is not None:
+                        cap = r.max_nodes if cap is None else min(cap, r.max_nodes)
+                    t = time.perf_counter()
+                    passes.append((r, r.decoding.propose(cap)))
+                    if cap != 0:  # what asking the drafter cost (observe is timed apart)
+                        ms = (time.perf_counter() - t) * 1e3
+                        r.draft_ms = ms if r.draft_ms == 0 else 0.8 * r.draft_ms + 0.2 * ms
                 else:
                     passes.append((r, r.decoding.prefill()))
             except Exception as e:  # a drafter failed: this request ends, the rest go on

@@ -67,6 +67,13 @@ class KVCache:
         self.fresh_start, self.fresh_count = start, n
         return start
 
+    def reserve(self, capacity: int) -> None:
+        """Allocate ``capacity`` slots now (no more than ``max_capacity``), so that passes up
+        to it allocate nothing."""
+        capacity = min(capacity, self.max_capacity)
+        if capacity > self.capacity:
+            self._grow(capacity)
+
     def _grow(self, capacity: int) -> None:
         def grown(t: torch.Tensor) -> torch.Tensor:
             new = t.new_zeros((*t.shape[:2], capacity, t.shape[3]))

@@ -337,31 +337,48 @@ class Transformer(nn.Module):
         order = range(len(self.layers))
         taps = _taps(hidden_layers, order, len(self.layers))
         tapped = h.new_empty(n, len(hidden_layers), h.shape[1]) if taps else None
-        if self.native_layers is not None and h.dtype == torch.float32:
+        native = self.native_layers is not None and h.dtype == torch.float32
+        if native:
             h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
-            masks = [None if m is None else m.contiguous() for m in masks]
-            for i in order:
-                if i in taps:
-                    tapped[:, taps[i]] = h
-                parts = [
-                    (size, seg.cache.k[i], seg.cache.v[i], start, mask)
-                    for seg, size, start, mask in zip(segments, sizes, starts, masks, strict=True)
-                ]
-                self.native_layers[i].batch(h, cos, sin, parts)
-        else:
-            parts = [
-                (size, seg.cache, start, mask)
-                for seg, size, start, mask in zip(segments, sizes, starts, masks, strict=True)
-            ]
-            for i in order:
-                if i in taps:
-                    tapped[:, taps[i]] = h
-                block = self.layers[i]
-                h = h + block.attn.forward_segments(block.attn_norm(h), cos, sin, parts, i)
-                h = h + block.ffn(block.ffn_norm(h))
         offsets = [0]
         for size in sizes:
             offsets.append(offsets[-1] + size)
+        for wave in _waves(segments, sizes, native):
+            # each piece: segment j's rows s..e, at cache slot starts[j] + s
+            rows = torch.cat([torch.arange(offsets[j] + s, offsets[j] + e) for j, s, e in wave])
+            whole = len(wave) == len(segments) and all(e - s == sizes[j] for j, s, e in wave)
+            hw, cw, sw = (h, cos, sin) if whole else (h[rows], cos[rows], sin[rows])
+            pieces = []
+            for j, s, e in wave:
+                if e - s == sizes[j]:
+                    mask = masks[j]
+                else:  # a chunk of a causal prompt: causal within, everything before visible
+                    mask = attention_mask(None, starts[j] + s, e - s, dev)
+                pieces.append((j, e - s, starts[j] + s, mask))
+            if native:
+                pieces = [
+                    (j, m, st, None if k is None else k.contiguous()) for j, m, st, k in pieces
+                ]
+                for i in order:
+                    if i in taps:
+                        tapped[rows, taps[i]] = hw
+                    parts = [
+                        (m, segments[j].cache.k[i], segments[j].cache.v[i], st, k)
+                        for j, m, st, k in pieces
+                    ]
+                    self.native_layers[i].batch(hw, cw, sw, parts)
+            else:
+                parts = [(m, segments[j].cache, st, k) for j, m, st, k in pieces]
+                for i in order:
+                    if i in taps:
+                        tapped[rows, taps[i]] = hw
+                    block = self.layers[i]
+                    hw = hw + block.attn.forward_segments(block.attn_norm(hw), cw, sw, parts, i)
+                    hw = hw + block.ffn(block.ffn_norm(hw))
+            if whole:
+                h = hw
+            else:
+                h[rows] = hw
         picked = [
             torch.arange(offsets[j], offsets[j + 1])[
                 seg.logits_rows if seg.logits_rows is not None else slice(None)
@@ -382,6 +399,33 @@ class Transformer(nn.Module):
                     tapped[:, j] = h
             hidden = tapped.reshape(n, -1)
         return [(per[j], hidden[offsets[j] : offsets[j + 1]]) for j in range(len(segments))]
+
+
+def _waves(segments, sizes: list[int], chunked: bool) -> list[list[tuple[int, int, int]]]:
+    """How `Transformer.forward_batch` runs its rows: waves of pieces (segment, first row,
+    end row), each wave one pass through the layers. A long causal segment (a prompt) is
+    cut into chunks of `PREFILL_CHUNK` rows run in successive waves, at most that many
+    chunk rows per wave beside the short segments (which all run in the first): on the
+    native kernels this keeps a wave's activations in cache (see `PREFILL_CHUNK`), and
+    each row's arithmetic is unchanged, so the results are bit for bit those of one wave."""
+    waves: list[list[tuple[int, int, int]]] = [[]]
+    room = [PREFILL_CHUNK]
+    for j, (seg, n) in enumerate(zip(segments, sizes, strict=True)):
+        if not chunked or seg.attn_mask is not None or n <= PREFILL_CHUNK:
+            waves[0].append((j, 0, n))
+            continue
+        w = 0
+        for s in range(0, n, PREFILL_CHUNK):
+            e = min(n, s + PREFILL_CHUNK)
+            while w < len(waves) and room[w] < e - s:
+                w += 1
+            if w == len(waves):
+                waves.append([])
+                room.append(PREFILL_CHUNK)
+            waves[w].append((j, s, e))
+            room[w] -= e - s
+            w += 1  # the next chunk attends to this one: a later wave
+    return waves
 
 
 def _taps(ids: Sequence[int] | None, order: Sequence[int], count: int) -> dict[int, int]:

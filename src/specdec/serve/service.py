@@ -37,7 +37,10 @@ from specdec.speculation.sampling import SamplingParams
 
 log = logging.getLogger("specdec.serve")
 
-TREE_ROOM = 80  # cache slots beyond prompt + new tokens: a draft tree written before its cut
+# cache slots beyond prompt + new tokens, for a draft tree written before its cut; when
+# memory is tight a request joins with less room and drafts smaller trees before it waits
+TREE_ROOM = 64
+MIN_TREE_ROOM = 8
 
 
 class OverloadedError(SpecdecError):
@@ -186,11 +189,10 @@ class Service:
         if job.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {job.max_tokens}")
         max_tokens = min(job.max_tokens, self.context - n)
-        slots = min(n + max_tokens + TREE_ROOM, self.context + TREE_ROOM)
-        need = slots * self.kv_bytes_per_token
-        if need > self.memory_budget:
+        need_min = (n + max_tokens + MIN_TREE_ROOM) * self.kv_bytes_per_token
+        if need_min > self.memory_budget:
             raise TooLargeError(
-                f"the request needs {need / 2**20:.0f} MiB of KV cache ({n} prompt tokens + "
+                f"the request needs {need_min / 2**20:.0f} MiB of KV cache ({n} prompt tokens + "
                 f"{max_tokens} new); the server's memory budget is "
                 f"{self.memory_budget / 2**20:.0f} MiB: ask for fewer max_tokens"
             )
@@ -202,9 +204,9 @@ class Service:
         method = job.method or self.method
         options = self.options if job.method is None else job.options
         key, drafter, name = self.pool.take(method, options)
-        if self.model is not None:  # its cache is allocated when it runs, not while it waits
+        if self.model is not None:  # its cache is allocated when it joins, not while it waits
             target = NativeTarget(self.model, capacity=0)
-            target.cache.max_capacity = slots
+            target.cache.max_capacity = n + max_tokens + TREE_ROOM
         else:
             target = self.gen.target
         result = Generation()
@@ -236,7 +238,7 @@ class Service:
             on_text=on_text,
             on_end=self._ended(job, name, on_end),
             release=release,
-            need=need,
+            need=n + max_tokens,  # slots, before the tree's room
             job=job,
             method=name,
         )
@@ -244,13 +246,21 @@ class Service:
         return self.engine.submit(request)
 
     def _admit(self, request: BatchRequest) -> bool:
-        """Join the batch if its KV cache fits what the running requests left."""
+        """Join the batch if its KV cache fits what the running requests left: with the
+        full room for draft trees, else with less (smaller trees), else not yet."""
+        per = self.kv_bytes_per_token
         with self._lock:
-            if self.reserved + request.need > self.memory_budget:
+            free = (self.memory_budget - self.reserved) // per - request.need
+            if free < MIN_TREE_ROOM:
                 return False
-            self.reserved += request.need
-            request.reserved = request.need
-            return True
+            room = min(TREE_ROOM, free)
+            request.reserved = (request.need + room) * per
+            self.reserved += request.reserved
+        request.max_nodes = room - 1  # the root takes a slot too
+        target = request.decoding.target
+        if target is not self.gen.target:
+            target.cache.reserve(request.need + room)
+        return True
 
     def _ended(self, job: Job, method: str, then: Callable[[BatchRequest], None]):
         def ended(request: BatchRequest) -> None:

@@ -12,7 +12,9 @@ committed tokens per millisecond of the pass:
 `GoodputControl.allocate` chooses the k_i greedily, the next most probable node of
 any request first, and keeps the allocation with the highest goodput: under load
 (many rows already) extra rows cost more than they earn and every k_i falls to 0,
-which is plain batching. ``a`` is learnt per request online: the maximum-likelihood
+which is plain batching. Drafting is paid too: each request's drafter runs on its own
+(a draft model one request at a time), so a request drafts only when what it is
+expected to add pays for its drafting time as well (measured per request, online). ``a`` is learnt per request online: the maximum-likelihood
 estimate of a geometric acceptance (accepted nodes over accepted nodes plus
 rejections), started from a prior.
 
@@ -63,25 +65,32 @@ class GoodputControl:
         self.pass_ms = pass_ms
         self.max_nodes = max_nodes
 
-    def allocate(self, rates: list[float], other_rows: int = 0) -> list[int | None]:
+    def allocate(
+        self, rates: list[float], other_rows: int = 0, draft_ms: list[float] | None = None
+    ) -> list[int | None]:
         """Nodes to draft for each request, from each one's acceptance rate; ``other_rows``
-        ride in the same pass without earning tokens now (prompts being prefilled)."""
+        ride in the same pass without earning tokens now (prompts being prefilled);
+        ``draft_ms``: what asking each request's drafter costs (a draft model runs one
+        request at a time), paid once a request drafts anything."""
         b = len(rates)
         if b == 0:
             return []
         if b == 1 and other_rows == 0:
             return [None]
+        draft_ms = draft_ms or [0.0] * b
         counts = [0] * b
         heap = [(-a, i) for i, a in enumerate(rates) if a > 0]  # next node's chance
         heapq.heapify(heap)
-        tokens, rows = float(b), b + other_rows
+        tokens, rows, drafting = float(b), b + other_rows, 0.0
         best_rate, best = tokens / self.pass_ms(rows), list(counts)
         while heap:
             neg, i = heapq.heappop(heap)
+            if counts[i] == 0:
+                drafting += draft_ms[i]
             counts[i] += 1
             tokens -= neg
             rows += 1
-            rate = tokens / self.pass_ms(rows)
+            rate = tokens / (self.pass_ms(rows) + drafting)
             if rate > best_rate:
                 best_rate, best = rate, list(counts)
             if counts[i] < self.max_nodes:
