@@ -49,7 +49,6 @@ class BatchRequest:
     need: int = 0  # bytes it reserves when it joins (see BatchEngine's ``admit``)
     max_nodes: int | None = None  # most nodes it may draft in a step (None: no limit)
     draft_ms: float = 0.0  # what asking its drafter costs, smoothed over its steps
-    asked: bool = False  # its drafter has been asked (the first ask may read the prompt)
     reserved: int = 0
     job: Any = None  # what the caller wants to find again (the server's request)
     method: str = ""
@@ -92,7 +91,8 @@ class BatchEngine:
         self.steps = 0
         self.last_batch = 0  # requests in the latest step's pass
         self.last_rows = 0  # rows in it
-        self.first_ask_ms: dict[str, float] = {}  # by method: a request's first draft
+        # by method: the slowest recent draft (a draft model reading a prompt), decaying
+        self.peak_ask_ms: dict[str, float] = {}
 
     # ------------------------------------------------------------------ any thread
     def submit(self, request: BatchRequest) -> BatchRequest:
@@ -161,11 +161,10 @@ class BatchEngine:
         if self.control is not None and decoding:
             rates = [r.acceptance.rate for r in decoding]
             prompts = sum(len(r.decoding.prompt_ids) for r in batch if not r._started)
-            # a request not asked yet: its first ask costs what first asks of its method
-            # cost (a draft model reads the whole prompt then)
-            costs = [
-                r.draft_ms if r.asked else self.first_ask_ms.get(r.method, 0.0) for r in decoding
-            ]
+            # a draft costs what this request's have cost, or what its method's slowest
+            # recent one did: a drafter with a draft model now and then reads a whole
+            # prompt (about a second for 700 tokens on the 0.5B), and the batch waits
+            costs = [max(r.draft_ms, self.peak_ask_ms.get(r.method, 0.0)) for r in decoding]
             allocated = self.control.allocate(rates, prompts, costs)
             caps = dict(zip(map(id, decoding), allocated, strict=True))
         passes: list[tuple[BatchRequest, Pass]] = []
@@ -179,12 +178,9 @@ class BatchEngine:
                     passes.append((r, r.decoding.propose(cap)))
                     if cap != 0:  # what asking the drafter cost (observe is timed apart)
                         ms = (time.perf_counter() - t) * 1e3
-                        if not r.asked:
-                            r.asked = True
-                            last = self.first_ask_ms.get(r.method)
-                            self.first_ask_ms[r.method] = ms if last is None else (last + ms) / 2
-                        else:
-                            r.draft_ms = ms if r.draft_ms == 0 else 0.8 * r.draft_ms + 0.2 * ms
+                        r.draft_ms = ms if r.draft_ms == 0 else 0.8 * r.draft_ms + 0.2 * ms
+                        peak = 0.98 * self.peak_ask_ms.get(r.method, 0.0)
+                        self.peak_ask_ms[r.method] = max(peak, ms)
                 else:
                     passes.append((r, r.decoding.prefill()))
             except Exception as e:  # a drafter failed: this request ends, the rest go on

@@ -14,9 +14,9 @@ any request first, and keeps the allocation with the highest goodput: under load
 (many rows already) extra rows cost more than they earn and every k_i falls to 0,
 which is plain batching. Drafting is paid too: each request's drafter runs on its own
 (a draft model one request at a time), so a request drafts only when what it is
-expected to add pays for its drafting time as well (measured per request, online; a
-request's first ask is priced at what first asks of its method have cost, since a draft
-model reads the whole prompt then). ``a`` is learnt per request online: the maximum-likelihood
+expected to add pays for its drafting time as well (measured online: a draft is priced
+at the larger of its request's smoothed cost and its method's slowest recent one, since
+a drafter with a draft model now and then reads a whole prompt while the batch waits). ``a`` is learnt per request online: the maximum-likelihood
 estimate of a geometric acceptance (accepted nodes over accepted nodes plus
 rejections), started from a prior.
 
