@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -265,37 +266,16 @@ class Engine:
         self.target = target
         self.tokenizer = tokenizer
 
-    def stream(
-        self,
-        prompt_ids: list[int],
-        *,
-        max_new_tokens: int = 256,
-        sampling: SamplingParams = SamplingParams(),
-        stop: tuple[str, ...] = (),
-        ignore_eos: bool = False,
-        drafter: Drafter | None = None,
-        verifier: Verifier | None = None,
-        result: Generation | None = None,
-    ) -> Iterator[str]:
+    def stream(self, prompt_ids: list[int], **options: Any) -> Iterator[str]:
         """Yield text pieces as tokens are committed; ``result`` receives ids, text and stats.
 
-        ``drafter`` None decodes autoregressively. ``verifier`` None takes the one the
-        drafter asks for (`Drafter.verifier`), else the lossless one for ``sampling``
-        (greedy, or speculative sampling).
-        ``ignore_eos`` keeps going past end-of-sequence tokens (for benchmarks of fixed length).
+        ``options`` are `Decoding`'s: ``max_new_tokens``, ``sampling``, ``stop``,
+        ``ignore_eos`` (keep going past end-of-sequence tokens, for benchmarks of fixed
+        length), ``drafter`` (None decodes autoregressively), ``verifier`` (None takes the
+        one the drafter asks for, `Drafter.verifier`, else the lossless one for
+        ``sampling``: greedy, or speculative sampling) and ``result``.
         """
-        d = Decoding(
-            self.target,
-            self.tokenizer,
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            sampling=sampling,
-            stop=stop,
-            ignore_eos=ignore_eos,
-            drafter=drafter,
-            verifier=verifier,
-            result=result,
-        )
+        d = Decoding(self.target, self.tokenizer, prompt_ids, **options)
         try:
             piece = d.start(*run_pass(self.target, d.prefill()))
             if piece:
