@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from specdec.engine import Decoding, Pass, run_pass
 from specdec.models.target import NativeTarget
@@ -50,9 +49,7 @@ class BatchRequest:
     max_nodes: int | None = None  # most nodes it may draft in a step (None: no limit)
     draft_ms: float = 0.0  # what asking its drafter costs, smoothed over its steps
     reserved: int = 0
-    job: Any = None  # what the caller wants to find again (the server's request)
     method: str = ""
-    _started: bool = False
 
     def cancel(self) -> None:
         """Stop at the next step (its slot is freed then)."""
@@ -88,7 +85,6 @@ class BatchEngine:
         self.running: list[BatchRequest] = []
         self._lock = threading.Condition()
         self._stop = False
-        self.steps = 0
         self.last_batch = 0  # requests in the latest step's pass
         self.last_rows = 0  # rows in it
         # by method: the slowest recent draft (a draft model reading a prompt), decaying
@@ -156,11 +152,11 @@ class BatchEngine:
         if not batch:
             self.running = []
             return 0
-        decoding = [r for r in batch if r._started]
+        decoding = [r for r in batch if r.decoding.started]
         caps: dict[int, int | None] = {}
         if self.control is not None and decoding:
             rates = [r.acceptance.rate for r in decoding]
-            prompts = sum(len(r.decoding.prompt_ids) for r in batch if not r._started)
+            prompts = sum(len(r.decoding.prompt_ids) for r in batch if not r.decoding.started)
             # a draft costs what this request's have cost, or what its method's slowest
             # recent one did: a drafter with a draft model now and then reads a whole
             # prompt (about a second for 700 tokens on the 0.5B), and the batch waits
@@ -170,7 +166,7 @@ class BatchEngine:
         passes: list[tuple[BatchRequest, Pass]] = []
         for r in batch:
             try:
-                if r._started:
+                if r.decoding.started:
                     cap = caps.get(id(r))
                     if r.max_nodes is not None:
                         cap = r.max_nodes if cap is None else min(cap, r.max_nodes)
@@ -191,7 +187,6 @@ class BatchEngine:
             for r, _ in passes:
                 r.error = e
             outputs = [None] * len(passes)
-        self.steps += 1
         self.last_batch, self.last_rows = len(passes), sum(len(p.tokens) for _, p in passes)
         for (r, _), out in zip(passes, outputs, strict=True):
             if r.error is not None:
@@ -237,9 +232,8 @@ class BatchEngine:
 
     def _deliver(self, r: BatchRequest, out: tuple) -> None:
         d = r.decoding
-        if not r._started:
+        if not d.started:
             piece = d.start(*out)
-            r._started = True
             r.first_token_s = time.perf_counter() - r.submitted
         else:
             piece = d.verified(*out)

@@ -158,6 +158,11 @@ class Decoding:
     def done(self) -> bool:
         return self.emit.done
 
+    @property
+    def started(self) -> bool:
+        """The prompt has been run (`start` took its output)."""
+        return self._started
+
     def prefill(self) -> Pass:
         """The prompt's pass (the target's cache is emptied first)."""
         self._t0 = time.perf_counter()

@@ -191,7 +191,8 @@ class Segment:
 
 
 class Transformer(nn.Module):
-    """Batch size one; the cache holds one sequence (or one tree of them)."""
+    """`forward` runs one sequence (or one tree of them) in its cache; `forward_batch`
+    runs several, each in its own."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from specdec.batching import BatchEngine, BatchRequest
-from specdec.engine import Decoding, Generation
+from specdec.engine import Decoding
 from specdec.errors import InvalidRequestError, SpecdecError
 from specdec.models.target import NativeTarget
 from specdec.serve.metrics import Metrics
@@ -179,15 +179,11 @@ class Service:
         """Check ``job`` and queue it; raises InvalidRequestError (the client's mistake),
         TooLargeError or OverloadedError. ``on_text``/``on_end`` are called from the
         engine's thread."""
-        n = len(job.prompt_ids)
-        if n == 0:
-            raise InvalidRequestError("empty prompt")
+        n = len(job.prompt_ids)  # an empty prompt or max_tokens < 1: Decoding refuses them
         if n >= self.context:
             raise TooLargeError(
                 f"prompt of {n} tokens does not fit the context of {self.context} tokens"
             )
-        if job.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be >= 1, got {job.max_tokens}")
         max_tokens = min(job.max_tokens, self.context - n)
         need_min = (n + max_tokens + MIN_TREE_ROOM) * self.kv_bytes_per_token
         if need_min > self.memory_budget:
@@ -209,7 +205,6 @@ class Service:
             target.cache.max_capacity = n + max_tokens + TREE_ROOM
         else:
             target = self.gen.target
-        result = Generation()
         try:
             decoding = Decoding(
                 target,
@@ -219,7 +214,6 @@ class Service:
                 sampling=job.sampling,
                 stop=job.stop,
                 drafter=drafter,
-                result=result,
             )
         except Exception:
             self.pool.give(key, drafter)
@@ -239,7 +233,6 @@ class Service:
             on_end=self._ended(job, name, on_end),
             release=release,
             need=n + max_tokens,  # slots, before the tree's room
-            job=job,
             method=name,
         )
         self.metrics.count("requests_received")
