@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
 import torch
 from random_models import CharTokenizer, random_transformer, tree_mask_and_depths
-from test_contract import FACTORIES, greedy_case, make_drafter, run
+from test_contract import FACTORIES, context, greedy_case, make_drafter, run
 from test_quant_model import quantised_model
 
 from specdec.batching import BatchEngine, BatchRequest
 from specdec.engine import Decoding, Generation
-from specdec.models.target import NativeTarget
 from specdec.models import transformer
+from specdec.models.target import NativeTarget
 from specdec.models.transformer import Segment
 from specdec.speculation.drafters.base import NoDrafter
 from specdec.speculation.goodput import Acceptance, GoodputControl
+from specdec.speculation.methods import get_method
 from specdec.speculation.sampling import SamplingParams
 
 
@@ -151,15 +153,70 @@ def _batched(model, tok, cases, drafters, control, sampling=SamplingParams(), la
 
 @pytest.mark.parametrize("method", sorted(FACTORIES))
 @pytest.mark.parametrize("seed", range(3))
-def test_batched_requests_are_greedy_exact_under_cut_and_skipped_drafts(method, seed):
+@pytest.mark.parametrize("shared", [False, True])
+def test_batched_requests_are_greedy_exact_under_cut_and_skipped_drafts(method, seed, shared):
     rng, model, tok, cases = _requests(seed)
     refs = [run(model, NoDrafter(), prompt, n, tok) for prompt, n in cases]
-    drafters = [make_drafter(method, model, tok, rng) for _ in cases]
+    if shared:  # as the server's: one method's options, one memory learnt into by all
+        options = rng.randrange(10**6)
+        drafters = [make_drafter(method, model, tok, random.Random(options)) for _ in cases]
+        for d in drafters[1:]:
+            d.share_memory(drafters[0])
+    else:
+        drafters = [make_drafter(method, model, tok, rng) for _ in cases]
     got = _batched(model, tok, cases, drafters, RandomCaps(seed))
     for g, ref in zip(got, refs, strict=True):
         assert g.token_ids == ref.token_ids
         assert g.text == ref.text
         assert g.finish_reason == ref.finish_reason
+
+
+class _Prefer:
+    """Stands in for auto's bandit: the arm ``label`` whenever it has a tree, else none."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def choose(self, available: dict[str, str], setup: dict | None = None) -> str:
+        return self.label if self.label in available else "ar"
+
+    def update(self, arm: str, situation: str, tokens: int, seconds: float) -> None:
+        pass
+
+
+def _learning_drafters(method: str, model, tok):
+    """Three drafters of ``method`` with its default options (auto: over the n-gram cache
+    and Token Recycling, choosing Token Recycling whenever it has a tree)."""
+    ctx = context(model, tok)
+    if method != "auto":
+        return [get_method(method).build(ctx, {}) for _ in range(3)]
+    drafters = [
+        get_method("auto").build(ctx, {"drafters": "ngram-cache,recycle"}) for _ in range(3)
+    ]
+    for d in drafters:
+        d.bandits = {mode: _Prefer("recycle") for mode in d.bandits}
+    return drafters
+
+
+@pytest.mark.parametrize("method", ["recycle", "ngram-cache", "stand", "auto"])
+def test_drafters_sharing_memory_draft_from_what_either_learnt(method):
+    rng, model, tok, _ = _requests(4)
+    prompt = [rng.randrange(47) for _ in range(12)]
+    learnt, shared, fresh = _learning_drafters(method, model, tok)
+    shared.share_memory(learnt)
+    first = run(model, learnt, prompt, 30, tok)
+    on_its_own = copy.deepcopy(learnt)  # what the first learnt, in a memory of its own
+    again = run(model, shared, prompt, 30, tok)
+    want = run(model, on_its_own, prompt, 30, tok)
+    cold = run(model, fresh, prompt, 30, tok)
+    assert again.token_ids == want.token_ids == cold.token_ids == first.token_ids
+
+    def drafting(g):
+        return g.stats.drafted, g.stats.accepted, g.stats.pass_sizes
+
+    # the drafter sharing the first's memory drafts from all the first learnt
+    assert drafting(again) == drafting(want)
+    assert drafting(again) != drafting(cold)
 
 
 @pytest.mark.parametrize("method", ["ar", "draft", "pld"])
@@ -255,6 +312,37 @@ def test_memory_budget_shrinks_trees_then_queues_then_refuses():
     assert svc.reserved == 0
     texts = {r.decoding.out.text for r in ended}
     assert len(texts) == 1  # the same prompt, greedy: the same answer, in any room
+
+
+def test_the_servers_requests_of_a_method_share_its_memory():
+    from specdec.serve.service import Job
+
+    svc = _service(10_000)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8], [1, 2, 3, 4, 5, 9]]
+    ended = []
+    reqs = [svc.submit(Job(p, 20, method="ngram-cache"), None, ended.append) for p in prompts]
+    reqs.append(
+        svc.submit(
+            Job(prompts[0], 20, method="ngram-cache", options={"max_nodes": 3}), None, ended.append
+        )
+    )
+    drafters = [r.decoding.drafter for r in reqs]
+    assert len({id(d) for d in drafters}) == 4  # one each while they run together
+    same = drafters[:3]  # one method and options: one memory
+    assert all(d.next is same[0].next for d in same)
+    assert drafters[3].next is not same[0].next  # other options: a memory of their own
+    while svc.engine.running or svc.engine.waiting:
+        svc.engine.step()
+    assert all(r.error is None for r in ended)
+    alone = _service(10_000)
+    for r, p in zip(reqs, prompts + prompts[:1], strict=True):
+        solo = alone.submit(Job(p, 20, method="ar"), None, lambda r: None)
+        while alone.engine.running or alone.engine.waiting:
+            alone.engine.step()
+        assert r.decoding.out.token_ids == solo.decoding.out.token_ids
+    # a later request's drafter (from the pool or new) drafts from what they learnt
+    later = svc.submit(Job(prompts[0], 20, method="ngram-cache"), None, lambda r: None)
+    assert later.decoding.drafter.next is same[0].next
 
 
 @pytest.mark.parametrize("kind", ["float64", "native-int8"])

@@ -3,10 +3,14 @@ of drafters, a memory budget and the server's metrics. Independent of HTTP, so t
 it can be driven and tested directly.
 
 - Each request gets its own KV cache over the shared model and its own drafter,
-  checked out of a pool per (method, options) and given back when the request ends:
-  drafters that learn across requests (the n-gram cache, Token Recycling, REST,
-  auto's statistics) keep learning over every request they serve, and no two running
-  requests ever share one. A draft model's weights are shared; its cache is not.
+  checked out of a pool per (method, options) and given back when the request ends.
+  The drafters of one (method, options) share their memory across requests
+  (`Drafter.share_memory`: the n-gram cache's counts, Token Recycling's matrix,
+  STAND's n-grams, REST's datastore, auto's statistics), so what one request teaches
+  serves every request running beside it and after it; what belongs to one request
+  (its place in its sequence, its tree) stays its drafter's own. Every drafter runs
+  on the engine's thread, so the shared memory is never touched by two at once.
+  A draft model's weights are shared; its cache is not.
 - Memory: a request reserves the KV cache of its prompt plus its most new tokens
   (plus room for a draft tree) when it joins the batch; a request that does not fit
   the budget waits until others end, and one that could never fit is refused.
@@ -71,6 +75,7 @@ class DrafterPool:
     def __init__(self, gen) -> None:
         self.gen = gen
         self.idle: dict[tuple, list[Drafter]] = {}
+        self.memory: dict[tuple, Drafter] = {}  # per key: the first drafter, whose memory all share
         self._lock = threading.Lock()
 
     def key(self, method: str, options: dict[str, Any]) -> tuple[str, tuple, str]:
@@ -95,7 +100,11 @@ class DrafterPool:
                 return _own_cache(got[0]), got[1]
 
             ctx = dataclasses.replace(ctx, load_draft=own_cache)
-            return key, get_method(name).build(ctx, opts), name
+            drafter = get_method(name).build(ctx, opts)
+            first = self.memory.setdefault(key, drafter)
+            if first is not drafter:
+                drafter.share_memory(first)
+            return key, drafter, name
 
     def give(self, key: tuple, drafter: Drafter, keep: int = 16) -> None:
         """Back to the pool (at most ``keep`` idle ones per key: a burst's extras go)."""

@@ -266,6 +266,14 @@ class AutoDrafter(Drafter):
                 arms.append(Arm(label, drafter, peek=False))
         return arms
 
+    def share_memory(self, other: AutoDrafter) -> None:
+        """The bandits' statistics and the prompt-reading costs, and each arm's memory
+        with the same arm's of ``other``."""
+        self.bandits, self.catch_up = other.bandits, other.catch_up
+        for label, arm in self.arms.items():
+            if label in other.arms:
+                arm.drafter.share_memory(other.arms[label].drafter)
+
     # ------------------------------------------------------------------ a request
     def reset(self, prompt_ids: list[int]) -> None:
         self.usage = {}

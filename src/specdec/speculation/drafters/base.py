@@ -183,6 +183,15 @@ class Drafter:
         each part of the drafter did, for the request's stats (None: nothing to say)."""
         return None
 
+    def share_memory(self, other: Drafter) -> None:
+        """From now on learn into ``other``'s memory: what this drafter keeps across
+        requests (counts, matrices, acceptance statistics) becomes the very objects
+        ``other`` keeps, so that what either learns serves both. ``other`` is a drafter
+        of the same method and options. What belongs to one request (its position, this
+        step's tree) stays each drafter's own, so two drafters sharing their memory may
+        serve two requests at once, stepped from one thread. Drafters that keep nothing
+        across requests: nothing to do."""
+
 
 class TrieDrafter(Drafter):
     """A drafter of deterministic proposals (prompt lookup, an n-gram cache, retrieval)

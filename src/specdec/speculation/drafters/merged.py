@@ -49,6 +49,10 @@ class MergedDrafter(Drafter):
         self.runs_a_model = any(d.runs_a_model for d in drafters)
         self._parts: list[tuple[DraftTree, list[int]]] = []
 
+    def share_memory(self, other: MergedDrafter) -> None:
+        for mine, theirs in zip(self.drafters, other.drafters, strict=True):
+            mine.share_memory(theirs)
+
     def reset(self, prompt_ids: list[int]) -> None:
         for d in self.drafters:
             d.reset(prompt_ids)

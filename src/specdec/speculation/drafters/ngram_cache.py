@@ -76,6 +76,9 @@ class NgramCacheDrafter(TrieDrafter):
     def build(cls, ctx: BuildContext, options: NgramCacheOptions) -> NgramCacheDrafter:
         return cls(options, pass_cost=ctx.cost_if(options.size_by_cost))
 
+    def share_memory(self, other: NgramCacheDrafter) -> None:
+        self.next = other.next  # the counts; the trie sizer's step state stays per drafter
+
     def reset(self, prompt_ids: list[int]) -> None:
         self.counted = 0  # the counts stay: they are the cache across requests
 

@@ -105,6 +105,9 @@ class RetrievalDrafter(TrieDrafter):
         store = open_datastore(options.datastore, ctx.tokenizer, ctx.progress)
         return cls(store, options, pass_cost=ctx.cost_if(options.size_by_cost))
 
+    def share_memory(self, other: RetrievalDrafter) -> None:
+        self.datastore = other.datastore  # read-only: one open copy serves every request
+
     def propose(self, state: DraftState) -> DraftTree:
         self.start_step()
         limit = min(self.max_nodes, state.budget)

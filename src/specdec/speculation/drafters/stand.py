@@ -107,6 +107,9 @@ class StandDrafter(Drafter):
     def build(cls, ctx: BuildContext, options: StandOptions) -> StandDrafter:
         return cls(ctx.vocab_size, options, pass_cost=ctx.cost_if(options.size_by_cost))
 
+    def share_memory(self, other: StandDrafter) -> None:
+        self.memory, self.acceptance = other.memory, other.acceptance
+
     def _entry(self, context: list[int]) -> _Entry | None:
         for n in self.ngrams:
             if len(context) >= n:

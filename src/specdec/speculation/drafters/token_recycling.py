@@ -143,6 +143,9 @@ class TokenRecyclingDrafter(Drafter):
         save_file({"matrix": self.matrix.contiguous()}, tmp)
         Path(tmp).replace(path)  # never a half-written file
 
+    def share_memory(self, other: TokenRecyclingDrafter) -> None:
+        self.matrix, self.acceptance = other.matrix, other.acceptance
+
     def reset(self, prompt_ids: list[int]) -> None:
         self._save_if_dirty()  # what the previous request taught, before this one starts
 
