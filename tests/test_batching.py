@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from random_models import CharTokenizer, random_transformer, tree_mask_and_depths
+from random_models import CharTokenizer, perturbed_copy, random_transformer, tree_mask_and_depths
 from test_contract import FACTORIES, context, greedy_case, make_drafter, run
 from test_quant_model import quantised_model
 
@@ -217,6 +217,44 @@ def test_drafters_sharing_memory_draft_from_what_either_learnt(method):
     # the drafter sharing the first's memory drafts from all the first learnt
     assert drafting(again) == drafting(want)
     assert drafting(again) != drafting(cold)
+
+
+def _auto_over_a_draft_model(model, tok):
+    """auto over a draft model (a copy of the target) and Token Recycling, choosing the
+    draft model whenever it may."""
+    draft = NativeTarget(perturbed_copy(model, 0.0, seed=1), capacity=4)
+    ctx = context(model, tok, draft=draft)
+    auto = get_method("auto").build(ctx, {"drafters": "recycle,draft", "draft_model": "the-draft"})
+    label = next(k for k in auto.arms if k.startswith("draft"))
+    auto.bandits = {mode: _Prefer(label) for mode in auto.bandits}
+    return auto, label
+
+
+def test_auto_in_a_batch_times_its_steps_as_alone_and_starts_no_draft_model():
+    rng, model, tok, cases = _requests(4)
+    cases = [(p, 12) for p, _ in cases[:2]]
+    alone, label = _auto_over_a_draft_model(model, tok)
+    run(model, alone, cases[0][0], 12, tok)
+    assert alone.usage[label].steps > 0  # alone, it reads the prompt and drafts
+
+    # a pass priced at 1000 s a row: on each request's clock a step takes about that
+    drafters = [_auto_over_a_draft_model(model, tok)[0] for _ in cases]
+    engine = BatchEngine(model, max_batch=4, pass_ms=lambda n: 1e6 * n)
+    reqs = []
+    for (prompt, n), drafter in zip(cases, drafters, strict=True):
+        d = Decoding(
+            NativeTarget(model, capacity=8), tok, prompt, max_new_tokens=n, drafter=drafter
+        )
+        reqs.append(engine.submit(BatchRequest(d)))
+    engine.step()  # the prompts
+    engine.step()  # a step together
+    for d in drafters:  # together: the draft model would stall both to read its prompt
+        assert label not in d.usage
+        use = d.usage["ar"]
+        assert use.steps == 1 and 999 < use.seconds < 1001
+    while engine.running:
+        engine.step()
+    assert all(r.error is None for r in reqs)
 
 
 @pytest.mark.parametrize("method", ["ar", "draft", "pld"])

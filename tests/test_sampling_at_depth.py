@@ -22,6 +22,7 @@ shows a drafter defect of that size failing at the same run count.
 from __future__ import annotations
 
 import functools
+import random
 import tempfile
 
 import pytest
@@ -48,7 +49,7 @@ from random_models import (
 from test_contract import context, eagle_head, switching
 from test_sampling_exactness import one_thread  # noqa: F401 (autouse: one thread, tiny models)
 
-from specdec.engine import Engine, Generation
+from specdec.engine import Decoding, Engine, Generation, run_pass
 from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget
 from specdec.speculation import datastore
@@ -215,19 +216,38 @@ CASES: dict[str, tuple[str, dict, SamplingParams]] = {
 }
 
 
-def sample_outcomes(drafter: Drafter, params: SamplingParams, runs: int):
+def capped_stream(target, tok, drafter, sampling, result, caps: random.Random) -> None:
+    """`Engine.stream` as the batch engine drives a request under goodput control: each
+    step's tree capped at a node count drawn from ``caps`` (none, 0 = the drafter skipped,
+    1-3 nodes: trees the drafter made bigger are cut to their best nodes)."""
+    d = Decoding(target, tok, PROMPT, max_new_tokens=N, sampling=sampling, drafter=drafter, result=result)
+    try:
+        d.start(*run_pass(target, d.prefill()))
+        while not d.done:
+            d.verified(*run_pass(target, d.propose(caps.choice([None, 0, 1, 2, 3]))))
+    finally:
+        d.close()
+
+
+def sample_outcomes(
+    drafter: Drafter, params: SamplingParams, runs: int, caps: random.Random | None = None
+):
     """Counts of complete outcomes over ``runs`` seeded generations (one drafter for all,
     so what it learns carries over), and the most tokens one pass accepted, on average over
-    a run's passes, in any run."""
+    a run's passes, in any run. ``caps``: each step's tree capped at random (`capped_stream`)."""
     tok = CharTokenizer(vocab=V)
-    engine = Engine(NativeTarget(target_model(), capacity=32), tok)
+    target = NativeTarget(target_model(), capacity=32)
+    engine = Engine(target, tok)
     counts: dict[tuple[int, ...], int] = {}
     deepest = 0.0
     for r in range(runs):
         res = Generation()
         p = SamplingParams(params.temperature, params.top_p, params.top_k, seed=params.seed + r)
-        for _ in engine.stream(PROMPT, max_new_tokens=N, sampling=p, drafter=drafter, result=res):
-            pass
+        if caps is not None:
+            capped_stream(target, tok, drafter, p, res, caps)
+        else:
+            for _ in engine.stream(PROMPT, max_new_tokens=N, sampling=p, drafter=drafter, result=res):
+                pass
         key = tuple(res.token_ids)
         counts[key] = counts.get(key, 0) + 1
         if res.stats.target_passes > 1:
@@ -235,9 +255,10 @@ def sample_outcomes(drafter: Drafter, params: SamplingParams, runs: int):
     return counts, deepest
 
 
-def check_case(case: str, runs: int) -> None:
+def check_case(case: str, runs: int, caps: random.Random | None = None) -> None:
     method, options, params = CASES[case]
-    counts, deepest = sample_outcomes(build(method, options, CharTokenizer(vocab=V)), params, runs)
+    drafter = build(method, options, CharTokenizer(vocab=V))
+    counts, deepest = sample_outcomes(drafter, params, runs, caps)
     probs = exact(params)
     assert set(counts) <= set(probs), "an outcome the target cannot produce"
     pvalue = chi2_pvalue(counts, probs)
@@ -258,6 +279,34 @@ def test_method_samples_the_target_distribution_full_size(case):
     """SLOW_RUNS seeded runs; detects a TV error of DETECTS_TV[SLOW_RUNS] with 95%
     probability."""
     check_case(case, SLOW_RUNS)
+
+
+# trees that goodput control may cut to their best nodes: sampled siblings (iid, without
+# replacement, beams), dynamic trees, merges sized jointly, auto switching
+CAPPED = [
+    "chain-k3",
+    "tree-dynamic",
+    "spectr-2,2,1",
+    "rsd-c-3,2,1",
+    "rsd-s-3,2,1",
+    "stand",
+    "eagle-tree-2,2,1",
+    "rest+recycle+stand-joint",
+    "auto-switching",
+]
+
+
+@pytest.mark.parametrize("case", CAPPED)
+def test_method_samples_the_target_distribution_under_goodput_caps(case):
+    """As the server runs a request under load: each step's tree capped at random.
+    RUNS seeded runs; detects a TV error of DETECTS_TV[RUNS] with 95% probability."""
+    check_case(case, RUNS, random.Random(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_method_samples_the_target_distribution_under_goodput_caps_full_size(case):
+    check_case(case, SLOW_RUNS, random.Random(1))
 
 
 def test_every_lossless_method_is_covered():

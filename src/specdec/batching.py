@@ -50,10 +50,16 @@ class BatchRequest:
     draft_ms: float = 0.0  # what asking its drafter costs, smoothed over its steps
     reserved: int = 0
     method: str = ""
+    # seconds its clock leaves out: of each shared pass, what its own rows would not cost alone
+    left_out_s: float = 0.0
 
     def cancel(self) -> None:
         """Stop at the next step (its slot is freed then)."""
         self.cancelled = True
+
+    def clock(self) -> float:
+        """The request's own clock (`DraftState.clock`)."""
+        return time.perf_counter() - self.left_out_s
 
 
 class BatchEngine:
@@ -64,6 +70,8 @@ class BatchEngine:
     another instead of in one pass. ``control``: goodput control of how much each
     request drafts (None: every drafter sizes its own tree). ``admit(request)``: whether
     a waiting request may join now (e.g. its memory fits); requests join in order.
+    ``pass_ms(n)``: what a pass over ``n`` rows costs alone (default: ``control``'s), the
+    price of a shared pass on each request's clock (None: the wall clock).
     """
 
     def __init__(
@@ -73,6 +81,7 @@ class BatchEngine:
         max_batch: int = 16,
         control: GoodputControl | None = None,
         admit: Callable[[BatchRequest], bool] | None = None,
+        pass_ms: Callable[[int], float] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -80,6 +89,7 @@ class BatchEngine:
         self.max_batch = max_batch
         self.control = control
         self.admit = admit
+        self.pass_ms = pass_ms or getattr(control, "pass_ms", None)
         self.on_idle: Callable[[], None] | None = None  # called a second after work runs out
         self.waiting: list[BatchRequest] = []
         self.running: list[BatchRequest] = []
@@ -165,6 +175,7 @@ class BatchEngine:
             caps = dict(zip(map(id, decoding), allocated, strict=True))
         passes: list[tuple[BatchRequest, Pass]] = []
         for r in batch:
+            r.decoding.clock, r.decoding.shared = r.clock, len(batch) > 1
             try:
                 if r.decoding.started:
                     cap = caps.get(id(r))
@@ -181,12 +192,18 @@ class BatchEngine:
                     passes.append((r, r.decoding.prefill()))
             except Exception as e:  # a drafter failed: this request ends, the rest go on
                 r.error = e
+        t = time.perf_counter()
         try:
             outputs = self._run(passes)
         except Exception as e:  # the pass itself failed: every request in it ends
             for r, _ in passes:
                 r.error = e
             outputs = [None] * len(passes)
+        if len(passes) > 1 and self.pass_ms is not None:
+            # on each request's clock the pass costs what its rows would alone
+            wall = time.perf_counter() - t
+            for r, p in passes:
+                r.left_out_s += wall - self.pass_ms(len(p.tokens)) / 1e3
         self.last_batch, self.last_rows = len(passes), sum(len(p.tokens) for _, p in passes)
         for (r, _), out in zip(passes, outputs, strict=True):
             if r.error is not None:

@@ -8,7 +8,7 @@ is not the method.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -151,6 +151,10 @@ class Decoding:
         self.stats.prompt_tokens = len(prompt_ids)
         self.features = self.drafter.feature_layers
         self.tokens: list[int] = []
+        # the request's clock and whether its passes are shared (`DraftState`): set by
+        # whoever runs the passes (`specdec.batching`)
+        self.clock: Callable[[], float] = time.perf_counter
+        self.shared = False
         self._started = self._closed = False
         self._t0 = 0.0
 
@@ -208,7 +212,13 @@ class Decoding:
         left = self.max_new_tokens - self.stats.new_tokens
         budget = left if max_nodes is None else min(left, max_nodes + 1)
         self._state = DraftState(
-            self.tokens, len(self.prompt_ids), self.sampling, self.rng, budget=budget
+            self.tokens,
+            len(self.prompt_ids),
+            self.sampling,
+            self.rng,
+            budget=budget,
+            clock=self.clock,
+            shared=self.shared,
         )
         t = clock()
         self._asked = max_nodes != 0

@@ -22,6 +22,12 @@ model is first chosen (spread over the tokens left: on a long prompt with few to
 go, it does not pay). A draft model not chosen for a while catches up on the committed
 tokens when next chosen (`DraftModelDrafter._sync`), and that is charged to its step.
 
+In a batch (`specdec serve`), a step is timed by the request's clock (`DraftState.clock`):
+each shared pass counts what the request's rows would cost alone, so the record learnt
+while serving is the one `specdec generate` uses; and a draft model that has not read
+the request's prompt is not started while other requests share the pass (its reading
+would stall them all).
+
 Only the choice of tree is learnt: every tree is verified by the lossless verifier,
 so `auto` is exactly as lossless as its arms.
 """
@@ -31,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -191,9 +197,9 @@ class AutoDrafter(Drafter):
         self.bandits = {mode: StepBandit(explore, memory) for mode in ("greedy", "sampled")}
         self.identity = identity
         self.record = record_path(identity) if identity else None
-        self.clock = time.perf_counter
+        self.clock: Callable[[], float] | None = None  # None: the request's (`DraftState`)
         self.usage: dict[str, ArmUsage] = {}
-        self._step: tuple[str, str, float] | None = None  # (arm, situation, start)
+        self._step: tuple | None = None  # (arm, situation, start, clock)
         self._prepared: set[str] = set()  # model arms that have read this request's prompt
         # model arm -> (tokens, seconds) it took to read prompts: its cost per prompt token
         self.catch_up: dict[str, tuple[float, float]] = {}
@@ -300,7 +306,8 @@ class AutoDrafter(Drafter):
                 arm.drafter.observe_features(layer_features(hidden, have, arm.drafter.feature_layers))
 
     def propose(self, state: DraftState) -> DraftTree:
-        start = self.clock()
+        clock = self.clock or state.clock
+        start = clock()
         bandit = self._bandit(state)
         available: dict[str, str] = {}
         trees: dict[str, DraftTree] = {}
@@ -311,6 +318,8 @@ class AutoDrafter(Drafter):
                 if len(tree):
                     trees[label], available[label] = tree, situation(tree)
             elif label != "ar" and state.budget > 1:
+                if state.shared and label not in self._prepared:
+                    continue  # its reading the prompt would stall every request in the pass
                 available[label] = ALL
                 if label not in self._prepared and label in self.catch_up:
                     # it has yet to read the prompt: that cost is spread over the tokens left
@@ -322,22 +331,22 @@ class AutoDrafter(Drafter):
         if not arm.peek and chosen != "ar" and chosen not in self._prepared:
             # reading the prompt is a cost of the request, not of the model's steps: timed
             # apart, and weighed against the tokens left when the model is next considered
-            t = self.clock()
+            t = clock()
             arm.drafter.prepare(state.tokens[:-1])
-            spent = self.clock() - t
+            spent = clock() - t
             start += spent
             self._prepared.add(chosen)
             n, s = self.catch_up.get(chosen, (0.0, 0.0))
             self.catch_up[chosen] = (n + len(state.tokens) - 1, s + spent)
         tree = trees[chosen] if arm.peek else arm.drafter.propose(state)
-        self._step = (chosen, available[chosen], start)
+        self._step = (chosen, available[chosen], start, clock)
         return tree
 
     def observe(self, state: DraftState, tree: DraftTree, outcome: Outcome) -> None:
-        label, where, start = self._step
+        label, where, start, clock = self._step
         self.arms[label].drafter.observe(state, tree, outcome)
         tokens = len(outcome.path) + 1
-        seconds = self.clock() - start
+        seconds = clock() - start
         self._bandit(state).update(label, where, tokens, seconds)
         use = self.usage.setdefault(label, ArmUsage())
         use.steps += 1

@@ -7,6 +7,7 @@ A drafting method is one `Drafter` subclass in one file: its ``name`` and
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,6 +38,13 @@ class DraftState:
     sampling: SamplingParams
     rng: torch.Generator | None
     budget: int  # most nodes worth drafting (tokens left to generate, tree limits)
+    # the request's clock, in seconds: the wall clock alone; in a batch, each shared pass
+    # counts what this request's rows would cost alone (what a drafter learns from timing
+    # stays what it would learn alone, whatever else runs beside it)
+    clock: Callable[[], float] = time.perf_counter
+    # other requests share this step's pass: work that stalls it (a draft model reading a
+    # whole prompt) stalls them all
+    shared: bool = False
 
 
 @dataclass(frozen=True)
