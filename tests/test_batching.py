@@ -12,7 +12,7 @@ from test_contract import FACTORIES, context, greedy_case, make_drafter, run
 from test_quant_model import quantised_model
 
 from specdec.batching import BatchEngine, BatchRequest
-from specdec.engine import Decoding, Generation
+from specdec.engine import Decoding, Generation, run_pass
 from specdec.models import transformer
 from specdec.models.target import NativeTarget
 from specdec.models.transformer import Segment
@@ -117,10 +117,13 @@ def _requests(seed: int):
     return rng, model, tok, cases
 
 
-def _batched(model, tok, cases, drafters, control, sampling=SamplingParams(), late=1):
+def _batched(
+    model, tok, cases, drafters, control, sampling=SamplingParams(), late=1, prefill_rows=5
+):
     """Run ``cases`` through one BatchEngine (the last ``late`` of them join after two
-    steps); each request's `Generation`."""
-    engine = BatchEngine(model, max_batch=3, control=control)
+    steps; prompts run in parts of at most ``prefill_rows`` a step); each request's
+    `Generation`."""
+    engine = BatchEngine(model, max_batch=3, control=control, prefill_rows=prefill_rows)
     results, requests = [], []
     for (prompt, n), drafter in zip(cases, drafters, strict=True):
         res = Generation()
@@ -268,6 +271,78 @@ def test_a_seeded_sample_is_the_same_in_a_batch_as_alone(method):
     drafters = [make_drafter(method, model, tok, random.Random(i)) for i in range(len(cases))]
     got = _batched(model, tok, cases, drafters, None, sampling)
     assert [g.token_ids for g in got] == [s.token_ids for s in solo]
+
+
+class _Listener(NoDrafter):
+    """Asks for prompt rows and hidden states, and keeps what it is given."""
+
+    feature_layers = (0, 1)
+
+    def prompt_rows(self, prompt_ids):
+        return [0, 2, 5, 6]
+
+    def observe_prompt(self, prompt_ids, rows, logits):
+        self.rows, self.logits = rows, logits
+
+    def observe_features(self, hidden):
+        self.hidden = getattr(self, "hidden", None)
+        if self.hidden is None:
+            self.hidden = hidden
+
+
+@pytest.mark.parametrize("kind", ["float64", "native-int8"])
+@pytest.mark.parametrize("part", [1, 2, 3, 7, None])
+def test_a_prompt_in_parts_gives_what_it_gives_whole(kind, part):
+    model = (
+        random_transformer("qwen2", seed=3)
+        if kind == "float64"
+        else quantised_model(5, "int8", torch.float32)
+    )
+    tok = CharTokenizer(vocab=model.config.vocab_size)
+    prompt = [3, 9, 4, 1, 7, 7, 2, 8, 5]
+    got = []
+    for max_rows in (None, part):
+        listener = _Listener()
+        target = NativeTarget(model, capacity=4)
+        d = Decoding(target, tok, prompt, max_new_tokens=4, drafter=listener)
+        parts = 0
+        while not d.started:
+            parts += 1
+            d.start(*run_pass(target, d.prefill(max_rows)))
+        assert parts == (1 if max_rows is None else -(-len(prompt) // max_rows))
+        while not d.done:
+            d.verified(*run_pass(target, d.propose()))
+        got.append((d.out.token_ids, listener.rows, listener.logits, listener.hidden))
+    (ids, rows, logits, hidden), (ids2, rows2, logits2, hidden2) = got
+    assert ids == ids2 and rows == rows2 == [0, 2, 5, 6, 8]
+    assert logits.shape[0] == 5 and hidden.shape[0] == len(prompt)
+    # the native kernels are per row: bit for bit; float64 within rounding
+    tol = 0 if kind != "float64" else 1e-12
+    torch.testing.assert_close(logits2, logits, rtol=tol, atol=tol)
+    torch.testing.assert_close(hidden2, hidden, rtol=tol, atol=tol)
+
+
+def test_a_long_prompt_joins_in_parts_while_others_decode():
+    rng, model, tok, _ = _requests(2)
+    engine = BatchEngine(model, max_batch=4, prefill_rows=4)
+    short = Decoding(NativeTarget(model, capacity=8), tok, [1, 2, 3], max_new_tokens=30)
+    engine.submit(BatchRequest(short))
+    engine.step()
+    engine.step()
+    made = len(short.out.token_ids)
+    prompt = [rng.randrange(47) for _ in range(14)]
+    long = engine.submit(
+        BatchRequest(Decoding(NativeTarget(model, capacity=8), tok, prompt, max_new_tokens=5))
+    )
+    for _ in range(4):  # 14 prompt tokens, 4 a step: the short one decodes beside them
+        assert not long.decoding.started
+        engine.step()
+        assert engine.last_rows == 1 + min(4, 14 - 4 * _)
+    assert long.decoding.started and long.first_token_s is not None
+    assert len(short.out.token_ids) == made + 4
+    while engine.running:
+        engine.step()
+    assert long.decoding.out.token_ids == run(model, NoDrafter(), prompt, 5, tok).token_ids
 
 
 def test_goodput_control_drafts_less_as_the_batch_grows():

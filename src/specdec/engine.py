@@ -156,6 +156,7 @@ class Decoding:
         self.clock: Callable[[], float] = time.perf_counter
         self.shared = False
         self._started = self._closed = False
+        self._filled = 0  # prompt tokens in the target's cache (`prefill` in parts)
         self._t0 = 0.0
 
     @property
@@ -167,17 +168,41 @@ class Decoding:
         """The prompt has been run (`start` took its output)."""
         return self._started
 
-    def prefill(self) -> Pass:
-        """The prompt's pass (the target's cache is emptied first)."""
-        self._t0 = time.perf_counter()
-        last = len(self.prompt_ids) - 1
-        rows = self.drafter.prompt_rows(list(self.prompt_ids))
-        self._rows = sorted({r for r in rows if 0 <= r < last}) + [last]
-        self.target.reset()
-        return Pass(list(self.prompt_ids), None, None, self._rows, self.features)
+    def prefill(self, max_rows: int | None = None) -> Pass:
+        """The prompt's pass (the target's cache is emptied first). With ``max_rows``, its
+        next part of at most that many tokens: give each part's output to `start`, and
+        ask for the next part until `started` (the batch engine spreads a long prompt
+        over several steps, so that the requests decoding beside it are not held up for
+        all of it). The parts compute what one pass would, row for row."""
+        prompt = self.prompt_ids
+        begin = self._filled
+        if begin == 0:
+            self._t0 = time.perf_counter()
+            last = len(prompt) - 1
+            rows = self.drafter.prompt_rows(list(prompt))
+            self._rows = sorted({r for r in rows if 0 <= r < last}) + [last]
+            self._parts: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+            self.target.reset()
+        end = len(prompt) if max_rows is None else min(len(prompt), begin + max(1, max_rows))
+        want = [r - begin for r in self._rows if begin <= r < end]
+        self._part = (end, bool(want))
+        # a part with no row wanted still gets its last row's logits (then dropped): one
+        # row of the LM head, and every pass has logits to give
+        return Pass(list(prompt[begin:end]), None, None, want or [end - begin - 1], self.features)
 
     def start(self, logits: torch.Tensor, hidden: torch.Tensor | None) -> str:
-        """The prefill's output: the first token is chosen and committed; its text."""
+        """A prefill pass's output. Once the whole prompt has run, the first token is
+        chosen and committed: its text ("" for the parts before)."""
+        end, wanted = self._part
+        self._filled = end
+        if end < len(self.prompt_ids):
+            self._parts.append((logits if wanted else None, hidden))
+            return ""
+        if self._parts:  # the rows of every part, in order
+            logits = torch.cat([x for x, _ in self._parts if x is not None] + [logits])
+            if hidden is not None:
+                hidden = torch.cat([h for _, h in self._parts] + [hidden])
+            self._parts = []
         clock, stats = time.perf_counter, self.stats
         stats.target_passes += 1
         first = self.verifier.verify(
