@@ -345,6 +345,28 @@ def test_a_long_prompt_joins_in_parts_while_others_decode():
     assert long.decoding.out.token_ids == run(model, NoDrafter(), prompt, 5, tok).token_ids
 
 
+def test_calls_run_on_the_engines_thread():
+    import threading
+    import time
+
+    engine = BatchEngine(None)
+    here = threading.get_ident()
+    assert engine.call(threading.get_ident) == here  # no thread runs it: inline
+    runner = threading.Thread(target=engine.run)
+    runner.start()
+    try:
+        while engine._thread is None:
+            time.sleep(0.001)
+        assert engine.call(threading.get_ident) == runner.ident
+        with pytest.raises(ZeroDivisionError):  # its exception, raised to the caller
+            engine.call(lambda: 1 / 0)
+    finally:
+        engine.stop()
+        runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert engine.call(threading.get_ident) == here
+
+
 def test_goodput_control_drafts_less_as_the_batch_grows():
     # a pass-cost curve like the 1.5B's: 16 rows cost ~4.5 one-row passes
     control = GoodputControl(lambda n: 30.0 + 6.6 * (n - 1))

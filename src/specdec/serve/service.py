@@ -208,25 +208,33 @@ class Service:
             )
         method = job.method or self.method
         options = self.options if job.method is None else job.options
-        key, drafter, name = self.pool.take(method, options)
-        if self.model is not None:  # its cache is allocated when it joins, not while it waits
-            target = NativeTarget(self.model, capacity=0)
-            target.cache.max_capacity = n + max_tokens + TREE_ROOM
-        else:
-            target = self.gen.target
-        try:
-            decoding = Decoding(
-                target,
-                self.gen.tokenizer,
-                job.prompt_ids,
-                max_new_tokens=max_tokens,
-                sampling=job.sampling,
-                stop=job.stop,
-                drafter=drafter,
-            )
-        except Exception:
-            self.pool.give(key, drafter)
-            raise
+        self.pool.key(method, options)  # a bad method or option: refused here, at once
+
+        def make() -> tuple[tuple, Drafter, str, Any, Decoding]:
+            key, drafter, name = self.pool.take(method, options)
+            if self.model is not None:  # its cache is allocated when it joins, not now
+                target = NativeTarget(self.model, capacity=0)
+                target.cache.max_capacity = n + max_tokens + TREE_ROOM
+            else:
+                target = self.gen.target
+            try:
+                decoding = Decoding(
+                    target,
+                    self.gen.tokenizer,
+                    job.prompt_ids,
+                    max_new_tokens=max_tokens,
+                    sampling=job.sampling,
+                    stop=job.stop,
+                    drafter=drafter,
+                )
+            except Exception:
+                self.pool.give(key, drafter)
+                raise
+            return key, drafter, name, target, decoding
+
+        # drafters are built on the engine's thread (`BatchEngine.call`: OpenMP work
+        # started from this one would slow every step)
+        key, drafter, name, target, decoding = self.engine.call(make)
 
         def release() -> None:
             self.pool.give(key, drafter, keep=self.engine.max_batch)
