@@ -14,6 +14,7 @@ from test_quant_model import quantised_model
 from specdec.batching import BatchEngine, BatchRequest
 from specdec.engine import Decoding, Generation, run_pass
 from specdec.models import transformer
+from specdec.models.pass_cost import PassCost
 from specdec.models.target import NativeTarget
 from specdec.models.transformer import Segment
 from specdec.speculation.drafters.base import NoDrafter
@@ -492,6 +493,16 @@ def test_a_lone_prompt_in_chunks_equals_one_pass(kind, monkeypatch):
     want = model(torch.tensor(tokens), torch.arange(11), model.new_cache())
     (got,) = model.forward_batch([Segment(tokens, list(range(11)), model.new_cache())])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_goodput_control_does_not_draft_on_a_prompts_back():
+    # the 1.5B's curve: memory-bound up to a few rows, then ~7 ms a row
+    control = GoodputControl(PassCost({1: 33, 4: 40, 8: 58, 16: 115, 48: 330}))
+    rates = [0.6] * 4
+    assert sum(control.allocate(rates)) > 0  # four decoding: drafting is nearly free
+    # beside a prompt part of 128 rows each drafted row costs its full 7 ms: none pays
+    assert control.allocate(rates, other_rows=128) == [0] * 4
+    assert sum(control.allocate([0.99] * 4, other_rows=128)) > 0  # a sure draft still does
 
 
 def test_goodput_control_pays_for_drafting_time():

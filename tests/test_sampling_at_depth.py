@@ -284,14 +284,11 @@ def test_method_samples_the_target_distribution_full_size(case):
 # trees that goodput control may cut to their best nodes: sampled siblings (iid, without
 # replacement, beams), dynamic trees, merges sized jointly, auto switching
 CAPPED = [
-    "chain-k3",
     "tree-dynamic",
     "spectr-2,2,1",
     "rsd-c-3,2,1",
-    "rsd-s-3,2,1",
     "stand",
     "eagle-tree-2,2,1",
-    "rest+recycle+stand-joint",
     "auto-switching",
 ]
 

@@ -16,7 +16,14 @@ which is plain batching. Drafting is paid too: each request's drafter runs on it
 (a draft model one request at a time), so a request drafts only when what it is
 expected to add pays for its drafting time as well (measured online: a draft is priced
 at the larger of its request's smoothed cost and its method's slowest recent one, since
-a drafter with a draft model now and then reads a whole prompt while the batch waits). ``a`` is learnt per request online: the maximum-likelihood
+a drafter with a draft model now and then reads a whole prompt while the batch waits).
+Prompts in the same pass (new requests' parts) are work the batch does anyway: a draft
+is charged the time it adds to the pass at the pass's size, against what the decoding
+requests earn without the prompts. A pass that carries a prompt part is compute-bound,
+where a row costs its full share and a draft, whose rows are worth less than one token
+each, rarely pays; counting the prompt's time as paid for by the drafts instead (what
+this ratio would do with the prompt in the denominator) drafted most in exactly those
+passes, and lost throughput. ``a`` is learnt per request online: the maximum-likelihood
 estimate of a geometric acceptance (accepted nodes over accepted nodes plus
 rejections), started from a prior.
 
@@ -83,8 +90,13 @@ class GoodputControl:
         counts = [0] * b
         heap = [(-a, i) for i, a in enumerate(rates) if a > 0]  # next node's chance
         heapq.heapify(heap)
+        # the prompts' rows are work the batch does anyway: a draft pays for the time it
+        # adds to the pass, at the pass's size (a pass that carries a prompt is
+        # compute-bound, each row costs its full share there), against what the decoding
+        # requests earn per ms without the prompts
+        prompts_ms = self.pass_ms(b + other_rows) - self.pass_ms(b) if other_rows else 0.0
         tokens, rows, drafting = float(b), b + other_rows, 0.0
-        best_rate, best = tokens / self.pass_ms(rows), list(counts)
+        best_rate, best = tokens / self.pass_ms(b), list(counts)
         while heap:
             neg, i = heapq.heappop(heap)
             if counts[i] == 0:
@@ -92,7 +104,7 @@ class GoodputControl:
             counts[i] += 1
             tokens -= neg
             rows += 1
-            rate = tokens / (self.pass_ms(rows) + drafting)
+            rate = tokens / (self.pass_ms(rows) - prompts_ms + drafting)
             if rate > best_rate:
                 best_rate, best = rate, list(counts)
             if counts[i] < self.max_nodes:
