@@ -223,7 +223,9 @@ class BatchEngine:
             if r.decoding.started or (room is not None and room <= 0):
                 continue
             try:
-                p = r.decoding.prefill(room)
+                # beside other requests (a batch where goodput control stops most drafting)
+                # the drafter's prompt rows cost more than its first drafts earn
+                p = r.decoding.prefill(room, prompt_rows=len(batch) == 1)
             except Exception as e:  # a drafter failed on the prompt: this request ends
                 r.error = e
                 continue

@@ -168,18 +168,20 @@ class Decoding:
         """The prompt has been run (`start` took its output)."""
         return self._started
 
-    def prefill(self, max_rows: int | None = None) -> Pass:
+    def prefill(self, max_rows: int | None = None, prompt_rows: bool = True) -> Pass:
         """The prompt's pass (the target's cache is emptied first). With ``max_rows``, its
         next part of at most that many tokens: give each part's output to `start`, and
         ask for the next part until `started` (the batch engine spreads a long prompt
         over several steps, so that the requests decoding beside it are not held up for
-        all of it). The parts compute what one pass would, row for row."""
+        all of it). The parts compute what one pass would, row for row. ``prompt_rows``
+        False: the drafter's `Drafter.prompt_rows` are not asked for (their LM-head rows
+        cost a busy batch more than its first drafts earn)."""
         prompt = self.prompt_ids
         begin = self._filled
         if begin == 0:
             self._t0 = time.perf_counter()
             last = len(prompt) - 1
-            rows = self.drafter.prompt_rows(list(prompt))
+            rows = self.drafter.prompt_rows(list(prompt)) if prompt_rows else []
             self._rows = sorted({r for r in rows if 0 <= r < last}) + [last]
             self._parts: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
             self.target.reset()
