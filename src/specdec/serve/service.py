@@ -78,14 +78,17 @@ class DrafterPool:
         self.memory: dict[tuple, Drafter] = {}  # per key: the first drafter, whose memory all share
         self._lock = threading.Lock()
 
-    def key(self, method: str, options: dict[str, Any]) -> tuple[str, tuple, str]:
-        """(resolved method, its key, the method as asked) — checks method and options."""
+    def key(self, method: str, options: dict[str, Any]) -> tuple[str, tuple, dict[str, Any]]:
+        """(the method run, the pool's key, its options resolved): checks method and
+        options, raising InvalidRequestError for bad ones."""
         name, opts = self.gen.resolve(method, options)
         spec = get_method(name)
         return name, (name, repr(spec.effective_options(opts))), opts
 
-    def take(self, method: str, options: dict[str, Any]) -> tuple[tuple, Drafter, str]:
-        name, key, opts = self.key(method, options)
+    def take(self, resolved: tuple[str, tuple, dict[str, Any]]) -> tuple[tuple, Drafter, str]:
+        """A drafter for ``resolved`` (what `key` gave): an idle one, or a new one sharing
+        the memory of the first of its key."""
+        name, key, opts = resolved
         with self._lock:
             if self.idle.get(key):
                 return key, self.idle[key].pop(), name
@@ -208,10 +211,10 @@ class Service:
             )
         method = job.method or self.method
         options = self.options if job.method is None else job.options
-        self.pool.key(method, options)  # a bad method or option: refused here, at once
+        resolved = self.pool.key(method, options)  # a bad method or option: refused at once
 
         def make() -> tuple[tuple, Drafter, str, Any, Decoding]:
-            key, drafter, name = self.pool.take(method, options)
+            key, drafter, name = self.pool.take(resolved)
             if self.model is not None:  # its cache is allocated when it joins, not now
                 target = NativeTarget(self.model, capacity=0)
                 target.cache.max_capacity = n + max_tokens + TREE_ROOM
