@@ -131,6 +131,8 @@ def test_health_models_and_metrics(server, client):
         "specdec_time_per_output_token_seconds_sum",
     ):
         assert name in text, name
+    # the engine's time by phase: the request's passes took some
+    assert _metric(url, 'specdec_engine_seconds_total{phase="pass"}') > 0
 
 
 @pytest.mark.parametrize("method", ["pld", "ar", "auto"])
@@ -327,3 +329,24 @@ def test_fault_battery(server, client):
     assert chat(client, PROMPTS[5], max_tokens=8).choices[0].message.content == want
     time.sleep(2.5)  # the server gives freed memory back after a quiet second
     assert _rss(proc.pid) < idle + 150 * 2**20  # back near idle (allocator slack)
+
+
+def test_the_load_harness_measures_the_server(server, local):
+    """`specdec.bench.load` (the load benchmark's client): every request's greedy text is
+    the one `generate` gives, counted by the server's usage; a run saved and read back
+    is the same run; the engine's time by phase grew by the run's passes."""
+    from specdec.bench.load import LoadResult, engine_seconds, run_load
+
+    url = server[0]
+    messages = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
+    before = engine_seconds(url)
+    r = run_load(url, MODEL, messages, 2, 4, 12, api_key=KEY)
+    after = engine_seconds(url)
+    assert r.errors == 0 and r.requests == 4 and r.counted_by == "usage"
+    assert r.tokens == sum(x.tokens for x in r.results) > 0 and r.throughput > 0
+    want = [local.generate(m[0]["content"], max_new_tokens=12, method="pld").text for m in messages]
+    assert [x.text for x in r.results] == [want[i % 3] for i in range(4)]
+    assert r.tau is not None and r.tau >= 1
+    assert LoadResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    assert after["pass"] > before.get("pass", 0.0)
+    assert engine_seconds("http://127.0.0.1:1") == {}  # nobody there: nothing, no traceback

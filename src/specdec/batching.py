@@ -32,6 +32,11 @@ from specdec.speculation.goodput import Acceptance, GoodputControl
 # a 700-token prompt whole, which every decoding request in the batch would wait for
 PREFILL_ROWS = 128
 
+# where a step's time goes (`BatchEngine.phase_s`): building drafters and other calls
+# between steps, admitting requests, their prompts' parts, goodput control, drafting,
+# the target's pass, verifying and committing, ending requests
+PHASES = ("calls", "join", "prompt", "control", "draft", "pass", "verify", "end")
+
 T = TypeVar("T")
 
 
@@ -115,6 +120,8 @@ class BatchEngine:
         self.last_rows = 0  # rows in it
         # by method: the slowest recent draft (a draft model reading a prompt), decaying
         self.peak_ask_ms: dict[str, float] = {}
+        # seconds the engine's thread spent, by phase (the server's /metrics shows them)
+        self.phase_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
 
     # ------------------------------------------------------------------ any thread
     def submit(self, request: BatchRequest) -> BatchRequest:
@@ -151,11 +158,21 @@ class BatchEngine:
     def _answer_calls(self) -> None:
         with self._lock:
             calls, self._calls = self._calls, []
+        if not calls:
+            return
+        t = time.perf_counter()
         for fn, done in calls:
             try:
                 done.set_result(fn())
             except BaseException as e:  # the caller's to handle
                 done.set_exception(e)
+        self.phase_s["calls"] += time.perf_counter() - t
+
+    def _timed(self, phase: str, t: float) -> float:
+        """Adds the time since ``t`` to ``phase``; returns now."""
+        now = time.perf_counter()
+        self.phase_s[phase] += now - t
+        return now
 
     def run(self) -> None:
         """Step until `stop`, sleeping while there is nothing to do."""
@@ -197,6 +214,7 @@ class BatchEngine:
     def step(self) -> int:
         """One pass over every running request (and the next parts of new prompts);
         returns how many requests it ran."""
+        t = time.perf_counter()
         with self._lock:
             gone = [r for r in self.waiting if r.cancelled]
             self.waiting = [r for r in self.waiting if not r.cancelled]
@@ -212,6 +230,7 @@ class BatchEngine:
         if gone:
             self._drop(gone)
         batch = [r for r in self.running if not r.cancelled]
+        t = self._timed("join", t)
         if not batch:
             self.running = []
             return 0
@@ -231,6 +250,7 @@ class BatchEngine:
                 continue
             prefills.append((r, p))
             room = None if room is None else room - len(p.tokens)
+        t = self._timed("prompt", t)
         shared = len(decoding) + len(prefills) > 1
         caps: dict[int, int | None] = {}
         if self.control is not None and decoding:
@@ -242,6 +262,7 @@ class BatchEngine:
             costs = [max(r.draft_ms, self.peak_ask_ms.get(r.method, 0.0)) for r in decoding]
             allocated = self.control.allocate(rates, prompts, costs)
             caps = dict(zip(map(id, decoding), allocated, strict=True))
+        t = self._timed("control", t)
         passes: list[tuple[BatchRequest, Pass]] = []
         for r in decoding:
             r.decoding.clock, r.decoding.shared = r.clock, shared
@@ -249,18 +270,18 @@ class BatchEngine:
             if r.max_nodes is not None:
                 cap = r.max_nodes if cap is None else min(cap, r.max_nodes)
             try:
-                t = time.perf_counter()
+                asked = time.perf_counter()
                 passes.append((r, r.decoding.propose(cap)))
             except Exception as e:  # a drafter failed: this request ends, the rest go on
                 r.error = e
                 continue
             if cap != 0:  # what asking the drafter cost (observe is timed apart)
-                ms = (time.perf_counter() - t) * 1e3
+                ms = (time.perf_counter() - asked) * 1e3
                 r.draft_ms = ms if r.draft_ms == 0 else 0.8 * r.draft_ms + 0.2 * ms
                 peak = 0.98 * self.peak_ask_ms.get(r.method, 0.0)
                 self.peak_ask_ms[r.method] = max(peak, ms)
         passes += prefills
-        t = time.perf_counter()
+        t = self._timed("draft", t)
         try:
             outputs = self._run(passes)
         except Exception as e:  # the pass itself failed: every request in it ends
@@ -272,6 +293,7 @@ class BatchEngine:
             wall = time.perf_counter() - t
             for r, p in passes:
                 r.left_out_s += wall - self.pass_ms(len(p.tokens)) / 1e3
+        t = self._timed("pass", t)
         self.last_batch, self.last_rows = len(passes), sum(len(p.tokens) for _, p in passes)
         for (r, _), out in zip(passes, outputs, strict=True):
             if r.error is not None:
@@ -280,7 +302,9 @@ class BatchEngine:
                 self._deliver(r, out)
             except Exception as e:
                 r.error = e
+        t = self._timed("verify", t)
         self._drop([r for r in batch if r.error is not None or r.decoding.done])
+        self._timed("end", t)
         return len(passes)
 
     def _run(self, passes: list[tuple[BatchRequest, Pass]]) -> list:

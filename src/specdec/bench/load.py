@@ -18,6 +18,7 @@ import statistics
 import threading
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +56,16 @@ class LoadResult:
         d = asdict(self)
         d.pop("results")
         return d
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoadResult:
+        """What `to_dict` gave (a saved run, read back to resume a benchmark)."""
+        d = dict(d)
+        d["results"] = [RequestResult(**r) for r in d.get("results", [])]
+        return cls(**d)
 
 
 def _percentile(xs: list[float], q: float) -> float | None:
@@ -218,6 +229,22 @@ def run_load(
         tau=spec_tokens / passes if passes else None,
         results=done,
     )
+
+
+def engine_seconds(url: str) -> dict[str, float]:
+    """`specdec serve`'s engine time by phase so far (``/metrics``); {} from a server
+    without it."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as r:
+            text = r.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("specdec_engine_seconds_total{"):
+            phase = line.split('"')[1]
+            out[phase] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def table(rows: list[tuple[str, LoadResult]]) -> str:

@@ -99,7 +99,7 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         return PlainTextResponse(
-            service.metrics.render(service.gauges()),
+            service.metrics.render(service.gauges(), dict(service.engine.phase_s)),
             media_type="text/plain; version=0.0.4",
         )
 

@@ -28,6 +28,7 @@ HELP = {
     "tokens_per_pass": "tau: tokens committed per target pass, per request",
     "draft_acceptance_ratio": "accepted over drafted tokens, per request that drafted",
     "request_seconds": "from arrival to the end",
+    "engine_seconds": "the engine thread's time, by phase of its steps",
 }
 PREFIX = "specdec_"
 
@@ -71,9 +72,15 @@ class Metrics:
             self.observe("draft_acceptance_ratio", s.accepted / s.drafted)
         self.observe("request_seconds", time.perf_counter() - request.submitted)
 
-    def render(self, gauges: dict[str, float]) -> str:
-        """The Prometheus text exposition of everything, with ``gauges`` of now."""
+    def render(self, gauges: dict[str, float], phases: dict[str, float] | None = None) -> str:
+        """The Prometheus text exposition of everything, with ``gauges`` of now and the
+        engine's seconds by phase (`BatchEngine.phase_s`)."""
         out: list[str] = []
+        if phases:
+            full = f"{PREFIX}engine_seconds_total"
+            out.append(f"# HELP {full} {HELP['engine_seconds']}")
+            out.append(f"# TYPE {full} counter")
+            out += [f'{full}{{phase="{k}"}} {_num(v)}' for k, v in phases.items()]
         with self._lock:
             names = sorted({n for n, _ in self.counters})
             for name in names:
