@@ -132,6 +132,22 @@ def random_head(version: str = "1") -> str:
     return eagle_head(target_model(), seed=4, version=int(version))
 
 
+@functools.cache
+def random_medusa() -> str:
+    """Medusa heads for the target: random, with recorded accuracies (a tree of 3 levels)."""
+    from specdec.models.medusa_heads import MedusaHeads
+
+    g = torch.Generator().manual_seed(6)
+    heads = MedusaHeads.for_target(target_model(), "random", num_heads=3)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    heads.config.accuracy = [[0.6, 0.3, 0.1], [0.5, 0.3, 0.1], [0.4, 0.3, 0.1]]
+    folder = tempfile.mkdtemp(prefix="specdec-test-medusa-") + "/heads"
+    heads.save(folder)
+    return folder
+
+
 def build(method: str, options: dict, tok) -> Drafter:
     """``method`` with ``options`` through the method table, on a context that has what it
     needs: the draft model, its tokenizer, the pass costs."""
@@ -148,6 +164,8 @@ def build(method: str, options: dict, tok) -> Drafter:
         opts["datastore"] = rest_datastore(tok)
     if "eagle" in method.split("+"):
         opts["head"] = random_head(opts.get("version", "1"))
+    if "medusa" in method.split("+"):
+        opts["heads"] = random_medusa()
     drafter = get_method(method).build(ctx, opts)
     return switching(drafter, seed=0) if method == "auto" else drafter
 
@@ -206,6 +224,8 @@ CASES: dict[str, tuple[str, dict, SamplingParams]] = {
          "joint": True},
         T1,
     ),
+    # Medusa heads (random): a static tree of their top guesses, points masses under sampling
+    "medusa-tree": ("medusa", {"top_k": 3, "max_nodes": 12}, SHAPED),
     # auto switching at random steps among a draft model's sampled chain, prompt lookup and
     # Token Recycling (`test_contract.switching`)
     "auto-switching": (
@@ -289,6 +309,7 @@ CAPPED = [
     "rsd-c-3,2,1",
     "stand",
     "eagle-tree-2,2,1",
+    "medusa-tree",
     "auto-switching",
 ]
 

@@ -1,5 +1,5 @@
 """Command line: `specdec generate | methods | bench | models | pull | datastore build | auto |
-train eagle | heads | export eagle`.
+train eagle | train medusa | heads | export eagle`.
 
 Errors a user can cause print one line (no traceback) and exit non-zero.
 """
@@ -352,6 +352,48 @@ def _add_train(sub: Any) -> None:
     e.add_argument("--quiet", action="store_true", help="no progress")
     e.set_defaults(func=cmd_train_eagle)
 
+    from specdec.train.medusa import MedusaTrainConfig
+
+    m_d = MedusaTrainConfig()
+    m = tsub.add_parser(
+        "medusa",
+        help="Medusa heads: residual blocks on the model's last hidden state",
+        description="Medusa-1 heads: head k guesses the token k + 1 places after the next "
+        "one, all from the model's last hidden state. The features are the EAGLE-1 "
+        "head's (the same data's store is read, not computed again); each head's residual "
+        "blocks train towards the model's own distribution (its LM head is shared, "
+        "frozen); the held-out accuracy of each head's i-th guess, written with the "
+        "heads, is what --method medusa builds its tree from.",
+    )
+    _add_model_args(m, DEFAULT_MODEL)
+    m.add_argument("--data", default=m_d.data,
+                   help=f"as for `train eagle` (default {m_d.data})")  # fmt: skip
+    m.add_argument("--heads", type=int, default=m_d.num_heads, metavar="K",
+                   help=f"heads: tokens guessed beyond the next (default {m_d.num_heads})")  # fmt: skip
+    m.add_argument("--layers", type=int, default=m_d.num_layers, metavar="N",
+                   help=f"residual blocks per head (default {m_d.num_layers})")  # fmt: skip
+    m_budget = m.add_mutually_exclusive_group()
+    m_budget.add_argument("--minutes", type=float, default=None, metavar="N",
+                          help=f"training time, resumed runs included (default {m_d.minutes:g})")  # fmt: skip
+    m_budget.add_argument("--tokens", type=int, default=None, metavar="N",
+                          help="or: training tokens (sequence tokens x heads)")  # fmt: skip
+    m.add_argument("--feature-tokens", type=int, default=m_d.feature_tokens, metavar="N",
+                   help=f"tokens of features to compute (default {m_d.feature_tokens:,})")  # fmt: skip
+    m.add_argument("--respond", type=int, default=m_d.respond, metavar="N",
+                   help=f"tokens the model answers each prompt with (default {m_d.respond})")  # fmt: skip
+    m.add_argument("--seq-len", type=int, default=m_d.seq_len, metavar="N",
+                   help=f"longest training sequence (default {m_d.seq_len})")  # fmt: skip
+    m.add_argument("--draft-vocab", type=int, default=m_d.draft_vocab, metavar="N",
+                   help=f"tokens the heads guess among (default {m_d.draft_vocab})")  # fmt: skip
+    m.add_argument("--lr", type=float, default=m_d.lr, help=f"AdamW learning rate (default {m_d.lr:g})")
+    m.add_argument("--seed", type=int, default=m_d.seed, help="seed (default 0)")
+    m.add_argument("--out", default=None, metavar="DIR",
+                   help="write the heads here (default: the cache, where --method medusa looks)")  # fmt: skip
+    m.add_argument("--resume", action="store_true",
+                   help="continue the last run (its features, checkpoint and minutes)")  # fmt: skip
+    m.add_argument("--quiet", action="store_true", help="no progress")
+    m.set_defaults(func=cmd_train_medusa)
+
     h = sub.add_parser(
         "heads",
         help="list the trained heads in the cache, with their evaluation",
@@ -696,6 +738,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             "name": name,
             "description": d.description,
             "lossless": d.lossless,
+            "lossy_with": d.lossy_with or None,
             "options": d.Options.describe(),
         }
         for name, d in METHODS.items()
@@ -705,6 +748,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         kind = "lossless" if r["lossless"] else "LOSSY"
+        if r["lossy_with"]:
+            kind += f"; LOSSY with {r['lossy_with']}"
         print(f"{r['name']}  ({kind})\n    {r['description']}")
         for k, o in r["options"].items():
             print(f"    --option {k}=<{o['type']}>  {o['help']} (default {o['default']})")
@@ -781,6 +826,35 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_medusa(args: argparse.Namespace) -> int:
+    from specdec.train.medusa import MedusaTrainConfig, train
+
+    minutes = args.minutes if args.minutes is not None or args.tokens else MedusaTrainConfig.minutes
+    cfg = MedusaTrainConfig(
+        data=args.data,
+        num_heads=args.heads,
+        num_layers=args.layers,
+        minutes=minutes,
+        tokens=args.tokens,
+        feature_tokens=args.feature_tokens,
+        seq_len=args.seq_len,
+        respond=args.respond,
+        draft_vocab=args.draft_vocab,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    cfg.check()  # before the model loads
+    gen = _load_generator(args)
+    report = train(gen, cfg, out=args.out, resume=args.resume, progress=not args.quiet)
+    ev = report["evaluation"]
+    print(
+        f"Medusa heads for {gen.name}: {report['trained_tokens']:,} training tokens in "
+        f"{report['train_seconds'] / 60:.1f} min; held-out top-1 by head "
+        f"{', '.join(f'{a:.2f}' for a in ev['top1_by_head'])}"
+    )
+    return 0
+
+
 def cmd_export_eagle(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -836,11 +910,14 @@ def cmd_heads(args: argparse.Namespace) -> int:
     for r in rows:
         t = r["training"]
         ev = t.get("evaluation", {})
-        acc = ", ".join(f"{a:.2f}" for a in ev.get("top1_by_depth", []))
-        print(f"{r['model']}  {r['kind']} (EAGLE-{r['version']})  {r['folder']}")
+        medusa = r["kind"] == "medusa"
+        by = "head" if medusa else "depth"
+        acc = ", ".join(f"{a:.2f}" for a in ev.get(f"top1_by_{by}", []))
+        what = "Medusa-1" if medusa else f"EAGLE-{r['version']}"
+        print(f"{r['model']}  {r['kind']} ({what})  {r['folder']}")
         print(f"  trained on {t.get('trained_tokens', 0):,} tokens in "
               f"{t.get('train_seconds', 0) / 60:.1f} min ({t.get('data', '?')}); "
-              f"held-out top-1 by depth: {acc or '?'}")  # fmt: skip
+              f"held-out top-1 by {by}: {acc or '?'}")  # fmt: skip
     return 0
 
 

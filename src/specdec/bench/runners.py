@@ -102,7 +102,7 @@ class SpecdecRunner(Runner):
         self.method = base_name(method)
         self.resolved, given = gen.resolve(self.method, options)
         spec = get_method(self.resolved)
-        self.lossless = spec.lossless
+        self.lossless = spec.lossless_with(given)
         # every option with its value, defaults included (per part for a merge)
         self.validated = spec.effective_options(given)
         gen.drafter(self.method, **options)  # build (and load any draft model) before timing

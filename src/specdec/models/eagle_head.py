@@ -261,51 +261,20 @@ class EagleHead(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save(self, folder: str | Path) -> Path:
-        """Write the head to ``folder`` whole or not at all (a temporary folder, renamed)."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".head-", dir=folder.parent))
-        try:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(tensors, str(tmp / WEIGHTS_FILE))
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=1))
-            if folder.exists():
-                old = folder.with_name(folder.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
+        """Write the head to ``folder`` whole or not at all."""
+        return write_head_folder(folder, self.state_dict(), self.config.to_json())
 
     @classmethod
     def load(cls, folder: str | Path) -> EagleHead:
-        folder = Path(folder)
-        cfg_file, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        if not cfg_file.is_file() or not weights.is_file():
-            raise HeadError(f"{folder}: no EAGLE head here ({CONFIG_FILE} and {WEIGHTS_FILE})")
-        try:
-            data = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as e:
-            raise HeadError(f"{cfg_file}: unreadable ({e})") from None
-        head = cls(HeadConfig.from_json(data, str(cfg_file)))
-        try:
-            tensors = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise HeadError(f"{weights}: damaged ({e})") from None
+        data, tensors, weights = read_head_folder(folder, "EAGLE")
+        head = cls(HeadConfig.from_json(data, str(Path(folder) / CONFIG_FILE)))
         expected = head.state_dict()
         if set(tensors) != set(expected) or any(
             tensors[k].shape != expected[k].shape for k in expected
         ):
             raise HeadError(f"{weights}: its tensors do not match its config")
         head.load_state_dict(tensors)
-        d2t = head.d2t
-        vocab = int(head.config.target.get("vocab_size", 0))
-        if d2t.numel() > 1 and not bool((d2t[1:] > d2t[:-1]).all()) or int(d2t.max()) >= vocab:
-            raise HeadError(f"{weights}: its draft vocabulary is not increasing ids below {vocab}")
+        check_draft_vocab(head.d2t, int(head.config.target.get("vocab_size", 0)), weights)
         return head.to(torch.float32)
 
     # ------------------------------------------------------------------ training
@@ -377,6 +346,55 @@ class EagleHead(nn.Module):
             h = h + self.layer.ffn(self.layer.ffn_norm(h))
             out.append((h, self.logits(target, h, w)))
         return out
+
+
+def write_head_folder(folder: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
+    """A head's folder (``config`` as config.json, ``state`` as head.safetensors), written
+    whole or not at all: a temporary folder, renamed over the old one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".head-", dir=folder.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        if folder.exists():
+            old = folder.with_name(folder.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def read_head_folder(folder: str | Path, kind: str) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """(config.json's data, head.safetensors' tensors, the weights' path) of a head of
+    ``kind`` (for messages); never unpickles; a missing or damaged file: HeadError."""
+    folder = Path(folder)
+    cfg_file, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not cfg_file.is_file() or not weights.is_file():
+        raise HeadError(f"{folder}: no {kind} head here ({CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise HeadError(f"{cfg_file}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise HeadError(f"{cfg_file}: not a {kind} head config")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HeadError(f"{weights}: damaged ({e})") from None
+    return data, tensors, weights
+
+
+def check_draft_vocab(d2t: torch.Tensor, vocab: int, where: Path) -> None:
+    """A draft vocabulary is increasing target ids below ``vocab``."""
+    if d2t.numel() > 1 and not bool((d2t[1:] > d2t[:-1]).all()) or int(d2t.max()) >= vocab:
+        raise HeadError(f"{where}: its draft vocabulary is not increasing ids below {vocab}")
 
 
 def load_head(folder: str | Path) -> EagleHead:

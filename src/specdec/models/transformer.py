@@ -297,7 +297,7 @@ class Transformer(nn.Module):
                 h = h + block.attn(block.attn_norm(h), cos, sin, cache, i, start, mask)
                 h = h + block.ffn(block.ffn_norm(h))
         rows = h if logits_rows is None else h[logits_rows]
-        logits = _head(self.lm_head, self.norm(rows), vocab_rows)
+        logits = head_logits(self.lm_head, self.norm(rows), vocab_rows)
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()
         if not return_hidden:
@@ -443,7 +443,8 @@ def _taps(ids: Sequence[int] | None, order: Sequence[int], count: int) -> dict[i
     return {i: j for j, i in enumerate(ids) if i < count}
 
 
-def _head(head: nn.Module, x: torch.Tensor, vocab_rows: torch.Tensor | None) -> torch.Tensor:
+def head_logits(head: nn.Module, x: torch.Tensor, vocab_rows: torch.Tensor | None) -> torch.Tensor:
+    """``head(x)`` at the columns ``vocab_rows`` only (None: all)."""
     if vocab_rows is None:
         return head(x)
     if hasattr(head, "rows"):  # a quantised head restricts its own packed weights

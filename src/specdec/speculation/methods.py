@@ -23,6 +23,7 @@ from specdec.speculation.drafters.cross_vocab import CrossVocabDrafter
 from specdec.speculation.drafters.draft_model import DraftModelDrafter
 from specdec.speculation.drafters.eagle import EagleDrafter
 from specdec.speculation.drafters.lookahead import LookaheadDrafter
+from specdec.speculation.drafters.medusa import MedusaDrafter
 from specdec.speculation.drafters.merged import MergedDrafter
 from specdec.speculation.drafters.ngram_cache import NgramCacheDrafter
 from specdec.speculation.drafters.prompt_lookup import PromptLookupDrafter
@@ -37,6 +38,7 @@ DRAFTERS: tuple[type[Drafter], ...] = (
     DraftModelDrafter,
     CrossVocabDrafter,
     EagleDrafter,
+    MedusaDrafter,
     PromptLookupDrafter,
     NgramCacheDrafter,
     StandDrafter,
@@ -77,7 +79,12 @@ class Method:
 
     @property
     def lossless(self) -> bool:
+        """Lossless with its default options."""
         return all(p.lossless for p in self.parts)
+
+    def lossless_with(self, given: dict[str, Any]) -> bool:
+        """Lossless with options ``given`` (an option may choose a lossy verifier)."""
+        return self.lossless and all(o.lossless for o in self.parse(given))
 
     def option_names(self) -> list[str]:
         """Every option the method takes (a merge: each part's, and ``joint``)."""

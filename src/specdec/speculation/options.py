@@ -91,6 +91,12 @@ class Options:
     def check(self) -> None:
         """Rules between options (e.g. ``min_ngram <= max_ngram``); raise InvalidRequestError."""
 
+    @property
+    def lossless(self) -> bool:
+        """Whether the method with these options keeps the target's distribution (a lossy
+        verifier chosen by an option: False)."""
+        return True
+
     @classmethod
     def of(cls, options: Options | None, given: dict[str, Any]) -> Options:
         """A drafter constructor's options: ``options`` (or the defaults) updated by the

@@ -92,7 +92,15 @@ class TrainConfig:
 class Meter:
     """Progress of a stage on stderr: a line every ``every`` seconds (and at the end)."""
 
-    def __init__(self, what: str, total: float, unit: str, enabled: bool, every: float = 15.0):
+    def __init__(
+        self,
+        what: str,
+        total: float,
+        unit: str,
+        enabled: bool,
+        every: float = 15.0,
+        kind: str = "eagle",
+    ):
         self.what, self.total, self.unit, self.enabled, self.every = (
             what,
             total,
@@ -100,6 +108,7 @@ class Meter:
             enabled,
             every,
         )
+        self.kind = kind
         self.start = self.last = time.perf_counter()
         self.done0: float | None = None
 
@@ -117,7 +126,7 @@ class Meter:
             else ""
         )
         print(
-            f"specdec: train eagle: {self.what}: {done:,.0f}/{self.total:,.0f} {self.unit} "
+            f"specdec: train {self.kind}: {self.what}: {done:,.0f}/{self.total:,.0f} {self.unit} "
             f"({rate:,.0f}/s{eta}){extra}",
             file=sys.stderr,
             flush=True,
@@ -185,6 +194,22 @@ def compute_features(
     meter.update(store.tokens, f", {len(store)} sequences", force=True)
     if len(store) < 2:
         raise InvalidRequestError(f"--data {cfg.data!r} gave fewer than 2 sequences")
+
+
+def open_store(gen, cfg: TrainConfig, work: Path, heads: Path) -> tuple[FeatureStore, str]:
+    """The feature store for ``cfg``'s data and layers, and its key: one of the same
+    identity already under ``heads`` (the model's heads folder: another kind of head
+    made from the same data reads the same features), else a new one in ``work``."""
+    model = gen.target.model
+    layers = stored_layers(cfg.version, model.config.num_layers)
+    identity = f"{gen.identity}|{cfg.seq_len}|{cfg.respond}|{cfg.data}"
+    if layers != (model.config.num_layers,):
+        identity += f"|layers {','.join(map(str, layers))}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    folder = work / f"features-{key}"
+    if not (folder / "index.json").exists():
+        folder = next((f for f in sorted(heads.glob(f"*-work/features-{key}"))), folder)
+    return FeatureStore(folder, model.config.hidden_size * len(layers), identity), key
 
 
 def answer_donors(heads: Path, identity: str, store: FeatureStore) -> tuple[FeatureStore, ...]:
@@ -275,12 +300,14 @@ class Position:
     seconds: float = 0.0
 
 
-def _order(n_train: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(n_train: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n_train, generator=g).tolist()
 
 
-def save_checkpoint(folder: Path, head: EagleHead, opt, pos: Position, cfg: TrainConfig) -> None:
+def save_checkpoint(folder: Path, head, opt, pos: Position, cfg) -> None:
+    """``head`` (an EAGLE head or Medusa heads: their ``save``), the optimiser's state and
+    the position, written whole or not at all."""
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     head.save(tmp / "head")
@@ -302,10 +329,12 @@ def save_checkpoint(folder: Path, head: EagleHead, opt, pos: Position, cfg: Trai
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, head: EagleHead, opt) -> Position | None:
+def load_checkpoint(folder: Path, head, opt) -> Position | None:
+    """Into ``head`` and ``opt``: what `save_checkpoint` wrote; the position (None: no
+    checkpoint to read)."""
     try:
         meta = json.loads((folder / "state.json").read_text())
-        saved = EagleHead.load(folder / "head")
+        saved = type(head).load(folder / "head")
         tensors = load_file(str(folder / "optimizer.safetensors"))
     except (OSError, ValueError, KeyError):
         return None
@@ -338,16 +367,11 @@ def train(
     model = gen.target.model
     out = Path(out) if out else head_folder(gen.name, "eagle3" if cfg.version == 3 else "eagle")
     work = Path(work) if work else out.with_name(out.name + "-work")
-    layers = stored_layers(cfg.version, model.config.num_layers)
-    identity = f"{gen.identity}|{cfg.seq_len}|{cfg.respond}|{cfg.data}"
-    if layers != (model.config.num_layers,):
-        identity += f"|layers {','.join(map(str, layers))}"
-    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     if not resume and work.exists():
         shutil.rmtree(work / "checkpoint", ignore_errors=True)
-    store = FeatureStore(work / f"features-{key}", model.config.hidden_size * len(layers), identity)
+    store, key = open_store(gen, cfg, work, out.parent)
     t0 = time.perf_counter()
-    compute_features(gen, store, cfg, progress, answer_donors(out.parent, identity, store))
+    compute_features(gen, store, cfg, progress, answer_donors(out.parent, store.identity, store))
     feature_s = time.perf_counter() - t0
 
     n_eval = max(1, int(round(len(store) * cfg.held_out)))
@@ -379,7 +403,7 @@ def train(
     recent: list[float] = []
     with torch.enable_grad():
         while pos.trained_tokens < budget_tokens and pos.seconds < budget_s:
-            order = _order(len(train_ids), cfg.seed, pos.epoch)
+            order = epoch_order(len(train_ids), cfg.seed, pos.epoch)
             if pos.index >= len(order):
                 pos.epoch, pos.index = pos.epoch + 1, 0
                 continue

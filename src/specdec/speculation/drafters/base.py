@@ -121,6 +121,7 @@ class Drafter:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
+    lossy_with: ClassVar[str] = ""  # the options that make it lossy (`Options.lossless`)
     runs_a_model: ClassVar[bool] = False  # drafts with a model of its own (costly to ask)
     Options: ClassVar[type[Options]] = Options
 

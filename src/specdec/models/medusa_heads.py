@@ -1,0 +1,180 @@
+"""Medusa heads (Cai et al. 2024, Medusa-1): K small heads on the target's last hidden
+state, head k guessing the token k + 1 places ahead, all from the same state.
+
+Head k is ``num_layers`` residual blocks, ``x + SiLU(W x + b)`` (W starts at zero: the
+block starts as the identity, as the authors initialise it), over the target's last
+hidden state after its final norm; its output goes through the target's own LM head at
+the draft vocabulary's rows (``d2t``) to give the logits of the token k + 1 places after
+the one the state predicts. The heads read nothing drafted: every guess of a step comes
+from one committed state, so drafting costs K small matrix products and one LM-head
+pass over K rows, never a pass per drafted token.
+
+Deviation from Medusa-1, said again in docs/BENCHMARKS.md: the heads share the target's
+frozen LM head (restricted to a draft vocabulary of frequent tokens) instead of each
+training an LM head of its own (151,936 × 1,536 weights per head for the 1.5B: more than
+a CPU can train from the data it can make). The authors' code initialises its heads' LM
+heads from the target's, so the heads here are theirs at initialisation, with only the
+residual blocks trained.
+
+A head set lives in a folder as the EAGLE heads do (`specdec.models.eagle_head`):
+``config.json`` (`MedusaConfig`, kind "medusa", with the held-out top-k accuracy of
+each head that the static tree is chosen from) and ``head.safetensors``
+(``blocks.{k}.{j}.weight/bias``, ``d2t``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specdec.models.eagle_head import (
+    CONFIG_FILE,
+    HEAD_FORMAT,
+    HeadError,
+    check_draft_vocab,
+    read_head_folder,
+    target_facts,
+    write_head_folder,
+)
+from specdec.models.transformer import Transformer
+
+
+@dataclass
+class MedusaConfig:
+    target: dict[str, Any]  # the target's name and `target_facts`
+    num_heads: int  # K: head k guesses the token k + 1 places ahead
+    num_layers: int  # residual blocks per head
+    draft_vocab: int
+    # accuracy[k][i]: how often head k's (i+1)-th likeliest token was the target's, held out
+    accuracy: list[list[float]] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1 or self.num_layers < 1 or self.draft_vocab < 1:
+            raise HeadError("a Medusa head set needs num_heads, num_layers, draft_vocab >= 1")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": HEAD_FORMAT,
+            "kind": "medusa",
+            "target": self.target,
+            "num_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "draft_vocab": self.draft_vocab,
+            "accuracy": self.accuracy,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> MedusaConfig:
+        try:
+            if data.get("format") != HEAD_FORMAT or data.get("kind") != "medusa":
+                raise ValueError(f"format {data.get('format')!r}, kind {data.get('kind')!r}")
+            accuracy = [[float(a) for a in row] for row in data.get("accuracy") or []]
+            if any(not 0 <= a <= 1 for row in accuracy for a in row):
+                raise ValueError("accuracies outside [0, 1]")
+            return cls(
+                target=dict(data["target"]),
+                num_heads=int(data["num_heads"]),
+                num_layers=int(data["num_layers"]),
+                draft_vocab=int(data["draft_vocab"]),
+                accuracy=accuracy,
+                training=dict(data.get("training") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise HeadError(f"{where}: not a Medusa head config ({e})") from None
+
+
+class ResBlock(nn.Module):
+    """``x + SiLU(linear(x))``."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, config: MedusaConfig, hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(ResBlock(hidden_size) for _ in range(config.num_layers)))
+            for _ in range(config.num_heads)
+        )
+        self.register_buffer("d2t", torch.arange(config.draft_vocab, dtype=torch.long))
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    def forward(self, target: Transformer, last: torch.Tensor) -> torch.Tensor:
+        """Each head's output from the target's last-layer states ``last`` (rows, d)
+        (before its final norm): (rows, K, d), to go through the LM head's rows."""
+        x = target.norm(last.to(target.norm.weight.dtype))
+        return torch.stack([block(x) for block in self.blocks], dim=-2)
+
+    @classmethod
+    def for_target(
+        cls,
+        target: Transformer,
+        name: str,
+        num_heads: int = 4,
+        num_layers: int = 1,
+        draft_tokens: torch.Tensor | None = None,
+    ) -> MedusaHeads:
+        """New heads for ``target`` (called ``name``): each block the identity (zero weight
+        and bias), drafting among ``draft_tokens`` (target ids; None: all)."""
+        c = target.config
+        vocab = (
+            torch.arange(c.vocab_size)
+            if draft_tokens is None
+            else torch.unique(draft_tokens.to(torch.long))
+        )
+        if vocab.numel() == 0 or int(vocab[0]) < 0 or int(vocab[-1]) >= c.vocab_size:
+            raise HeadError(f"draft tokens must be ids below {c.vocab_size}")
+        config = MedusaConfig(
+            {"name": name, **target_facts(target)}, num_heads, num_layers, int(vocab.numel())
+        )
+        heads = cls(config, c.hidden_size)
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.zero_()
+            heads.d2t.copy_(vocab)
+        return heads.to(torch.float32)
+
+    def check_target(self, target: Transformer, where: str = "the Medusa heads") -> None:
+        want, have = self.config.target, target_facts(target)
+        for key, value in have.items():
+            if int(want.get(key, -1)) != value:
+                raise HeadError(
+                    f"{where} were trained for {want.get('name', 'another model')} "
+                    f"({key} {want.get(key)}), not this model ({key} {value})"
+                )
+
+    def save(self, folder: str | Path) -> Path:
+        return write_head_folder(folder, self.state_dict(), self.config.to_json())
+
+    @classmethod
+    def load(cls, folder: str | Path) -> MedusaHeads:
+        data, tensors, weights = read_head_folder(folder, "Medusa")
+        config = MedusaConfig.from_json(data, str(Path(folder) / CONFIG_FILE))
+        d = int(config.target.get("hidden_size", 0))
+        if d < 1:
+            raise HeadError(f"{weights}: its config names no hidden size")
+        heads = cls(config, d)
+        expected = heads.state_dict()
+        if set(tensors) != set(expected) or any(
+            tensors[k].shape != expected[k].shape for k in expected
+        ):
+            raise HeadError(f"{weights}: its tensors do not match its config")
+        heads.load_state_dict(tensors)
+        check_draft_vocab(heads.d2t, int(config.target.get("vocab_size", 0)), weights)
+        return heads.to(torch.float32)
