@@ -145,7 +145,12 @@ def stored_layers(version: int, num_layers: int) -> tuple[int, ...]:
 
 
 def compute_features(
-    gen, store: FeatureStore, cfg: TrainConfig, progress: bool, donors: tuple = ()
+    gen,
+    store: FeatureStore,
+    cfg: TrainConfig,
+    progress: bool,
+    donors: tuple = (),
+    kind: str = "eagle",
 ) -> None:
     """Fill ``store`` up to ``cfg.feature_tokens`` (what it holds already is kept). The
     target's answers are taken from ``donors`` (stores of the same model, data and
@@ -157,7 +162,7 @@ def compute_features(
     def chat(text: str) -> list[int]:
         return tok.encode_chat([{"role": "user", "content": text}])
 
-    meter = Meter("features", cfg.feature_tokens, "tokens", progress)
+    meter = Meter("features", cfg.feature_tokens, "tokens", progress, kind=kind)
     done = len(store)
     for n, item in enumerate(items(cfg.data, tok.encode, chat, cfg.seq_len, cfg.respond)):
         if store.tokens >= cfg.feature_tokens:

@@ -134,7 +134,7 @@ def train(
     store, key = shared.open_store(gen, fcfg, work, out.parent)
     t0 = time.perf_counter()
     donors = shared.answer_donors(out.parent, store.identity, store)
-    shared.compute_features(gen, store, fcfg, progress, donors)
+    shared.compute_features(gen, store, fcfg, progress, donors, kind="medusa")
     feature_s = time.perf_counter() - t0
 
     n_eval = max(1, int(round(len(store) * cfg.held_out)))
