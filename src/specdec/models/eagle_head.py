@@ -268,13 +268,7 @@ class EagleHead(nn.Module):
     def load(cls, folder: str | Path) -> EagleHead:
         data, tensors, weights = read_head_folder(folder, "EAGLE")
         head = cls(HeadConfig.from_json(data, str(Path(folder) / CONFIG_FILE)))
-        expected = head.state_dict()
-        if set(tensors) != set(expected) or any(
-            tensors[k].shape != expected[k].shape for k in expected
-        ):
-            raise HeadError(f"{weights}: its tensors do not match its config")
-        head.load_state_dict(tensors)
-        check_draft_vocab(head.d2t, int(head.config.target.get("vocab_size", 0)), weights)
+        load_checked(head, tensors, weights)
         return head.to(torch.float32)
 
     # ------------------------------------------------------------------ training
@@ -391,8 +385,17 @@ def read_head_folder(folder: str | Path, kind: str) -> tuple[dict, dict[str, tor
     return data, tensors, weights
 
 
-def check_draft_vocab(d2t: torch.Tensor, vocab: int, where: Path) -> None:
-    """A draft vocabulary is increasing target ids below ``vocab``."""
+def load_checked(head: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """``tensors`` into ``head`` (built from its config), refused unless they are exactly
+    its tensors and its draft vocabulary ``d2t`` is increasing ids below its target's
+    vocabulary size."""
+    expected = head.state_dict()
+    if set(tensors) != set(expected) or any(
+        tensors[k].shape != expected[k].shape for k in expected
+    ):
+        raise HeadError(f"{where}: its tensors do not match its config")
+    head.load_state_dict(tensors)
+    d2t, vocab = head.d2t, int(head.config.target.get("vocab_size", 0))
     if d2t.numel() > 1 and not bool((d2t[1:] > d2t[:-1]).all()) or int(d2t.max()) >= vocab:
         raise HeadError(f"{where}: its draft vocabulary is not increasing ids below {vocab}")
 

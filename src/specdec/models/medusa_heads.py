@@ -36,7 +36,7 @@ from specdec.models.eagle_head import (
     CONFIG_FILE,
     HEAD_FORMAT,
     HeadError,
-    check_draft_vocab,
+    load_checked,
     read_head_folder,
     target_facts,
     write_head_folder,
@@ -170,11 +170,5 @@ class MedusaHeads(nn.Module):
         if d < 1:
             raise HeadError(f"{weights}: its config names no hidden size")
         heads = cls(config, d)
-        expected = heads.state_dict()
-        if set(tensors) != set(expected) or any(
-            tensors[k].shape != expected[k].shape for k in expected
-        ):
-            raise HeadError(f"{weights}: its tensors do not match its config")
-        heads.load_state_dict(tensors)
-        check_draft_vocab(heads.d2t, int(config.target.get("vocab_size", 0)), weights)
+        load_checked(heads, tensors, weights)
         return heads.to(torch.float32)
