@@ -172,6 +172,33 @@ def medusa_options(model, tok, rng: random.Random):
     return opts, context(model, tok, rng.choice(COSTS))
 
 
+def hydra_options(model, tok, rng: random.Random):
+    """Random Hydra heads (1-3 heads of 1-2 blocks, a draft vocabulary maybe a subset,
+    recorded accuracies or none), a tree of random width and size, sized by a cost curve
+    or not."""
+    from specdec.models.hydra_heads import HydraHeads
+
+    g = torch.Generator().manual_seed(rng.randrange(1000))
+    vocab = model.config.vocab_size
+    subset = rng.choice([None, rng.randint(1, vocab)])
+    tokens = torch.randperm(vocab, generator=g)[:subset] if subset else None
+    heads = HydraHeads.for_target(model, "random", rng.randint(1, 3), rng.randint(1, 2), tokens)
+    with torch.no_grad():
+        for name, p in heads.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    if rng.random() < 0.7:
+        heads.config.accuracy = [
+            sorted((rng.random() for _ in range(rng.randint(1, 6))), reverse=True)
+            for _ in range(heads.num_heads)
+        ]
+    folder = tempfile.mkdtemp(prefix="specdec-test-hydra-") + "/heads"
+    heads.save(folder)
+    opts = {"heads": folder, "top_k": rng.randint(1, 6), "max_nodes": rng.randint(1, 40),
+            "acceptance": rng.choice(["lossless", "typical"])}  # greedy: typical is exact too
+    return opts, context(model, tok, rng.choice(COSTS))
+
+
 def ngram_range(rng: random.Random, lowest: int, spread: int) -> dict:
     lo = rng.randint(1, lowest)
     return {"min_ngram": lo, "max_ngram": lo + rng.randint(0, spread)}
@@ -339,6 +366,7 @@ FACTORIES = {
     "auto": auto_options,
     "eagle": eagle_options,
     "medusa": medusa_options,
+    "hydra": hydra_options,
 }
 
 

@@ -148,6 +148,23 @@ def random_medusa() -> str:
     return folder
 
 
+@functools.cache
+def random_hydra() -> str:
+    """Hydra heads for the target: random, with recorded accuracies (a tree of 3 levels)."""
+    from specdec.models.hydra_heads import HydraHeads
+
+    g = torch.Generator().manual_seed(7)
+    heads = HydraHeads.for_target(target_model(), "random", num_heads=3)
+    with torch.no_grad():
+        for name, p in heads.named_parameters():
+            if not name.endswith("norm.weight"):  # large: so that paths reach depth 2
+                p.copy_(torch.randn(p.shape, generator=g))
+    heads.config.accuracy = [[0.6, 0.3, 0.1], [0.5, 0.3, 0.1], [0.4, 0.3, 0.1]]
+    folder = tempfile.mkdtemp(prefix="specdec-test-hydra-") + "/heads"
+    heads.save(folder)
+    return folder
+
+
 def build(method: str, options: dict, tok) -> Drafter:
     """``method`` with ``options`` through the method table, on a context that has what it
     needs: the draft model, its tokenizer, the pass costs."""
@@ -166,6 +183,8 @@ def build(method: str, options: dict, tok) -> Drafter:
         opts["head"] = random_head(opts.get("version", "1"))
     if "medusa" in method.split("+"):
         opts["heads"] = random_medusa()
+    if "hydra" in method.split("+"):
+        opts["heads"] = random_hydra()
     drafter = get_method(method).build(ctx, opts)
     return switching(drafter, seed=0) if method == "auto" else drafter
 
@@ -226,6 +245,7 @@ CASES: dict[str, tuple[str, dict, SamplingParams]] = {
     ),
     # Medusa heads (random): a static tree of their top guesses, points masses under sampling
     "medusa-tree": ("medusa", {"top_k": 3, "max_nodes": 12}, SHAPED),
+    "hydra-tree": ("hydra", {"top_k": 3, "max_nodes": 12}, SHAPED),
     # auto switching at random steps among a draft model's sampled chain, prompt lookup and
     # Token Recycling (`test_contract.switching`)
     "auto-switching": (
@@ -310,6 +330,7 @@ CAPPED = [
     "stand",
     "eagle-tree-2,2,1",
     "medusa-tree",
+    "hydra-tree",
     "auto-switching",
 ]
 

@@ -1,5 +1,5 @@
 """Command line: `specdec generate | methods | bench | models | pull | datastore build | auto |
-train eagle | train medusa | heads | export eagle`.
+train eagle | train medusa | train hydra | heads | export eagle`.
 
 Errors a user can cause print one line (no traceback) and exit non-zero.
 """
@@ -294,9 +294,9 @@ def _add_train(sub: Any) -> None:
     d = TrainConfig()
     t = sub.add_parser(
         "train",
-        help="train a learned drafter (an EAGLE head) for a model, here",
+        help="train a learned drafter (EAGLE, Medusa or Hydra heads) for a model, here",
         description="Train a drafter that reads the model's hidden states and store it in "
-        "the cache, where --method eagle finds it. Progress goes to stderr; features and "
+        "the cache, where --method KIND finds it. Progress goes to stderr; features and "
         "checkpoints are kept, so --resume continues a run that was cut short.",
     )
     tsub = t.add_subparsers(dest="train_command", required=True, metavar="KIND")
@@ -310,48 +310,18 @@ def _add_train(sub: Any) -> None:
         "model per drafting depth) and written to the cache (`specdec heads` lists it).",
     )
     _add_model_args(e, DEFAULT_MODEL)
-    e.add_argument(
-        "--data",
-        default=d.data,
-        help="comma-separated sources: prompts (Spec-Bench, HumanEval, GSM8K questions the "
-        "benchmarks never take, answered by the model), python (the standard library's "
-        'sources), or a .txt / .jsonl file ({"text": ...} or {"prompt": ...} lines) '
-        f"(default {d.data})",
-    )
+    _add_train_args(e, d, "the head", "sequence tokens x unrolled steps", "--method eagle")
     e.add_argument(
         "--version", type=int, choices=(1, 3), default=d.version,
         help="1: EAGLE-1 (reads the last layer; stored as the model's 'eagle' head); 3: "
         "EAGLE-3 (three layers fused, its own LM head; 'eagle3', the one --method eagle "
         "prefers; exportable to vLLM with `specdec export eagle`) (default 1)",
     )  # fmt: skip
-    budget = e.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--minutes", type=float, default=None, metavar="N",
-        help=f"training time, resumed runs included (default {d.minutes:g})",
-    )  # fmt: skip
-    budget.add_argument(
-        "--tokens", type=int, default=None, metavar="N",
-        help="or: training tokens (sequence tokens x unrolled steps)",
-    )  # fmt: skip
-    e.add_argument("--feature-tokens", type=int, default=d.feature_tokens, metavar="N",
-                   help=f"tokens of features to compute (default {d.feature_tokens:,})")  # fmt: skip
-    e.add_argument("--respond", type=int, default=d.respond, metavar="N",
-                   help=f"tokens the model answers each prompt with (default {d.respond})")  # fmt: skip
-    e.add_argument("--seq-len", type=int, default=d.seq_len, metavar="N",
-                   help=f"longest training sequence (default {d.seq_len})")  # fmt: skip
-    e.add_argument("--draft-vocab", type=int, default=d.draft_vocab, metavar="N",
-                   help=f"tokens the head drafts among (default {d.draft_vocab})")  # fmt: skip
     e.add_argument("--unroll", type=int, default=d.unroll, metavar="K",
                    help=f"drafting depths trained per sequence (default {d.unroll})")  # fmt: skip
-    e.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
-    e.add_argument("--seed", type=int, default=d.seed, help="seed (default 0)")
-    e.add_argument("--out", default=None, metavar="DIR",
-                   help="write the head here (default: the cache, where --method eagle looks)")  # fmt: skip
-    e.add_argument("--resume", action="store_true",
-                   help="continue the last run (its features, checkpoint and minutes)")  # fmt: skip
-    e.add_argument("--quiet", action="store_true", help="no progress")
     e.set_defaults(func=cmd_train_eagle)
 
+    from specdec.train.hydra import HydraTrainConfig
     from specdec.train.medusa import MedusaTrainConfig
 
     m_d = MedusaTrainConfig()
@@ -366,33 +336,31 @@ def _add_train(sub: Any) -> None:
         "heads, is what --method medusa builds its tree from.",
     )
     _add_model_args(m, DEFAULT_MODEL)
-    m.add_argument("--data", default=m_d.data,
-                   help=f"as for `train eagle` (default {m_d.data})")  # fmt: skip
-    m.add_argument("--heads", type=int, default=m_d.num_heads, metavar="K",
-                   help=f"heads: tokens guessed beyond the next (default {m_d.num_heads})")  # fmt: skip
-    m.add_argument("--layers", type=int, default=m_d.num_layers, metavar="N",
-                   help=f"residual blocks per head (default {m_d.num_layers})")  # fmt: skip
-    m_budget = m.add_mutually_exclusive_group()
-    m_budget.add_argument("--minutes", type=float, default=None, metavar="N",
-                          help=f"training time, resumed runs included (default {m_d.minutes:g})")  # fmt: skip
-    m_budget.add_argument("--tokens", type=int, default=None, metavar="N",
-                          help="or: training tokens (sequence tokens x heads)")  # fmt: skip
-    m.add_argument("--feature-tokens", type=int, default=m_d.feature_tokens, metavar="N",
-                   help=f"tokens of features to compute (default {m_d.feature_tokens:,})")  # fmt: skip
-    m.add_argument("--respond", type=int, default=m_d.respond, metavar="N",
-                   help=f"tokens the model answers each prompt with (default {m_d.respond})")  # fmt: skip
-    m.add_argument("--seq-len", type=int, default=m_d.seq_len, metavar="N",
-                   help=f"longest training sequence (default {m_d.seq_len})")  # fmt: skip
-    m.add_argument("--draft-vocab", type=int, default=m_d.draft_vocab, metavar="N",
-                   help=f"tokens the heads guess among (default {m_d.draft_vocab})")  # fmt: skip
-    m.add_argument("--lr", type=float, default=m_d.lr, help=f"AdamW learning rate (default {m_d.lr:g})")
-    m.add_argument("--seed", type=int, default=m_d.seed, help="seed (default 0)")
-    m.add_argument("--out", default=None, metavar="DIR",
-                   help="write the heads here (default: the cache, where --method medusa looks)")  # fmt: skip
-    m.add_argument("--resume", action="store_true",
-                   help="continue the last run (its features, checkpoint and minutes)")  # fmt: skip
-    m.add_argument("--quiet", action="store_true", help="no progress")
+    _add_train_args(m, m_d, "the heads", "sequence tokens x heads", "--method medusa")
+    _add_heads_args(m, m_d)
     m.set_defaults(func=cmd_train_medusa)
+
+    y_d = HydraTrainConfig()
+    y = tsub.add_parser(
+        "hydra",
+        help="Hydra++ heads: an extra decoder layer, then heads that read the tokens "
+        "drafted before them",
+        description="Hydra++ heads: one decoder layer over the model's last hidden states, "
+        "then head k reads its output beside the embeddings of the next token and the k "
+        "guessed after it, and guesses the one after those. The features are the EAGLE-1 "
+        "head's (read, not computed again); the heads train towards the model's own "
+        "distribution (teacher distillation; its LM head shared, frozen) with dropout and "
+        "weight decay; the held-out accuracy of each head's i-th guess, given the right "
+        "tokens before it, is what --method hydra builds its tree from.",
+    )
+    _add_model_args(y, DEFAULT_MODEL)
+    _add_train_args(y, y_d, "the heads", "sequence tokens x heads", "--method hydra")
+    _add_heads_args(y, y_d)
+    y.add_argument("--dropout", type=float, default=y_d.dropout,
+                   help=f"dropout on the heads' inputs and outputs (default {y_d.dropout:g})")  # fmt: skip
+    y.add_argument("--weight-decay", type=float, default=y_d.weight_decay,
+                   help=f"AdamW weight decay (default {y_d.weight_decay:g})")  # fmt: skip
+    y.set_defaults(func=cmd_train_hydra)
 
     h = sub.add_parser(
         "heads",
@@ -402,6 +370,61 @@ def _add_train(sub: Any) -> None:
     )
     h.add_argument("--json", action="store_true", help="print a JSON list")
     h.set_defaults(func=cmd_heads)
+
+
+def _add_train_args(p: Any, d: Any, what: str, token_unit: str, method: str) -> None:
+    """The options every `specdec train KIND` takes; ``d``: its config's defaults."""
+    p.add_argument(
+        "--data",
+        default=d.data,
+        help="comma-separated sources: prompts (Spec-Bench, HumanEval, GSM8K questions the "
+        "benchmarks never take, answered by the model), python (the standard library's "
+        'sources), or a .txt / .jsonl file ({"text": ...} or {"prompt": ...} lines) '
+        f"(default {d.data})",
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None, metavar="N",
+                        help=f"training time, resumed runs included (default {d.minutes:g})")  # fmt: skip
+    budget.add_argument("--tokens", type=int, default=None, metavar="N",
+                        help=f"or: training tokens ({token_unit})")  # fmt: skip
+    p.add_argument("--feature-tokens", type=int, default=d.feature_tokens, metavar="N",
+                   help=f"tokens of features to compute (default {d.feature_tokens:,})")  # fmt: skip
+    p.add_argument("--respond", type=int, default=d.respond, metavar="N",
+                   help=f"tokens the model answers each prompt with (default {d.respond})")  # fmt: skip
+    p.add_argument("--seq-len", type=int, default=d.seq_len, metavar="N",
+                   help=f"longest training sequence (default {d.seq_len})")  # fmt: skip
+    p.add_argument("--draft-vocab", type=int, default=d.draft_vocab, metavar="N",
+                   help=f"tokens {what} may draft (default {d.draft_vocab})")  # fmt: skip
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed (default 0)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"write {what} here (default: the cache, where {method} looks)")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="continue the last run (its features, checkpoint and minutes)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress")
+
+
+def _add_heads_args(p: Any, d: Any) -> None:
+    p.add_argument("--heads", type=int, default=d.num_heads, metavar="K",
+                   help=f"heads: tokens guessed beyond the next (default {d.num_heads})")  # fmt: skip
+    p.add_argument("--layers", type=int, default=d.num_layers, metavar="N",
+                   help=f"residual blocks per head (default {d.num_layers})")  # fmt: skip
+
+
+def _train_args(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """The options `_add_train_args` added, as ``config``'s fields."""
+    minutes = args.minutes if args.minutes is not None or args.tokens else config.minutes
+    return {
+        "data": args.data,
+        "minutes": minutes,
+        "tokens": args.tokens,
+        "feature_tokens": args.feature_tokens,
+        "seq_len": args.seq_len,
+        "respond": args.respond,
+        "draft_vocab": args.draft_vocab,
+        "lr": args.lr,
+        "seed": args.seed,
+    }
 
 
 def _add_export(sub: Any) -> None:
@@ -800,19 +823,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
 def cmd_train_eagle(args: argparse.Namespace) -> int:
     from specdec.train.eagle import TrainConfig, train
 
-    cfg = TrainConfig(
-        data=args.data,
-        version=args.version,
-        minutes=args.minutes if args.minutes is not None or args.tokens else TrainConfig.minutes,
-        tokens=args.tokens,
-        feature_tokens=args.feature_tokens,
-        seq_len=args.seq_len,
-        respond=args.respond,
-        draft_vocab=args.draft_vocab,
-        unroll=args.unroll,
-        lr=args.lr,
-        seed=args.seed,
-    )
+    cfg = TrainConfig(**_train_args(args, TrainConfig), version=args.version, unroll=args.unroll)
     cfg.check()  # before the model loads
     gen = _load_generator(args)
     report = train(gen, cfg, out=args.out, resume=args.resume, progress=not args.quiet)
@@ -826,33 +837,39 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_medusa(args: argparse.Namespace) -> int:
-    from specdec.train.medusa import MedusaTrainConfig, train
+def _train_heads(args: argparse.Namespace, kind: str) -> int:
+    """`specdec train medusa` and `specdec train hydra`."""
+    if kind == "hydra":
+        from specdec.train.hydra import HydraTrainConfig as Config
+        from specdec.train.hydra import train
 
-    minutes = args.minutes if args.minutes is not None or args.tokens else MedusaTrainConfig.minutes
-    cfg = MedusaTrainConfig(
-        data=args.data,
-        num_heads=args.heads,
-        num_layers=args.layers,
-        minutes=minutes,
-        tokens=args.tokens,
-        feature_tokens=args.feature_tokens,
-        seq_len=args.seq_len,
-        respond=args.respond,
-        draft_vocab=args.draft_vocab,
-        lr=args.lr,
-        seed=args.seed,
+        extra = {"dropout": args.dropout, "weight_decay": args.weight_decay}
+    else:
+        from specdec.train.medusa import MedusaTrainConfig as Config
+        from specdec.train.medusa import train
+
+        extra = {}
+    cfg = Config(
+        **_train_args(args, Config), num_heads=args.heads, num_layers=args.layers, **extra
     )
     cfg.check()  # before the model loads
     gen = _load_generator(args)
     report = train(gen, cfg, out=args.out, resume=args.resume, progress=not args.quiet)
     ev = report["evaluation"]
     print(
-        f"Medusa heads for {gen.name}: {report['trained_tokens']:,} training tokens in "
-        f"{report['train_seconds'] / 60:.1f} min; held-out top-1 by head "
+        f"{kind.capitalize()} heads for {gen.name}: {report['trained_tokens']:,} training "
+        f"tokens in {report['train_seconds'] / 60:.1f} min; held-out top-1 by head "
         f"{', '.join(f'{a:.2f}' for a in ev['top1_by_head'])}"
     )
     return 0
+
+
+def cmd_train_medusa(args: argparse.Namespace) -> int:
+    return _train_heads(args, "medusa")
+
+
+def cmd_train_hydra(args: argparse.Namespace) -> int:
+    return _train_heads(args, "hydra")
 
 
 def cmd_export_eagle(args: argparse.Namespace) -> int:
@@ -910,10 +927,9 @@ def cmd_heads(args: argparse.Namespace) -> int:
     for r in rows:
         t = r["training"]
         ev = t.get("evaluation", {})
-        medusa = r["kind"] == "medusa"
-        by = "head" if medusa else "depth"
+        by = "head" if r["kind"] in ("medusa", "hydra") else "depth"
         acc = ", ".join(f"{a:.2f}" for a in ev.get(f"top1_by_{by}", []))
-        what = "Medusa-1" if medusa else f"EAGLE-{r['version']}"
+        what = {"medusa": "Medusa-1", "hydra": "Hydra++"}.get(r["kind"], f"EAGLE-{r['version']}")
         print(f"{r['model']}  {r['kind']} ({what})  {r['folder']}")
         print(f"  trained on {t.get('trained_tokens', 0):,} tokens in "
               f"{t.get('train_seconds', 0) / 60:.1f} min ({t.get('data', '?')}); "

@@ -246,13 +246,7 @@ class EagleHead(nn.Module):
 
     def check_target(self, target: Transformer, where: str = "the head") -> None:
         """Refuse a head made for a target of another shape."""
-        want, have = self.config.target, target_facts(target)
-        for key, value in have.items():
-            if want.get(key, -1) is not None and int(want.get(key, -1)) != value:
-                raise HeadError(
-                    f"{where} was trained for {want.get('name', 'another model')} "
-                    f"({key} {want.get(key)}), not this model ({key} {value})"
-                )
+        have = check_target_facts(self.config.target, target, where)
         if max(self.config.feature_layers) > have["num_layers"]:
             raise HeadError(
                 f"{where} reads layer {max(self.config.feature_layers)} of its target; this "
@@ -340,6 +334,21 @@ class EagleHead(nn.Module):
             h = h + self.layer.ffn(self.layer.ffn_norm(h))
             out.append((h, self.logits(target, h, w)))
         return out
+
+
+def check_target_facts(want: dict[str, Any], target: Transformer, where: str) -> dict[str, int]:
+    """Refuse ``target`` unless its `target_facts` are those a head recorded (``want``;
+    a fact recorded as None is not checked); returns its facts. ``where``: the head, as a
+    message names it ("the Medusa heads were trained for ...")."""
+    have = target_facts(target)
+    verb = "were" if where.endswith("s") else "was"
+    for key, value in have.items():
+        if want.get(key, -1) is not None and int(want.get(key, -1)) != value:
+            raise HeadError(
+                f"{where} {verb} trained for {want.get('name', 'another model')} "
+                f"({key} {want.get(key)}), not this model ({key} {value})"
+            )
+    return have
 
 
 def write_head_folder(folder: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:

@@ -36,6 +36,7 @@ from specdec.models.eagle_head import (
     CONFIG_FILE,
     HEAD_FORMAT,
     HeadError,
+    check_target_facts,
     load_checked,
     read_head_folder,
     target_facts,
@@ -151,13 +152,7 @@ class MedusaHeads(nn.Module):
         return heads.to(torch.float32)
 
     def check_target(self, target: Transformer, where: str = "the Medusa heads") -> None:
-        want, have = self.config.target, target_facts(target)
-        for key, value in have.items():
-            if int(want.get(key, -1)) != value:
-                raise HeadError(
-                    f"{where} were trained for {want.get('name', 'another model')} "
-                    f"({key} {want.get(key)}), not this model ({key} {value})"
-                )
+        check_target_facts(self.config.target, target, where)
 
     def save(self, folder: str | Path) -> Path:
         return write_head_folder(folder, self.state_dict(), self.config.to_json())

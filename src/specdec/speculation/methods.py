@@ -22,6 +22,7 @@ from specdec.speculation.drafters.base import BuildContext, Drafter, NoDrafter
 from specdec.speculation.drafters.cross_vocab import CrossVocabDrafter
 from specdec.speculation.drafters.draft_model import DraftModelDrafter
 from specdec.speculation.drafters.eagle import EagleDrafter
+from specdec.speculation.drafters.hydra import HydraDrafter
 from specdec.speculation.drafters.lookahead import LookaheadDrafter
 from specdec.speculation.drafters.medusa import MedusaDrafter
 from specdec.speculation.drafters.merged import MergedDrafter
@@ -39,6 +40,7 @@ DRAFTERS: tuple[type[Drafter], ...] = (
     CrossVocabDrafter,
     EagleDrafter,
     MedusaDrafter,
+    HydraDrafter,
     PromptLookupDrafter,
     NgramCacheDrafter,
     StandDrafter,

@@ -30,18 +30,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import shutil
-import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from specdec.engine import Generation
 from specdec.errors import InvalidRequestError
@@ -49,6 +43,7 @@ from specdec.models.eagle_head import EagleHead, default_feature_layers, head_fo
 from specdec.speculation.drafters.base import layer_features
 from specdec.train.corpus import items
 from specdec.train.features import FeatureStore
+from specdec.train.loop import Meter, prepare, record, run_epochs
 
 
 @dataclass(frozen=True)
@@ -87,54 +82,6 @@ class TrainConfig:
             raise InvalidRequestError(f"--version must be 1 or 3, got {self.version}")
         if self.draft_vocab < 1 or self.unroll < 1 or self.lr <= 0:
             raise InvalidRequestError("--draft-vocab, --unroll and --lr must be positive")
-
-
-class Meter:
-    """Progress of a stage on stderr: a line every ``every`` seconds (and at the end)."""
-
-    def __init__(
-        self,
-        what: str,
-        total: float,
-        unit: str,
-        enabled: bool,
-        every: float = 15.0,
-        kind: str = "eagle",
-    ):
-        self.what, self.total, self.unit, self.enabled, self.every = (
-            what,
-            total,
-            unit,
-            enabled,
-            every,
-        )
-        self.kind = kind
-        self.start = self.last = time.perf_counter()
-        self.done0: float | None = None
-
-    def update(self, done: float, extra: str = "", force: bool = False) -> None:
-        now = time.perf_counter()
-        if self.done0 is None:
-            self.done0 = done
-        if not self.enabled or (not force and now - self.last < self.every):
-            return
-        self.last = now
-        rate = (done - self.done0) / max(now - self.start, 1e-9)
-        eta = (
-            f", ETA {_minutes((self.total - done) / rate)}"
-            if rate > 0 and done < self.total
-            else ""
-        )
-        print(
-            f"specdec: train {self.kind}: {self.what}: {done:,.0f}/{self.total:,.0f} {self.unit} "
-            f"({rate:,.0f}/s{eta}){extra}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 # ---------------------------------------------------------------------------- features
@@ -236,15 +183,6 @@ def answer_donors(heads: Path, identity: str, store: FeatureStore) -> tuple[Feat
 
 
 # ---------------------------------------------------------------------------- training
-def draft_tokens(store: FeatureStore, vocab: int, n: int, ends: frozenset[int]) -> torch.Tensor:
-    """The ``n`` most frequent tokens of the store, and the end tokens (ids increasing)."""
-    counts = store.token_counts(vocab).double()
-    counts += torch.arange(vocab, 0, -1, dtype=torch.float64) * 1e-9  # ties: lower ids first
-    top = torch.topk(counts, min(n, vocab)).indices
-    extra = torch.tensor(sorted(e for e in ends if 0 <= e < vocab), dtype=torch.long)
-    return torch.unique(torch.cat([top, extra]))
-
-
 def sequence_loss(
     head: EagleHead,
     target,
@@ -296,62 +234,6 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-@dataclass
-class Position:
-    epoch: int = 0
-    index: int = 0  # sequences of this epoch done
-    steps: int = 0
-    trained_tokens: int = 0
-    seconds: float = 0.0
-
-
-def epoch_order(n_train: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n_train, generator=g).tolist()
-
-
-def save_checkpoint(folder: Path, head, opt, pos: Position, cfg) -> None:
-    """``head`` (an EAGLE head or Medusa heads: their ``save``), the optimiser's state and
-    the position, written whole or not at all."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    head.save(tmp / "head")
-    state = opt.state_dict()
-    tensors = {}
-    for idx, s in state["state"].items():
-        for key, value in s.items():
-            tensors[f"{idx}.{key}"] = (
-                value.detach().contiguous() if torch.is_tensor(value) else torch.tensor(value)
-            )
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta = {"position": asdict(pos), "config": asdict(cfg), "param_groups": state["param_groups"]}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(folder: Path, head, opt) -> Position | None:
-    """Into ``head`` and ``opt``: what `save_checkpoint` wrote; the position (None: no
-    checkpoint to read)."""
-    try:
-        meta = json.loads((folder / "state.json").read_text())
-        saved = type(head).load(folder / "head")
-        tensors = load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError, KeyError):
-        return None
-    head.load_state_dict(saved.state_dict())
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        idx, _, name = key.partition(".")
-        state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return Position(**meta["position"])
-
-
 def train(
     gen,
     cfg: TrainConfig,
@@ -365,90 +247,34 @@ def train(
     and write it to ``out`` (default: the model's head folder). ``work`` keeps features
     and checkpoints (default: beside ``out``). Returns the head's evaluation."""
     cfg.check()
-    from specdec.models.target import NativeTarget
-
-    if not isinstance(gen.target, NativeTarget):
-        raise InvalidRequestError("training a head needs the native backend (--backend native)")
-    model = gen.target.model
     out = Path(out) if out else head_folder(gen.name, "eagle3" if cfg.version == 3 else "eagle")
-    work = Path(work) if work else out.with_name(out.name + "-work")
-    if not resume and work.exists():
-        shutil.rmtree(work / "checkpoint", ignore_errors=True)
-    store, key = open_store(gen, cfg, work, out.parent)
-    t0 = time.perf_counter()
-    compute_features(gen, store, cfg, progress, answer_donors(out.parent, store.identity, store))
-    feature_s = time.perf_counter() - t0
-
-    n_eval = max(1, int(round(len(store) * cfg.held_out)))
-    train_ids = list(range(len(store) - n_eval))
-    eval_ids = list(range(len(store) - n_eval, len(store)))
-    vocab_file = work / f"draft-vocab-{key}.json"
-    if resume and vocab_file.exists():
-        d2t = torch.tensor(json.loads(vocab_file.read_text()), dtype=torch.long)
-    else:
-        d2t = draft_tokens(
-            store, model.config.vocab_size, cfg.draft_vocab, gen.tokenizer.eos_token_ids
-        )
-        vocab_file.write_text(json.dumps(d2t.tolist()))
-    head = EagleHead.for_target(model, gen.name, d2t, seed=cfg.seed, version=cfg.version)
+    run = prepare(
+        gen,
+        cfg,
+        kind="eagle",
+        out=out,
+        work=work,
+        resume=resume,
+        progress=progress,
+        draft_vocab=cfg.draft_vocab,
+        held_out=cfg.held_out,
+    )
+    model = gen.target.model
+    head = EagleHead.for_target(model, gen.name, run.d2t, seed=cfg.seed, version=cfg.version)
     weight = head_rows(model, head.d2t).float()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    pos = (load_checkpoint(work / "checkpoint", head, opt) if resume else None) or Position()
 
-    budget_tokens = cfg.tokens or math.inf
-    budget_s = cfg.minutes * 60 if cfg.minutes is not None and cfg.tokens is None else math.inf
-    meter = Meter(
-        "epochs",
-        budget_tokens if budget_tokens < math.inf else budget_s,
-        "tokens" if budget_tokens < math.inf else "s",
-        progress,
+    def step(i: int, epoch: int) -> tuple[torch.Tensor, int]:
+        tokens, hidden = run.store.sequence(i)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 1_000_003 + i)
+        loss, _ = sequence_loss(head, model, weight, tokens, hidden, cfg, g)
+        return loss, len(tokens) * cfg.unroll
+
+    pos = run_epochs(
+        head, opt, step, run, cfg, resume=resume, progress=progress, kind="eagle", clip=0.5
     )
-    last_save = time.perf_counter()
-    run_start = time.perf_counter() - pos.seconds
-    recent: list[float] = []
-    with torch.enable_grad():
-        while pos.trained_tokens < budget_tokens and pos.seconds < budget_s:
-            order = epoch_order(len(train_ids), cfg.seed, pos.epoch)
-            if pos.index >= len(order):
-                pos.epoch, pos.index = pos.epoch + 1, 0
-                continue
-            i = train_ids[order[pos.index]]
-            tokens, hidden = store.sequence(i)
-            g = torch.Generator().manual_seed(cfg.seed * 7919 + pos.epoch * 1_000_003 + i)
-            loss, _ = sequence_loss(head, model, weight, tokens, hidden, cfg, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5)
-            opt.step()
-            pos.index += 1
-            pos.steps += 1
-            pos.trained_tokens += len(tokens) * cfg.unroll
-            pos.seconds = time.perf_counter() - run_start
-            recent = (recent + [float(loss.detach())])[-50:]
-            done = pos.trained_tokens if budget_tokens < math.inf else pos.seconds
-            meter.update(
-                done,
-                f", {pos.trained_tokens:,} tokens ({pos.trained_tokens / pos.seconds:.0f}/s), "
-                f"epoch {pos.epoch + 1}, loss {sum(recent) / len(recent):.3f}",
-            )
-            if time.perf_counter() - last_save > cfg.checkpoint_s:
-                save_checkpoint(work / "checkpoint", head, opt, pos, cfg)
-                last_save = time.perf_counter()
-    save_checkpoint(work / "checkpoint", head, opt, pos, cfg)
-
-    evaluation = evaluate(head, model, weight, store, eval_ids, cfg)
-    head.config.training = {
-        "data": cfg.data,
-        "sequences": len(train_ids),
-        "feature_tokens": store.tokens,
-        "feature_seconds": round(feature_s, 1),
-        "trained_tokens": pos.trained_tokens,
-        "train_seconds": round(pos.seconds, 1),
-        "epochs": round(pos.epoch + pos.index / max(1, len(train_ids)), 2),
-        "config": asdict(cfg),
-        "evaluation": evaluation,
-        "machine_threads": torch.get_num_threads(),
-    }
+    evaluation = evaluate(head, model, weight, run.store, run.eval_ids, cfg)
+    head.config.training = record(cfg, run, pos, evaluation)
     head.save(out)
     if cfg.engine_prompts > 0:
         head.config.training["engine"] = engine_check(gen, out, cfg)

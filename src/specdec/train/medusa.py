@@ -18,11 +18,7 @@ target's frozen LM head (`specdec.models.medusa_heads`).
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +30,7 @@ from specdec.models.eagle_head import head_folder, head_rows
 from specdec.models.medusa_heads import MedusaHeads
 from specdec.speculation.drafters.base import layer_features
 from specdec.train import eagle as shared
-from specdec.train.eagle import Meter, Position, draft_tokens, load_checkpoint, save_checkpoint
+from specdec.train.loop import prepare, record, run_epochs
 
 
 @dataclass(frozen=True)
@@ -120,98 +116,38 @@ def train(
     backend) and write them to ``out`` (default: the model's 'medusa' head folder).
     Returns how they were trained and their held-out accuracies."""
     cfg.check()
-    from specdec.models.target import NativeTarget
-
-    if not isinstance(gen.target, NativeTarget):
-        raise InvalidRequestError("training heads needs the native backend (--backend native)")
-    model = gen.target.model
     out = Path(out) if out else head_folder(gen.name, "medusa")
-    work = Path(work) if work else out.with_name(out.name + "-work")
-    if not resume and work.exists():
-        shutil.rmtree(work / "checkpoint", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    fcfg = cfg.features()
-    store, key = shared.open_store(gen, fcfg, work, out.parent)
-    t0 = time.perf_counter()
-    donors = shared.answer_donors(out.parent, store.identity, store)
-    shared.compute_features(gen, store, fcfg, progress, donors, kind="medusa")
-    feature_s = time.perf_counter() - t0
-
-    n_eval = max(1, int(round(len(store) * cfg.held_out)))
-    train_ids = list(range(len(store) - n_eval))
-    eval_ids = list(range(len(store) - n_eval, len(store)))
-    vocab_file = work / f"draft-vocab-{key}.json"
-    if resume and vocab_file.exists():
-        d2t = torch.tensor(json.loads(vocab_file.read_text()), dtype=torch.long)
-    else:
-        d2t = draft_tokens(
-            store, model.config.vocab_size, cfg.draft_vocab, gen.tokenizer.eos_token_ids
-        )
-        vocab_file.write_text(json.dumps(d2t.tolist()))
-    heads = MedusaHeads.for_target(model, gen.name, cfg.num_heads, cfg.num_layers, d2t)
+    run = prepare(
+        gen,
+        cfg.features(),
+        kind="medusa",
+        out=out,
+        work=work,
+        resume=resume,
+        progress=progress,
+        draft_vocab=cfg.draft_vocab,
+        held_out=cfg.held_out,
+    )
+    model = gen.target.model
+    heads = MedusaHeads.for_target(model, gen.name, cfg.num_heads, cfg.num_layers, run.d2t)
     weight = head_rows(model, heads.d2t).float()
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    pos = (load_checkpoint(work / "checkpoint", heads, opt) if resume else None) or Position()
-    layers = shared.stored_layers(1, model.config.num_layers)
+    n_layers = model.config.num_layers
+    have = shared.stored_layers(1, n_layers)
 
     def last_layer(i: int) -> torch.Tensor:
-        _, hidden = store.sequence(i)
-        return layer_features(hidden, layers, (model.config.num_layers,))
+        _, hidden = run.store.sequence(i)
+        return layer_features(hidden, have, (n_layers,))
 
-    budget_tokens = cfg.tokens or math.inf
-    budget_s = cfg.minutes * 60 if cfg.minutes is not None and cfg.tokens is None else math.inf
-    by_tokens = budget_tokens < math.inf
-    meter = Meter(
-        "epochs",
-        budget_tokens if by_tokens else budget_s,
-        "tokens" if by_tokens else "s",
-        progress,
-        kind="medusa",
-    )
-    last_save = time.perf_counter()
-    run_start = time.perf_counter() - pos.seconds
-    recent: list[float] = []
-    with torch.enable_grad():
-        while pos.trained_tokens < budget_tokens and pos.seconds < budget_s:
-            order = shared.epoch_order(len(train_ids), cfg.seed, pos.epoch)
-            if pos.index >= len(order):
-                pos.epoch, pos.index = pos.epoch + 1, 0
-                continue
-            hidden = last_layer(train_ids[order[pos.index]])
-            loss, _ = sequence_loss(heads, model, weight, hidden, cfg.decay)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
-            opt.step()
-            pos.index += 1
-            pos.steps += 1
-            pos.trained_tokens += hidden.shape[0] * cfg.num_heads
-            pos.seconds = time.perf_counter() - run_start
-            recent = (recent + [float(loss.detach())])[-50:]
-            meter.update(
-                pos.trained_tokens if by_tokens else pos.seconds,
-                f", {pos.trained_tokens:,} tokens ({pos.trained_tokens / pos.seconds:.0f}/s), "
-                f"epoch {pos.epoch + 1}, loss {sum(recent) / len(recent):.3f}",
-            )
-            if time.perf_counter() - last_save > cfg.checkpoint_s:
-                save_checkpoint(work / "checkpoint", heads, opt, pos, cfg)
-                last_save = time.perf_counter()
-    save_checkpoint(work / "checkpoint", heads, opt, pos, cfg)
+    def step(i: int, epoch: int) -> tuple[torch.Tensor, int]:
+        hidden = last_layer(i)
+        loss, _ = sequence_loss(heads, model, weight, hidden, cfg.decay)
+        return loss, hidden.shape[0] * cfg.num_heads
 
-    evaluation = evaluate(heads, model, weight, [last_layer(i) for i in eval_ids], cfg)
+    pos = run_epochs(heads, opt, step, run, cfg, resume=resume, progress=progress, kind="medusa")
+    evaluation = evaluate(heads, model, weight, [last_layer(i) for i in run.eval_ids], cfg)
     heads.config.accuracy = evaluation.pop("accuracy")
-    heads.config.training = {
-        "data": cfg.data,
-        "sequences": len(train_ids),
-        "feature_tokens": store.tokens,
-        "feature_seconds": round(feature_s, 1),
-        "trained_tokens": pos.trained_tokens,
-        "train_seconds": round(pos.seconds, 1),
-        "epochs": round(pos.epoch + pos.index / max(1, len(train_ids)), 2),
-        "config": asdict(cfg),
-        "evaluation": evaluation,
-        "machine_threads": torch.get_num_threads(),
-    }
+    heads.config.training = record(cfg, run, pos, evaluation)
     heads.save(out)
     return heads.config.training
 
@@ -220,21 +156,26 @@ def train(
 def evaluate(heads, model, weight, sequences: list[torch.Tensor], cfg: MedusaTrainConfig):
     """On held-out sequences: per head, how often the target's likeliest token was the
     head's i-th likeliest (i < top_k), and its top-1 and top-k accuracies."""
-    counts = [[0] * cfg.top_k for _ in range(cfg.num_heads)]
-    seen = [0] * cfg.num_heads
-    losses = []
-    for hidden in sequences:
-        loss, ranks = sequence_loss(heads, model, weight, hidden, cfg.decay)
-        losses.append(float(loss))
+    results = [sequence_loss(heads, model, weight, hidden, cfg.decay) for hidden in sequences]
+    return rank_accuracy(results, cfg.num_heads, cfg.top_k)
+
+
+def rank_accuracy(results: list[tuple[torch.Tensor, list[torch.Tensor]]], heads: int, top_k: int):
+    """From each held-out sequence's (loss, ranks per head): per head, how often the
+    target's likeliest token was the head's i-th likeliest (i < top_k), top-1 and top-k
+    accuracies, the mean loss."""
+    counts = [[0] * top_k for _ in range(heads)]
+    seen = [0] * heads
+    for _, ranks in results:
         for k, r in enumerate(ranks):
             seen[k] += r.numel()
-            for i in range(cfg.top_k):
+            for i in range(top_k):
                 counts[k][i] += int((r == i).sum())
     accuracy = [[c / s if s else 0.0 for c in row] for row, s in zip(counts, seen, strict=True)]
     return {
-        "sequences": len(sequences),
+        "sequences": len(results),
         "accuracy": [[round(a, 4) for a in row] for row in accuracy],
         "top1_by_head": [round(row[0], 4) for row in accuracy],
-        f"top{cfg.top_k}_by_head": [round(sum(row), 4) for row in accuracy],
-        "loss": round(sum(losses) / max(1, len(losses)), 4),
+        f"top{top_k}_by_head": [round(sum(row), 4) for row in accuracy],
+        "loss": round(sum(float(loss) for loss, _ in results) / max(1, len(results)), 4),
     }

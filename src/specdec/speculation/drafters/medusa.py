@@ -139,6 +139,11 @@ class MedusaDrafter(Drafter):
                 for res in block:
                     w, b = res.linear.weight.float(), res.linear.bias
                     res.linear = QuantLinear(float_parts(w, "int8"), b)
+        self.plan(heads, target, top_k, max_nodes, pass_cost, typical)
+        self.last: torch.Tensor | None = None  # the target's state at the last committed row
+
+    def plan(self, heads, target: Transformer, top_k, max_nodes, pass_cost, typical) -> None:
+        """The static tree from ``heads``' recorded accuracies (shared with Hydra)."""
         self.target = target
         self.typical = typical
         self.rows = heads.d2t.clone()
@@ -153,7 +158,6 @@ class MedusaDrafter(Drafter):
         self.pass_cost = pass_cost
         self.draft_ms = 0.0  # what a step's guessing costs, smoothed
         self.size = self._size()
-        self.last: torch.Tensor | None = None  # the target's state at the last committed row
         self._tree: DraftTree | None = None
         self._nodes: list[int] = []  # the drafted tree's nodes, as indices of self.paths
 
@@ -224,13 +228,17 @@ class MedusaDrafter(Drafter):
                 continue
             index[path] = tree.add(guesses[len(path) - 1][path[-1]], index[path[:-1]])
             nodes.append(p)
-        ms = (time.perf_counter() - t) * 1e3
+        self.timed(t)
+        self._tree, self._nodes = tree, nodes
+        return tree
+
+    def timed(self, start: float) -> None:
+        """A step's guessing began at ``start`` (perf_counter) and is over."""
+        ms = (time.perf_counter() - start) * 1e3
         first = self.draft_ms == 0
         self.draft_ms = ms if first else 0.9 * self.draft_ms + 0.1 * ms
         if first:
             self.size = self._size()  # sized again now that guessing is timed
-        self._tree, self._nodes = tree, nodes
-        return tree
 
     def verifier(self, sampling: SamplingParams) -> Verifier | None:
         return None if sampling.greedy else self.typical

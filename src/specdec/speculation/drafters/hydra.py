@@ -1,0 +1,201 @@
+"""Hydra (Ankner et al. 2024): Medusa's static tree, drafted by heads that each read the
+tokens drafted before them.
+
+The heads (`specdec.models.hydra_heads`, Hydra++: an extra decoder layer over the
+target's states, the prefix, then one MLP per depth) see the committed sequence through
+the prefix layer, whose cache holds every committed position: each step the rows just
+committed run through it once. The tree is Medusa's (`specdec.speculation.drafters.
+medusa`): the best-first paths by product of each head's held-out accuracy per rank,
+sized on the pass-cost curve with the measured guessing cost. It is drafted depth by
+depth: head k runs once over the tree's nodes at depth k (those with children), each
+row reading the prefix state at the last committed position beside the embeddings of the
+pending token and its path, and the children are its likeliest tokens at the ranks the
+tree asks for.
+
+Drafts are deterministic, so every lossless verifier takes them; ``acceptance=typical``
+is Medusa's lossy typical acceptance under sampling, as for ``medusa``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from specdec.errors import InvalidRequestError
+from specdec.models.eagle_head import head_folder
+from specdec.models.hydra_heads import HydraHeads
+from specdec.models.target import NativeTarget
+from specdec.models.transformer import Transformer, head_logits
+from specdec.speculation.drafters.base import BuildContext, DraftState
+from specdec.speculation.drafters.medusa import MedusaDrafter, MedusaOptions
+from specdec.speculation.options import option, optional_str
+from specdec.speculation.tree import DraftTree
+from specdec.speculation.verifiers.typical import TypicalVerifier
+
+
+@dataclass(frozen=True)
+class HydraOptions(MedusaOptions):
+    method: ClassVar[str] = "hydra"
+    heads: str | None = option(
+        None,
+        "the heads' folder; default: the one `specdec train hydra --model MODEL` made",
+        parse=optional_str,
+    )
+
+
+class HydraDrafter(MedusaDrafter):
+    name = "hydra"
+    description = (
+        "Hydra++ heads (an extra decoder layer on the target's hidden states, then per "
+        "depth an MLP that reads the tokens drafted before it; trained here with `specdec "
+        "train hydra`) draft Medusa's static tree (Ankner et al. 2024)"
+    )
+    Options = HydraOptions
+
+    def __init__(
+        self,
+        heads: HydraHeads,
+        target: Transformer,
+        *,
+        top_k: int = 8,
+        max_nodes: int = 64,
+        pass_cost=None,
+        quant: str = "none",
+        typical: TypicalVerifier | None = None,
+    ) -> None:
+        heads.check_target(target)
+        dtype = target.dtype
+        self.heads = heads.to(dtype).requires_grad_(False)
+        cfg = heads.config.layer
+        # the prefix layer as a one-layer model with a cache of its own (its "LM head" of
+        # one row is never asked for logits)
+        prefix = Transformer(replace(cfg, vocab_size=1, tie_word_embeddings=False)).to(dtype)
+        prefix.config = cfg
+        prefix.layers = torch.nn.ModuleList([self.heads.prefix])
+        prefix.norm = self.heads.prefix_norm
+        if quant == "int8":
+            from specdec.models.quant_linear import (
+                QuantLinear,
+                attach_native_layers,
+                float_parts,
+                quantise_linears,
+            )
+
+            quantise_linears(
+                prefix,
+                lambda name: (
+                    None
+                    if name == "lm_head"
+                    else float_parts(prefix.get_submodule(name).weight.float(), "int8")
+                ),
+            )
+            attach_native_layers(prefix)
+            for head in self.heads.heads:
+                for block in head:
+                    for name in ("res", "linear"):
+                        lin = getattr(block, name, None)
+                        if lin is not None:
+                            setattr(
+                                block,
+                                name,
+                                QuantLinear(float_parts(lin.weight.float(), "int8"), lin.bias),
+                            )
+        self.prefix = prefix
+        self.cache = prefix.new_cache(capacity=256)
+        self.plan(heads, target, top_k, max_nodes, pass_cost, typical)
+        self.state: torch.Tensor | None = None  # the prefix state at the last committed row
+
+    @classmethod
+    def build(cls, ctx: BuildContext, options: HydraOptions) -> HydraDrafter:
+        o = options
+        target = ctx.target
+        if not isinstance(target, NativeTarget):
+            raise InvalidRequestError(
+                "method 'hydra' reads the target's hidden states: it needs the native backend "
+                "(--backend torch)"
+            )
+        folder = Path(o.heads) if o.heads else head_folder(ctx.model or "model", "hydra")
+        if not o.heads and not folder.exists():
+            raise InvalidRequestError(
+                f"no Hydra heads for {ctx.model or 'this model'}: train them with "
+                f"`specdec train hydra --model {ctx.model or 'MODEL'}` (or give heads=FOLDER)"
+            )
+        heads = HydraHeads.load(folder)
+        quant = o.head_quant
+        if quant == "auto":
+            quant = "int8" if target.model.native_layers is not None else "none"
+        return cls(
+            heads,
+            target.model,
+            top_k=o.top_k,
+            max_nodes=o.max_nodes,
+            pass_cost=ctx.pass_cost() if ctx.pass_cost is not None else None,
+            quant=quant,
+            typical=TypicalVerifier(o.epsilon, o.delta) if o.acceptance == "typical" else None,
+        )
+
+    # ------------------------------------------------------------------ a request
+    def reset(self, prompt_ids: list[int]) -> None:
+        self.cache.reset()
+        self.state = None
+
+    @torch.inference_mode()
+    def observe_features(self, hidden: torch.Tensor) -> None:
+        n = hidden.shape[0]
+        if not n:
+            return
+        x = hidden.to(self.target.dtype)
+        start = self.cache.length
+        positions = torch.arange(start, start + n)
+        _, h = self.prefix(
+            positions,  # unused: the rows are given
+            positions,
+            self.cache,
+            return_hidden=True,
+            logits_rows=slice(0, 0),
+            embeds=x,
+        )
+        self.state = self.prefix.norm(h[-1:])
+
+    @torch.inference_mode()
+    def propose(self, state: DraftState) -> DraftTree:
+        n = min(self.size, len(self.paths))
+        depth = min(self.heads.num_heads, state.budget - 1)
+        if self.state is None or n == 0 or depth < 1:
+            self._tree, self._nodes = DraftTree(), []
+            return self._tree
+        t = time.perf_counter()
+        chosen, kept = [], {()}
+        for p, path in enumerate(self.paths[:n]):
+            if len(path) <= depth and len(chosen) < state.budget - 1 and path[:-1] in kept:
+                chosen.append(p)
+                kept.add(path)
+        embed = self.target.embed
+        token = {(): state.tokens[-1]}
+        chain = {(): embed(torch.tensor([state.tokens[-1]]))}  # path -> (len + 1, d)
+        for k in range(max((len(self.paths[p]) for p in chosen), default=0)):
+            parents = sorted({self.paths[p][:-1] for p in chosen if len(self.paths[p]) == k + 1})
+            rows = torch.stack([chain[q] for q in parents])
+            h = self.heads.head(k, self.state.expand(len(parents), -1), rows)
+            logits = head_logits(self.target.lm_head, h.to(self.target.dtype), self.rows)
+            width = 1 + max(self.paths[p][-1] for p in chosen if len(self.paths[p]) == k + 1)
+            top = self.rows[logits.float().topk(width, dim=-1).indices]
+            at = {q: i for i, q in enumerate(parents)}
+            for p in chosen:
+                path = self.paths[p]
+                if len(path) == k + 1:
+                    token[path] = int(top[at[path[:-1]], path[-1]])
+                    if len(path) < depth:
+                        child = embed(torch.tensor([token[path]]))
+                        chain[path] = torch.cat([chain[path[:-1]], child])
+        tree, index = DraftTree(), {(): -1}
+        for p in chosen:
+            path = self.paths[p]
+            index[path] = tree.add(token[path], index[path[:-1]])
+        self.timed(t)
+        self._tree, self._nodes = tree, chosen
+        return tree
