@@ -11,6 +11,7 @@ without a factory here.
 import dataclasses
 import random
 import tempfile
+from functools import partial
 
 import pytest
 import torch
@@ -146,43 +147,20 @@ def eagle_options(model, tok, rng: random.Random):
     return opts, context(model, tok, cost)
 
 
-def medusa_options(model, tok, rng: random.Random):
-    """Random Medusa heads (1-4 heads of 1-2 blocks, a draft vocabulary maybe a subset,
-    recorded accuracies or none), a tree of random width and size, sized by a cost curve
-    or not."""
+def heads_options(kind: str, model, tok, rng: random.Random):
+    """Random heads of ``kind`` (medusa: 1-4 heads, hydra: 1-3, of 1-2 blocks; a draft
+    vocabulary maybe a subset; recorded accuracies or none), a tree of random width and
+    size, sized by a cost curve or not."""
+    from specdec.models.hydra_heads import HydraHeads
     from specdec.models.medusa_heads import MedusaHeads
 
+    heads_class, most = {"medusa": (MedusaHeads, 4), "hydra": (HydraHeads, 3)}[kind]
     g = torch.Generator().manual_seed(rng.randrange(1000))
     vocab = model.config.vocab_size
     subset = rng.choice([None, rng.randint(1, vocab)])
     tokens = torch.randperm(vocab, generator=g)[:subset] if subset else None
-    heads = MedusaHeads.for_target(model, "random", rng.randint(1, 4), rng.randint(1, 2), tokens)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    if rng.random() < 0.7:
-        heads.config.accuracy = [
-            sorted((rng.random() for _ in range(rng.randint(1, 6))), reverse=True)
-            for _ in range(heads.num_heads)
-        ]
-    folder = tempfile.mkdtemp(prefix="specdec-test-medusa-") + "/heads"
-    heads.save(folder)
-    opts = {"heads": folder, "top_k": rng.randint(1, 6), "max_nodes": rng.randint(1, 40),
-            "acceptance": rng.choice(["lossless", "typical"])}  # greedy: typical is exact too
-    return opts, context(model, tok, rng.choice(COSTS))
-
-
-def hydra_options(model, tok, rng: random.Random):
-    """Random Hydra heads (1-3 heads of 1-2 blocks, a draft vocabulary maybe a subset,
-    recorded accuracies or none), a tree of random width and size, sized by a cost curve
-    or not."""
-    from specdec.models.hydra_heads import HydraHeads
-
-    g = torch.Generator().manual_seed(rng.randrange(1000))
-    vocab = model.config.vocab_size
-    subset = rng.choice([None, rng.randint(1, vocab)])
-    tokens = torch.randperm(vocab, generator=g)[:subset] if subset else None
-    heads = HydraHeads.for_target(model, "random", rng.randint(1, 3), rng.randint(1, 2), tokens)
+    heads = heads_class.for_target(model, "random", rng.randint(1, most), rng.randint(1, 2),
+                                   tokens)  # fmt: skip
     with torch.no_grad():
         for name, p in heads.named_parameters():
             if not name.endswith("norm.weight"):
@@ -192,7 +170,7 @@ def hydra_options(model, tok, rng: random.Random):
             sorted((rng.random() for _ in range(rng.randint(1, 6))), reverse=True)
             for _ in range(heads.num_heads)
         ]
-    folder = tempfile.mkdtemp(prefix="specdec-test-hydra-") + "/heads"
+    folder = tempfile.mkdtemp(prefix=f"specdec-test-{kind}-") + "/heads"
     heads.save(folder)
     opts = {"heads": folder, "top_k": rng.randint(1, 6), "max_nodes": rng.randint(1, 40),
             "acceptance": rng.choice(["lossless", "typical"])}  # greedy: typical is exact too
@@ -299,7 +277,11 @@ def merged_options(model, tok, rng: random.Random, names: list[str] | None = Non
     the first part's win."""
     # a draft model's and a head's options share names (tree, ...): not merged at random
     parts = sorted(set(FACTORIES) - {"ar", "cross-vocab", "A+B", "auto", "eagle"})
-    names = names or rng.sample(parts, rng.choice([2, 3]))
+    # medusa and hydra both read `heads` (a folder of their own kind): never merged at random
+    chosen = names
+    while chosen is None or names is None and {"medusa", "hydra"} <= set(chosen):
+        chosen = rng.sample(parts, rng.choice([2, 3]))
+    names = chosen
     opts, base = {}, context(model, tok, rng.choice(COSTS))
     for name in reversed(names):
         part, ctx = FACTORIES[name](model, tok, rng)
@@ -365,8 +347,8 @@ FACTORIES = {
     "A+B": merged_options,
     "auto": auto_options,
     "eagle": eagle_options,
-    "medusa": medusa_options,
-    "hydra": hydra_options,
+    "medusa": partial(heads_options, "medusa"),
+    "hydra": partial(heads_options, "hydra"),
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from random_models import CharTokenizer, random_transformer
 from test_eagle import TEXT, tiny  # noqa: F401 - the tiny model fixture, shared
+from test_medusa import train_config
 
 from specdec.models.eagle_head import HeadError
 from specdec.models.hydra_heads import HydraHeads, causal_block
@@ -144,11 +145,7 @@ def test_hydra_without_heads_says_how_to_train_them(tmp_path, monkeypatch):
 
 
 def hydra_config(corpus, **kw):
-    from specdec.train.hydra import HydraTrainConfig
-
-    base = dict(data=str(corpus), minutes=None, tokens=4000, feature_tokens=1200, seq_len=48,
-                respond=0, draft_vocab=200, num_heads=2, lr=3e-3, checkpoint_s=1e9, top_k=4)  # fmt: skip
-    return HydraTrainConfig(**{**base, **kw})
+    return train_config("hydra", corpus, **kw)
 
 
 def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
@@ -186,37 +183,3 @@ def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
     assert res.token_ids == gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="ar",
                                          ignore_eos=True).token_ids  # fmt: skip
     assert res.stats.accepted > 0
-
-
-def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path):  # noqa: F811
-    from specdec.train.hydra import train
-
-    gen, corpus, _ = tiny
-    train(gen, hydra_config(corpus, tokens=2000), out=tmp_path / "a", work=tmp_path / "wa",
-          progress=False)  # fmt: skip
-    train(gen, hydra_config(corpus, tokens=1000), out=tmp_path / "b", work=tmp_path / "wb",
-          progress=False)  # fmt: skip
-    train(gen, hydra_config(corpus, tokens=2000), out=tmp_path / "b", work=tmp_path / "wb",
-          resume=True, progress=False)  # fmt: skip
-    a, b = HydraHeads.load(tmp_path / "a"), HydraHeads.load(tmp_path / "b")
-    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.equal(v, w), k
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--minutes", "0"], "--minutes must be > 0"),
-        (["--tokens", "10", "--layers", "0"], "--heads, --layers and --top-k must be >= 1"),
-        (["--tokens", "10", "--dropout", "1"], "--dropout must be in [0, 1)"),
-    ],
-)
-def test_train_cli_refuses_bad_input(tiny, tmp_path, monkeypatch, capsys, args, message):  # noqa: F811
-    from specdec.cli import main
-
-    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
-    code = main(["train", "hydra", "--model", str(tiny[0].name), "--quant", "none", "--quiet",
-                 *args])  # fmt: skip
-    err = capsys.readouterr().err
-    assert code != 0 and message in err and "Traceback" not in err
-    assert not list((tmp_path / "cache").glob("heads/*/hydra/config.json"))

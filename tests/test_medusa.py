@@ -110,12 +110,25 @@ def test_medusa_without_heads_says_how_to_train_them(tmp_path, monkeypatch):
         get_method("medusa").build(ctx, {})
 
 
-def medusa_config(corpus, **kw):
+def train_config(kind: str, corpus, **kw):
+    """A tiny run's settings for ``kind`` (medusa, hydra: the two share their training)."""
+    from specdec.train.hydra import HydraTrainConfig
     from specdec.train.medusa import MedusaTrainConfig
 
     base = dict(data=str(corpus), minutes=None, tokens=4000, feature_tokens=1200, seq_len=48,
                 respond=0, draft_vocab=200, num_heads=2, lr=3e-3, checkpoint_s=1e9, top_k=4)  # fmt: skip
-    return MedusaTrainConfig(**{**base, **kw})
+    return {"medusa": MedusaTrainConfig, "hydra": HydraTrainConfig}[kind](**{**base, **kw})
+
+
+def medusa_config(corpus, **kw):
+    return train_config("medusa", corpus, **kw)
+
+
+def trainer(kind: str):
+    from specdec.models.hydra_heads import HydraHeads
+    from specdec.train import hydra, medusa
+
+    return {"medusa": (medusa.train, MedusaHeads), "hydra": (hydra.train, HydraHeads)}[kind]
 
 
 def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
@@ -175,38 +188,41 @@ def test_a_medusa_run_reads_the_features_an_eagle_run_made(tiny, tmp_path, monke
     assert MedusaHeads.load(heads / "medusa").config.training["feature_tokens"] >= 600
 
 
-def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path):  # noqa: F811
-    from specdec.train.medusa import train
-
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path, kind):  # noqa: F811
+    train, heads_class = trainer(kind)
     gen, corpus, _ = tiny
-    train(gen, medusa_config(corpus, tokens=2000), out=tmp_path / "a", work=tmp_path / "wa",
+    train(gen, train_config(kind, corpus, tokens=2000), out=tmp_path / "a", work=tmp_path / "wa",
           progress=False)  # fmt: skip
-    train(gen, medusa_config(corpus, tokens=1000), out=tmp_path / "b", work=tmp_path / "wb",
+    train(gen, train_config(kind, corpus, tokens=1000), out=tmp_path / "b", work=tmp_path / "wb",
           progress=False)  # fmt: skip
-    train(gen, medusa_config(corpus, tokens=2000), out=tmp_path / "b", work=tmp_path / "wb",
+    train(gen, train_config(kind, corpus, tokens=2000), out=tmp_path / "b", work=tmp_path / "wb",
           resume=True, progress=False)  # fmt: skip
-    a, b = MedusaHeads.load(tmp_path / "a"), MedusaHeads.load(tmp_path / "b")
+    a, b = heads_class.load(tmp_path / "a"), heads_class.load(tmp_path / "b")
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "kind, args, message",
     [
-        (["--minutes", "0"], "--minutes must be > 0"),
-        (["--tokens", "10", "--heads", "0"], "--heads, --layers and --top-k must be >= 1"),
-        (["--tokens", "10", "--data", "nowhere.txt"], "neither a source"),
+        ("medusa", ["--minutes", "0"], "--minutes must be > 0"),
+        ("medusa", ["--tokens", "10", "--heads", "0"], "--heads, --layers and --top-k must be"),
+        ("medusa", ["--tokens", "10", "--data", "nowhere.txt"], "neither a source"),
+        ("hydra", ["--minutes", "0"], "--minutes must be > 0"),
+        ("hydra", ["--tokens", "10", "--layers", "0"], "--heads, --layers and --top-k must be"),
+        ("hydra", ["--tokens", "10", "--dropout", "1"], "--dropout must be in [0, 1)"),
     ],
 )
-def test_train_cli_refuses_bad_input(tiny, tmp_path, monkeypatch, capsys, args, message):  # noqa: F811
+def test_train_cli_refuses_bad_input(tiny, tmp_path, monkeypatch, capsys, kind, args, message):  # noqa: F811
     from specdec.cli import main
 
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
-    code = main(["train", "medusa", "--model", str(tiny[0].name), "--quant", "none", "--quiet",
+    code = main(["train", kind, "--model", str(tiny[0].name), "--quant", "none", "--quiet",
                  *args])  # fmt: skip
     err = capsys.readouterr().err
     assert code != 0 and message in err and "Traceback" not in err
-    assert not list((tmp_path / "cache").glob("heads/*/medusa/config.json"))
+    assert not list((tmp_path / "cache").glob(f"heads/*/{kind}/config.json"))
 
 
 def test_typical_acceptance_keeps_what_it_promises():

@@ -106,7 +106,7 @@ def test_merges_take_every_part_option_and_joint():
         method.parse({"joint": "sometimes"})
     drafter = method.build(BuildContext(tokenizer=None, vocab_size=16), {"joint": "false"})
     assert [d.name for d in drafter.drafters] == ["pld", "recycle", "ngram-cache"]
-    for bad in ["ar+pld", "pld+nope", "pld+", "pld+recycle@x+stand"]:
+    for bad in ["ar+pld", "pld+nope", "pld+", "pld+recycle@x+stand", "medusa+hydra"]:
         assert not is_method(bad)
 
 

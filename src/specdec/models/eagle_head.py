@@ -211,13 +211,7 @@ class EagleHead(nn.Module):
         layer = replace(c, num_layers=1, tie_word_embeddings=False)
         if version == 3:
             layer = replace(layer, attention_bias=False)
-        vocab = (
-            torch.arange(c.vocab_size)
-            if draft_tokens is None
-            else torch.unique(draft_tokens.to(torch.long))
-        )
-        if vocab.numel() == 0 or int(vocab[0]) < 0 or int(vocab[-1]) >= c.vocab_size:
-            raise HeadError(f"draft tokens must be ids below {c.vocab_size}")
+        vocab = draft_vocab_ids(c.vocab_size, draft_tokens)
         config = HeadConfig(
             layer,
             {"name": name, **target_facts(target)},
@@ -334,6 +328,19 @@ class EagleHead(nn.Module):
             h = h + self.layer.ffn(self.layer.ffn_norm(h))
             out.append((h, self.logits(target, h, w)))
         return out
+
+
+def draft_vocab_ids(vocab_size: int, draft_tokens: torch.Tensor | None) -> torch.Tensor:
+    """A head's draft vocabulary: ``draft_tokens`` (target ids) sorted and unique, or all
+    ``vocab_size`` ids for None; refused when empty or outside the target's vocabulary."""
+    vocab = (
+        torch.arange(vocab_size)
+        if draft_tokens is None
+        else torch.unique(draft_tokens.to(torch.long))
+    )
+    if vocab.numel() == 0 or int(vocab[0]) < 0 or int(vocab[-1]) >= vocab_size:
+        raise HeadError(f"draft tokens must be ids below {vocab_size}")
+    return vocab
 
 
 def check_target_facts(want: dict[str, Any], target: Transformer, where: str) -> dict[str, int]:

@@ -32,9 +32,9 @@ static tree is chosen) and ``head.safetensors``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,66 +43,31 @@ from torch import nn
 from specdec.models.config import ModelConfig
 from specdec.models.eagle_head import (
     CONFIG_FILE,
-    HEAD_FORMAT,
-    HeadError,
     check_target_facts,
+    draft_vocab_ids,
     load_checked,
     read_head_folder,
     target_facts,
     write_head_folder,
 )
-from specdec.models.medusa_heads import ResBlock
+from specdec.models.medusa_heads import MedusaConfig, ResBlock
 from specdec.models.transformer import Block, RMSNorm, RotaryTable, Transformer, _rotate_half
 
 
-@dataclass
-class HydraConfig:
+@dataclass(kw_only=True)
+class HydraConfig(MedusaConfig):
+    """Medusa's fields (num_layers: blocks per head) and the prefix layer's shape."""
+
+    kind: ClassVar[str] = "hydra"
+    label: ClassVar[str] = "Hydra"
     layer: ModelConfig  # the prefix layer's shape (the target's, one layer)
-    target: dict[str, Any]  # the target's name and `target_facts`
-    num_heads: int  # K: head k guesses the token k + 1 places after the pending one
-    num_layers: int  # blocks per head
-    draft_vocab: int
-    # accuracy[k][i]: how often head k's (i+1)-th likeliest token was the target's, held out,
-    # given the right tokens before it
-    accuracy: list[list[float]] = field(default_factory=list)
-    training: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.num_heads < 1 or self.num_layers < 1 or self.draft_vocab < 1:
-            raise HeadError("a Hydra head set needs num_heads, num_layers, draft_vocab >= 1")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": HEAD_FORMAT,
-            "kind": "hydra",
-            "layer": self.layer.to_dict(),
-            "target": self.target,
-            "num_heads": self.num_heads,
-            "num_layers": self.num_layers,
-            "draft_vocab": self.draft_vocab,
-            "accuracy": self.accuracy,
-            "training": self.training,
-        }
+    def extra_json(self) -> dict[str, Any]:
+        return {"layer": self.layer.to_dict()}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> HydraConfig:
-        try:
-            if data.get("format") != HEAD_FORMAT or data.get("kind") != "hydra":
-                raise ValueError(f"format {data.get('format')!r}, kind {data.get('kind')!r}")
-            accuracy = [[float(a) for a in row] for row in data.get("accuracy") or []]
-            if any(not 0 <= a <= 1 for row in accuracy for a in row):
-                raise ValueError("accuracies outside [0, 1]")
-            return cls(
-                layer=ModelConfig.from_dict(data["layer"]),
-                target=dict(data["target"]),
-                num_heads=int(data["num_heads"]),
-                num_layers=int(data["num_layers"]),
-                draft_vocab=int(data["draft_vocab"]),
-                accuracy=accuracy,
-                training=dict(data.get("training") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise HeadError(f"{where}: not a Hydra head config ({e})") from None
+    def extra_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {"layer": ModelConfig.from_dict(data["layer"])}
 
 
 class WideBlock(nn.Module):
@@ -118,6 +83,8 @@ class WideBlock(nn.Module):
 
 
 class HydraHeads(nn.Module):
+    config_class = HydraConfig
+
     def __init__(self, config: HydraConfig) -> None:
         super().__init__()
         self.config = config
@@ -167,20 +134,14 @@ class HydraHeads(nn.Module):
         one), its norm the target's final norm; each head's wide block reads the prefix
         state alone (R the identity there, W zero), later blocks the identity."""
         c = target.config
-        vocab = (
-            torch.arange(c.vocab_size)
-            if draft_tokens is None
-            else torch.unique(draft_tokens.to(torch.long))
-        )
-        if vocab.numel() == 0 or int(vocab[0]) < 0 or int(vocab[-1]) >= c.vocab_size:
-            raise HeadError(f"draft tokens must be ids below {c.vocab_size}")
+        vocab = draft_vocab_ids(c.vocab_size, draft_tokens)
         layer = replace(c, num_layers=1, tie_word_embeddings=False)
         config = HydraConfig(
-            layer,
-            {"name": name, **target_facts(target)},
-            num_heads,
-            num_layers,
-            int(vocab.numel()),
+            layer=layer,
+            target={"name": name, **target_facts(target)},
+            num_heads=num_heads,
+            num_layers=num_layers,
+            draft_vocab=int(vocab.numel()),
         )
         heads = cls(config)
         d = c.hidden_size

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from specdec.models.eagle_head import (
     HEAD_FORMAT,
     HeadError,
     check_target_facts,
+    draft_vocab_ids,
     load_checked,
     read_head_folder,
     target_facts,
@@ -47,6 +48,11 @@ from specdec.models.transformer import Transformer
 
 @dataclass
 class MedusaConfig:
+    """A Medusa head set's config.json (and the base of other head sets' configs: a
+    subclass names its kind and adds its fields through `extra_json`/`extra_fields`)."""
+
+    kind: ClassVar[str] = "medusa"
+    label: ClassVar[str] = "Medusa"
     target: dict[str, Any]  # the target's name and `target_facts`
     num_heads: int  # K: head k guesses the token k + 1 places ahead
     num_layers: int  # residual blocks per head
@@ -57,12 +63,24 @@ class MedusaConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 or self.num_layers < 1 or self.draft_vocab < 1:
-            raise HeadError("a Medusa head set needs num_heads, num_layers, draft_vocab >= 1")
+            raise HeadError(
+                f"a {self.label} head set needs num_heads, num_layers, draft_vocab >= 1"
+            )
+
+    def extra_json(self) -> dict[str, Any]:
+        """A subclass's own fields, as written."""
+        return {}
+
+    @classmethod
+    def extra_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A subclass's own fields, read back (KeyError, TypeError, ValueError if bad)."""
+        return {}
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": HEAD_FORMAT,
-            "kind": "medusa",
+            "kind": self.kind,
+            **self.extra_json(),
             "target": self.target,
             "num_heads": self.num_heads,
             "num_layers": self.num_layers,
@@ -72,14 +90,15 @@ class MedusaConfig:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> MedusaConfig:
+    def from_json(cls, data: dict[str, Any], where: str):
         try:
-            if data.get("format") != HEAD_FORMAT or data.get("kind") != "medusa":
+            if data.get("format") != HEAD_FORMAT or data.get("kind") != cls.kind:
                 raise ValueError(f"format {data.get('format')!r}, kind {data.get('kind')!r}")
             accuracy = [[float(a) for a in row] for row in data.get("accuracy") or []]
             if any(not 0 <= a <= 1 for row in accuracy for a in row):
                 raise ValueError("accuracies outside [0, 1]")
             return cls(
+                **cls.extra_fields(data),
                 target=dict(data["target"]),
                 num_heads=int(data["num_heads"]),
                 num_layers=int(data["num_layers"]),
@@ -88,7 +107,7 @@ class MedusaConfig:
                 training=dict(data.get("training") or {}),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise HeadError(f"{where}: not a Medusa head config ({e})") from None
+            raise HeadError(f"{where}: not a {cls.label} head config ({e})") from None
 
 
 class ResBlock(nn.Module):
@@ -103,6 +122,8 @@ class ResBlock(nn.Module):
 
 
 class MedusaHeads(nn.Module):
+    config_class = MedusaConfig
+
     def __init__(self, config: MedusaConfig, hidden_size: int) -> None:
         super().__init__()
         self.config = config
@@ -134,13 +155,7 @@ class MedusaHeads(nn.Module):
         """New heads for ``target`` (called ``name``): each block the identity (zero weight
         and bias), drafting among ``draft_tokens`` (target ids; None: all)."""
         c = target.config
-        vocab = (
-            torch.arange(c.vocab_size)
-            if draft_tokens is None
-            else torch.unique(draft_tokens.to(torch.long))
-        )
-        if vocab.numel() == 0 or int(vocab[0]) < 0 or int(vocab[-1]) >= c.vocab_size:
-            raise HeadError(f"draft tokens must be ids below {c.vocab_size}")
+        vocab = draft_vocab_ids(c.vocab_size, draft_tokens)
         config = MedusaConfig(
             {"name": name, **target_facts(target)}, num_heads, num_layers, int(vocab.numel())
         )

@@ -141,6 +141,14 @@ def get_method(name: str) -> Method:
             raise InvalidRequestError(
                 f"{name!r}: merge two or more drafting methods, e.g. pld+recycle"
             )
+        # an option goes to every part that takes it: one folder cannot hold two kinds of heads
+        for key in ("head", "heads"):
+            takers = [p.name for p in parts if key in _fields(p.parts[0].Options)]
+            if len(takers) > 1:
+                raise InvalidRequestError(
+                    f"{name!r}: {' and '.join(takers)} both read option {key!r}, a folder of "
+                    "their own kind; merge at most one of them"
+                )
         return Method(name, tuple(p.parts[0] for p in parts))
     if name not in METHODS:
         raise InvalidRequestError(

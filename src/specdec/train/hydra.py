@@ -28,12 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from specdec.errors import InvalidRequestError
-from specdec.models.eagle_head import head_folder, head_rows
 from specdec.models.hydra_heads import HydraHeads
-from specdec.speculation.drafters.base import layer_features
-from specdec.train import eagle as stages
-from specdec.train.loop import prepare, record, run_epochs
-from specdec.train.medusa import MedusaTrainConfig, rank_accuracy
+from specdec.train.medusa import MedusaTrainConfig, train_heads
 
 
 @dataclass(frozen=True)
@@ -104,47 +100,20 @@ def train(
     """Train Hydra++ heads for ``gen``'s target (a loaded `specdec.api.Generator`, native
     backend) and write them to ``out`` (default: the model's 'hydra' head folder).
     Returns how they were trained and their held-out accuracies."""
-    cfg.check()
-    out = Path(out) if out else head_folder(gen.name, "hydra")
-    run = prepare(
+
+    def loss(heads, model, weight, tokens, last, generator):
+        return sequence_loss(heads, model, weight, tokens, last, cfg, generator)
+
+    return train_heads(
         gen,
-        cfg.features(),
-        kind="hydra",
+        cfg,
+        "hydra",
+        lambda model, d2t: HydraHeads.for_target(
+            model, gen.name, cfg.num_heads, cfg.num_layers, d2t, seed=cfg.seed
+        ),
+        loss,
         out=out,
         work=work,
         resume=resume,
         progress=progress,
-        draft_vocab=cfg.draft_vocab,
-        held_out=cfg.held_out,
     )
-    model = gen.target.model
-    heads = HydraHeads.for_target(
-        model, gen.name, cfg.num_heads, cfg.num_layers, run.d2t, seed=cfg.seed
-    )
-    weight = head_rows(model, heads.d2t).float()
-    opt = torch.optim.AdamW(
-        heads.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
-    )
-    n_layers = model.config.num_layers
-    have = stages.stored_layers(1, n_layers)
-
-    def sequence(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, hidden = run.store.sequence(i)
-        return tokens, layer_features(hidden, have, (n_layers,))
-
-    def step(i: int, epoch: int) -> tuple[torch.Tensor, int]:
-        tokens, last = sequence(i)
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 1_000_003 + i)
-        loss, _ = sequence_loss(heads, model, weight, tokens, last, cfg, g)
-        return loss, last.shape[0] * cfg.num_heads
-
-    pos = run_epochs(heads, opt, step, run, cfg, resume=resume, progress=progress, kind="hydra")
-    with torch.no_grad():
-        results = [
-            sequence_loss(heads, model, weight, *sequence(i), cfg, None) for i in run.eval_ids
-        ]
-    evaluation = rank_accuracy(results, cfg.num_heads, cfg.top_k)
-    heads.config.accuracy = evaluation.pop("accuracy")
-    heads.config.training = record(cfg, run, pos, evaluation)
-    heads.save(out)
-    return heads.config.training

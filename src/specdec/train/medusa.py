@@ -18,6 +18,7 @@ target's frozen LM head (`specdec.models.medusa_heads`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class MedusaTrainConfig:
     draft_vocab: int = 32768
     lr: float = 1e-3  # Medusa-1's
     decay: float = 0.8  # head k's loss weighs decay^k
+    weight_decay: float = 0.0  # AdamW's (Medusa-1: none)
     top_k: int = 10  # ranks whose accuracy is measured (the tree's widest choice)
     held_out: float = 0.05
     checkpoint_s: float = 60.0
@@ -115,12 +117,48 @@ def train(
     """Train Medusa heads for ``gen``'s target (a loaded `specdec.api.Generator`, native
     backend) and write them to ``out`` (default: the model's 'medusa' head folder).
     Returns how they were trained and their held-out accuracies."""
+
+    def loss(heads, model, weight, tokens, last, generator):
+        return sequence_loss(heads, model, weight, last, cfg.decay)
+
+    return train_heads(
+        gen,
+        cfg,
+        "medusa",
+        lambda model, d2t: MedusaHeads.for_target(
+            model, gen.name, cfg.num_heads, cfg.num_layers, d2t
+        ),
+        loss,
+        out=out,
+        work=work,
+        resume=resume,
+        progress=progress,
+    )
+
+
+def train_heads(
+    gen,
+    cfg: MedusaTrainConfig,
+    kind: str,
+    new_heads: Callable[[Any, torch.Tensor], Any],
+    loss: Callable[..., tuple[torch.Tensor, list[torch.Tensor]]],
+    *,
+    out: Path | None,
+    work: Path | None,
+    resume: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """The training Medusa-style head sets share: the data stages (`prepare`), heads
+    ``new_heads(target, d2t)``, AdamW over ``loss(heads, target, weight, tokens, last,
+    generator)`` per stored sequence (``last``: the target's last-layer states; the
+    generator seeded per sequence and epoch, None when held out), the held-out rank
+    accuracies, the heads written to ``out`` (default: the model's ``kind`` folder)."""
     cfg.check()
-    out = Path(out) if out else head_folder(gen.name, "medusa")
+    out = Path(out) if out else head_folder(gen.name, kind)
     run = prepare(
         gen,
         cfg.features(),
-        kind="medusa",
+        kind=kind,
         out=out,
         work=work,
         resume=resume,
@@ -129,23 +167,28 @@ def train(
         held_out=cfg.held_out,
     )
     model = gen.target.model
-    heads = MedusaHeads.for_target(model, gen.name, cfg.num_heads, cfg.num_layers, run.d2t)
+    heads = new_heads(model, run.d2t)
     weight = head_rows(model, heads.d2t).float()
-    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        heads.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
     n_layers = model.config.num_layers
     have = shared.stored_layers(1, n_layers)
 
-    def last_layer(i: int) -> torch.Tensor:
-        _, hidden = run.store.sequence(i)
-        return layer_features(hidden, have, (n_layers,))
+    def sequence(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, hidden = run.store.sequence(i)
+        return tokens, layer_features(hidden, have, (n_layers,))
 
     def step(i: int, epoch: int) -> tuple[torch.Tensor, int]:
-        hidden = last_layer(i)
-        loss, _ = sequence_loss(heads, model, weight, hidden, cfg.decay)
-        return loss, hidden.shape[0] * cfg.num_heads
+        tokens, last = sequence(i)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 1_000_003 + i)
+        value, _ = loss(heads, model, weight, tokens, last, g)
+        return value, last.shape[0] * cfg.num_heads
 
-    pos = run_epochs(heads, opt, step, run, cfg, resume=resume, progress=progress, kind="medusa")
-    evaluation = evaluate(heads, model, weight, [last_layer(i) for i in run.eval_ids], cfg)
+    pos = run_epochs(heads, opt, step, run, cfg, resume=resume, progress=progress, kind=kind)
+    with torch.no_grad():
+        results = [loss(heads, model, weight, *sequence(i), None) for i in run.eval_ids]
+    evaluation = rank_accuracy(results, cfg.num_heads, cfg.top_k)
     heads.config.accuracy = evaluation.pop("accuracy")
     heads.config.training = record(cfg, run, pos, evaluation)
     heads.save(out)

@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from specdec.errors import InvalidRequestError
-from specdec.models.eagle_head import head_folder
 from specdec.models.hydra_heads import HydraHeads
-from specdec.models.target import NativeTarget
 from specdec.models.transformer import Transformer, head_logits
-from specdec.speculation.drafters.base import BuildContext, DraftState
+from specdec.speculation.drafters.base import DraftState
 from specdec.speculation.drafters.medusa import MedusaDrafter, MedusaOptions
 from specdec.speculation.options import option, optional_str
 from specdec.speculation.tree import DraftTree
@@ -55,6 +51,7 @@ class HydraDrafter(MedusaDrafter):
         "train hydra`) draft Medusa's static tree (Ankner et al. 2024)"
     )
     Options = HydraOptions
+    heads_class = HydraHeads
 
     def __init__(
         self,
@@ -108,35 +105,6 @@ class HydraDrafter(MedusaDrafter):
         self.cache = prefix.new_cache(capacity=256)
         self.plan(heads, target, top_k, max_nodes, pass_cost, typical)
         self.state: torch.Tensor | None = None  # the prefix state at the last committed row
-
-    @classmethod
-    def build(cls, ctx: BuildContext, options: HydraOptions) -> HydraDrafter:
-        o = options
-        target = ctx.target
-        if not isinstance(target, NativeTarget):
-            raise InvalidRequestError(
-                "method 'hydra' reads the target's hidden states: it needs the native backend "
-                "(--backend torch)"
-            )
-        folder = Path(o.heads) if o.heads else head_folder(ctx.model or "model", "hydra")
-        if not o.heads and not folder.exists():
-            raise InvalidRequestError(
-                f"no Hydra heads for {ctx.model or 'this model'}: train them with "
-                f"`specdec train hydra --model {ctx.model or 'MODEL'}` (or give heads=FOLDER)"
-            )
-        heads = HydraHeads.load(folder)
-        quant = o.head_quant
-        if quant == "auto":
-            quant = "int8" if target.model.native_layers is not None else "none"
-        return cls(
-            heads,
-            target.model,
-            top_k=o.top_k,
-            max_nodes=o.max_nodes,
-            pass_cost=ctx.pass_cost() if ctx.pass_cost is not None else None,
-            quant=quant,
-            typical=TypicalVerifier(o.epsilon, o.delta) if o.acceptance == "typical" else None,
-        )
 
     # ------------------------------------------------------------------ a request
     def reset(self, prompt_ids: list[int]) -> None:

@@ -117,6 +117,7 @@ class MedusaDrafter(Drafter):
         "top guesses, chosen by their measured accuracies (Cai et al. 2024)"
     )
     Options = MedusaOptions
+    heads_class: ClassVar[type] = MedusaHeads  # what `build` loads from the heads' folder
 
     def __init__(
         self,
@@ -165,28 +166,29 @@ class MedusaDrafter(Drafter):
     def build(cls, ctx: BuildContext, options: MedusaOptions) -> MedusaDrafter:
         o = options
         target = ctx.target
+        label = cls.heads_class.config_class.label
         if not isinstance(target, NativeTarget):
             raise InvalidRequestError(
-                "method 'medusa' reads the target's hidden states: it needs the native backend "
-                "(--backend torch)"
+                f"method {cls.name!r} reads the target's hidden states: it needs the native "
+                "backend (--backend torch)"
             )
-        folder = Path(o.heads) if o.heads else head_folder(ctx.model or "model", "medusa")
+        folder = Path(o.heads) if o.heads else head_folder(ctx.model or "model", cls.name)
         if not o.heads and not folder.exists():
             raise InvalidRequestError(
-                f"no Medusa heads for {ctx.model or 'this model'}: train them with "
-                f"`specdec train medusa --model {ctx.model or 'MODEL'}` (or give heads=FOLDER)"
+                f"no {label} heads for {ctx.model or 'this model'}: train them with "
+                f"`specdec train {cls.name} --model {ctx.model or 'MODEL'}` (or give "
+                "heads=FOLDER)"
             )
-        heads = MedusaHeads.load(folder)
+        heads = cls.heads_class.load(folder)
         quant = o.head_quant
         if quant == "auto":
             quant = "int8" if target.model.native_layers is not None else "none"
-        cost = ctx.pass_cost() if ctx.pass_cost is not None else None
         return cls(
             heads,
             target.model,
             top_k=o.top_k,
             max_nodes=o.max_nodes,
-            pass_cost=cost,
+            pass_cost=ctx.pass_cost() if ctx.pass_cost is not None else None,
             quant=quant,
             typical=TypicalVerifier(o.epsilon, o.delta) if o.acceptance == "typical" else None,
         )
