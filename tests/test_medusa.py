@@ -112,12 +112,14 @@ def test_medusa_without_heads_says_how_to_train_them(tmp_path, monkeypatch):
 
 def train_config(kind: str, corpus, **kw):
     """A tiny run's settings for ``kind`` (medusa, hydra: the two share their training)."""
+    from specdec.train.clover import CloverTrainConfig
     from specdec.train.hydra import HydraTrainConfig
     from specdec.train.medusa import MedusaTrainConfig
 
     base = dict(data=str(corpus), minutes=None, tokens=4000, feature_tokens=1200, seq_len=48,
                 respond=0, draft_vocab=200, num_heads=2, lr=3e-3, checkpoint_s=1e9, top_k=4)  # fmt: skip
-    return {"medusa": MedusaTrainConfig, "hydra": HydraTrainConfig}[kind](**{**base, **kw})
+    configs = {"medusa": MedusaTrainConfig, "hydra": HydraTrainConfig, "clover": CloverTrainConfig}
+    return configs[kind](**{**base, **kw})
 
 
 def medusa_config(corpus, **kw):
@@ -125,10 +127,12 @@ def medusa_config(corpus, **kw):
 
 
 def trainer(kind: str):
+    from specdec.models.clover_heads import CloverHeads
     from specdec.models.hydra_heads import HydraHeads
-    from specdec.train import hydra, medusa
+    from specdec.train import clover, hydra, medusa
 
-    return {"medusa": (medusa.train, MedusaHeads), "hydra": (hydra.train, HydraHeads)}[kind]
+    return {"medusa": (medusa.train, MedusaHeads), "hydra": (hydra.train, HydraHeads),
+            "clover": (clover.train, CloverHeads)}[kind]  # fmt: skip
 
 
 def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
@@ -188,7 +192,7 @@ def test_a_medusa_run_reads_the_features_an_eagle_run_made(tiny, tmp_path, monke
     assert MedusaHeads.load(heads / "medusa").config.training["feature_tokens"] >= 600
 
 
-@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "clover"])
 def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path, kind):  # noqa: F811
     train, heads_class = trainer(kind)
     gen, corpus, _ = tiny
@@ -212,6 +216,7 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path, kind):  # 
         ("hydra", ["--minutes", "0"], "--minutes must be > 0"),
         ("hydra", ["--tokens", "10", "--layers", "0"], "--heads, --layers and --top-k must be"),
         ("hydra", ["--tokens", "10", "--dropout", "1"], "--dropout must be in [0, 1)"),
+        ("clover", ["--tokens", "10", "--heads", "0"], "--heads, --layers and --top-k must be"),
     ],
 )
 def test_train_cli_refuses_bad_input(tiny, tmp_path, monkeypatch, capsys, kind, args, message):  # noqa: F811
@@ -296,3 +301,50 @@ def test_typical_acceptance_leaves_greedy_output_unchanged(tmp_path):
             pass
         runs.append(res.token_ids)
     assert runs[0] == runs[1]
+
+
+def test_vllm_export_computes_what_the_heads_compute(tmp_path):
+    """The exported checkpoint, read as vLLM's Medusa reads it (blocks with their biases on
+    the target's normed last state, one LM head at the token map's rows, logits scattered
+    into the target's vocabulary), gives each head's logits of ours; a used folder and
+    heads of another target are refused."""
+    from safetensors.torch import load_file
+
+    from specdec.models.medusa_format import export_medusa
+
+    model = random_transformer("qwen2", seed=5, vocab=24).double()
+    heads = random_heads(model, seed=6, subset=15, heads=3, layers=2)
+    export_medusa(heads, model, tmp_path / "v")
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    w = load_file(str(tmp_path / "v" / "model.safetensors"))
+    assert config["model_type"] == "medusa" and config["original_lm_head"]
+    assert config["medusa_fc_bias"] and config["truncated_vocab_size"] == 15
+    last = torch.randn(4, model.config.hidden_size, dtype=torch.float64)
+    with torch.no_grad():
+        ours = heads.double()(model, last)  # (rows, K, d)
+        normed = model.norm(last)
+        for k in range(config["num_heads"]):
+            x = normed
+            for j in range(config["num_hidden_layers"]):
+                lin = w[f"blocks.{k}.layers.{j}.weight"].double(), w[f"blocks.{k}.layers.{j}.bias"]
+                x = x + torch.nn.functional.silu(x @ lin[0].T + lin[1].double())
+            theirs = torch.full((4, config["vocab_size"]), -torch.inf, dtype=torch.float64)
+            theirs[:, w["token_map"]] = x @ w["lm_heads.0.weight"].double().T
+            want = torch.full_like(theirs, -torch.inf)
+            want[:, heads.d2t] = ours[:, k] @ model.lm_head.weight[heads.d2t].T
+            assert torch.allclose(theirs, want, atol=1e-5)
+    with pytest.raises(HeadError, match="not empty"):
+        export_medusa(heads, model, tmp_path / "v")
+    other = random_transformer("qwen2", seed=5, vocab=32).double()
+    with pytest.raises(HeadError):
+        export_medusa(heads, other, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_export_cli_says_what_is_missing(tmp_path, capsys):
+    from specdec.cli import main
+
+    code = main(["export", "medusa", "--heads", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "v"), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "no Medusa heads at" in err and "Traceback" not in err

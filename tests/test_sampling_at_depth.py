@@ -133,34 +133,23 @@ def random_head(version: str = "1") -> str:
 
 
 @functools.cache
-def random_medusa() -> str:
-    """Medusa heads for the target: random, with recorded accuracies (a tree of 3 levels)."""
+def random_heads(kind: str) -> str:
+    """Medusa, Hydra or Clover heads for the target: random, with recorded accuracies (a
+    tree of 3 levels); the sequential kinds' weights large, so that paths reach depth 2."""
+    from specdec.models.clover_heads import CloverHeads
+    from specdec.models.hydra_heads import HydraHeads
     from specdec.models.medusa_heads import MedusaHeads
 
-    g = torch.Generator().manual_seed(6)
-    heads = MedusaHeads.for_target(target_model(), "random", num_heads=3)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    heads.config.accuracy = [[0.6, 0.3, 0.1], [0.5, 0.3, 0.1], [0.4, 0.3, 0.1]]
-    folder = tempfile.mkdtemp(prefix="specdec-test-medusa-") + "/heads"
-    heads.save(folder)
-    return folder
-
-
-@functools.cache
-def random_hydra() -> str:
-    """Hydra heads for the target: random, with recorded accuracies (a tree of 3 levels)."""
-    from specdec.models.hydra_heads import HydraHeads
-
-    g = torch.Generator().manual_seed(7)
-    heads = HydraHeads.for_target(target_model(), "random", num_heads=3)
+    heads_class, seed, scale = {"medusa": (MedusaHeads, 6, 0.3), "hydra": (HydraHeads, 7, 1.0),
+                                "clover": (CloverHeads, 10, 1.0)}[kind]  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    heads = heads_class.for_target(target_model(), "random", num_heads=3)
     with torch.no_grad():
         for name, p in heads.named_parameters():
-            if not name.endswith("norm.weight"):  # large: so that paths reach depth 2
-                p.copy_(torch.randn(p.shape, generator=g))
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     heads.config.accuracy = [[0.6, 0.3, 0.1], [0.5, 0.3, 0.1], [0.4, 0.3, 0.1]]
-    folder = tempfile.mkdtemp(prefix="specdec-test-hydra-") + "/heads"
+    folder = tempfile.mkdtemp(prefix=f"specdec-test-{kind}-") + "/heads"
     heads.save(folder)
     return folder
 
@@ -181,10 +170,9 @@ def build(method: str, options: dict, tok) -> Drafter:
         opts["datastore"] = rest_datastore(tok)
     if "eagle" in method.split("+"):
         opts["head"] = random_head(opts.get("version", "1"))
-    if "medusa" in method.split("+"):
-        opts["heads"] = random_medusa()
-    if "hydra" in method.split("+"):
-        opts["heads"] = random_hydra()
+    for kind in ("medusa", "hydra", "clover"):
+        if kind in method.split("+"):
+            opts["heads"] = random_heads(kind)
     drafter = get_method(method).build(ctx, opts)
     return switching(drafter, seed=0) if method == "auto" else drafter
 
@@ -246,6 +234,7 @@ CASES: dict[str, tuple[str, dict, SamplingParams]] = {
     # Medusa heads (random): a static tree of their top guesses, points masses under sampling
     "medusa-tree": ("medusa", {"top_k": 3, "max_nodes": 12}, SHAPED),
     "hydra-tree": ("hydra", {"top_k": 3, "max_nodes": 12}, SHAPED),
+    "clover-tree": ("clover", {"top_k": 3, "max_nodes": 12}, SHAPED),
     # auto switching at random steps among a draft model's sampled chain, prompt lookup and
     # Token Recycling (`test_contract.switching`)
     "auto-switching": (
@@ -331,6 +320,7 @@ CAPPED = [
     "eagle-tree-2,2,1",
     "medusa-tree",
     "hydra-tree",
+    "clover-tree",
     "auto-switching",
 ]
 

@@ -1,5 +1,5 @@
 """Command line: `specdec generate | methods | bench | models | pull | datastore build | auto |
-train eagle | train medusa | train hydra | heads | export eagle`.
+train eagle | medusa | hydra | clover | heads | export eagle | export medusa`.
 
 Errors a user can cause print one line (no traceback) and exit non-zero.
 """
@@ -321,6 +321,7 @@ def _add_train(sub: Any) -> None:
                    help=f"drafting depths trained per sequence (default {d.unroll})")  # fmt: skip
     e.set_defaults(func=cmd_train_eagle)
 
+    from specdec.train.clover import CloverTrainConfig
     from specdec.train.hydra import HydraTrainConfig
     from specdec.train.medusa import MedusaTrainConfig
 
@@ -361,6 +362,25 @@ def _add_train(sub: Any) -> None:
     y.add_argument("--weight-decay", type=float, default=y_d.weight_decay,
                    help=f"AdamW weight decay (default {y_d.weight_decay:g})")  # fmt: skip
     y.set_defaults(func=cmd_train_hydra)
+
+    c_d = CloverTrainConfig()
+    c = tsub.add_parser(
+        "clover",
+        help="Clover heads: an augmenting decoder layer, then heads regressive through a "
+        "chain of states",
+        description="Clover heads: one decoder layer over the model's last hidden states "
+        "(the augmenting block), then per depth an attention decoder folds the token "
+        "before it (the model's LM-head row, normalised) into a chain of states, and an "
+        "MLP guesses the next token through the model's LM head (shared, frozen). The "
+        "features are the EAGLE-1 head's (read, not computed again); the heads train "
+        "towards the model's own distribution; the held-out accuracy of each head's i-th "
+        "guess, given the right tokens before it, is what --method clover builds its "
+        "tree from.",
+    )
+    _add_model_args(c, DEFAULT_MODEL)
+    _add_train_args(c, c_d, "the heads", "sequence tokens x heads", "--method clover")
+    _add_heads_args(c, c_d)
+    c.set_defaults(func=cmd_train_clover)
 
     h = sub.add_parser(
         "heads",
@@ -460,6 +480,27 @@ def _add_export(sub: Any) -> None:
                    help="the weights' type: float32 (exactly the head, the default) or "
                    "bfloat16 (half the bytes)")  # fmt: skip
     e.set_defaults(func=cmd_export_eagle)
+    m = xsub.add_parser(
+        "medusa",
+        help="Medusa heads as a vLLM Medusa checkpoint",
+        description="Write the model's Medusa heads (`specdec train medusa`) as a vLLM Medusa "
+        "checkpoint: config.json (model_type medusa, one shared LM head, a token_map for the "
+        "draft vocabulary) and model.safetensors with the blocks and the target's LM-head rows "
+        "at the draft vocabulary (so the target loads, to read them). Serve it with vLLM: "
+        '--speculative-config \'{"model": "DIR", "method": "medusa", '
+        '"num_speculative_tokens": 3}\'. Hydra heads have no public format: not exported.',
+    )
+    _add_model_args(m, DEFAULT_MODEL)
+    m.add_argument("--heads", default=None, metavar="DIR",
+                   help="the heads' folder (default: the model's Medusa heads in the cache)")  # fmt: skip
+    m.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
+    m.add_argument("--top-k", type=int, default=10, metavar="K",
+                   help="the topk its config suggests (default 10)")  # fmt: skip
+    m.add_argument("--weights-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the weights' type: float32 (exactly the heads, the default) or "
+                   "bfloat16 (half the bytes)")  # fmt: skip
+    m.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    m.set_defaults(func=cmd_export_medusa)
 
 
 def _add_datastore(sub: Any) -> None:
@@ -838,12 +879,17 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
 
 
 def _train_heads(args: argparse.Namespace, kind: str) -> int:
-    """`specdec train medusa` and `specdec train hydra`."""
+    """`specdec train medusa`, `hydra` and `clover`."""
     if kind == "hydra":
         from specdec.train.hydra import HydraTrainConfig as Config
         from specdec.train.hydra import train
 
         extra = {"dropout": args.dropout, "weight_decay": args.weight_decay}
+    elif kind == "clover":
+        from specdec.train.clover import CloverTrainConfig as Config
+        from specdec.train.clover import train
+
+        extra = {}
     else:
         from specdec.train.medusa import MedusaTrainConfig as Config
         from specdec.train.medusa import train
@@ -870,6 +916,10 @@ def cmd_train_medusa(args: argparse.Namespace) -> int:
 
 def cmd_train_hydra(args: argparse.Namespace) -> int:
     return _train_heads(args, "hydra")
+
+
+def cmd_train_clover(args: argparse.Namespace) -> int:
+    return _train_heads(args, "clover")
 
 
 def cmd_export_eagle(args: argparse.Namespace) -> int:
@@ -901,6 +951,33 @@ def cmd_export_eagle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_medusa(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from specdec.errors import InvalidRequestError
+    from specdec.models.eagle_head import head_folder
+    from specdec.models.medusa_format import export_medusa
+    from specdec.models.medusa_heads import MedusaHeads
+
+    folder = Path(args.heads) if args.heads else head_folder(args.model, "medusa")
+    if not folder.exists():
+        raise InvalidRequestError(
+            f"no Medusa heads at {folder}: train them with `specdec train medusa --model "
+            f"{args.model}`"
+        )
+    if args.top_k < 1:
+        raise InvalidRequestError(f"--top-k must be >= 1, got {args.top_k}")
+    heads = MedusaHeads.load(folder)  # before the model loads: a bad folder fails fast
+    gen = _load_generator(args)
+    dtype = torch.bfloat16 if args.weights_dtype == "bfloat16" else torch.float32
+    out = export_medusa(heads, gen.target.model, args.out, top_k=args.top_k, dtype=dtype)
+    print(f"wrote {out} (vLLM Medusa for {gen.name}: {heads.num_heads} heads, "
+          f"{heads.config.draft_vocab:,}-token draft vocabulary)")  # fmt: skip
+    return 0
+
+
 def cmd_heads(args: argparse.Namespace) -> int:
     from specdec.models.eagle_head import CONFIG_FILE, heads_dir
 
@@ -927,9 +1004,11 @@ def cmd_heads(args: argparse.Namespace) -> int:
     for r in rows:
         t = r["training"]
         ev = t.get("evaluation", {})
-        by = "head" if r["kind"] in ("medusa", "hydra") else "depth"
+        by = "head" if r["kind"] in ("medusa", "hydra", "clover") else "depth"
         acc = ", ".join(f"{a:.2f}" for a in ev.get(f"top1_by_{by}", []))
-        what = {"medusa": "Medusa-1", "hydra": "Hydra++"}.get(r["kind"], f"EAGLE-{r['version']}")
+        what = {"medusa": "Medusa-1", "hydra": "Hydra++", "clover": "Clover-1"}.get(
+            r["kind"], f"EAGLE-{r['version']}"
+        )
         print(f"{r['model']}  {r['kind']} ({what})  {r['folder']}")
         print(f"  trained on {t.get('trained_tokens', 0):,} tokens in "
               f"{t.get('train_seconds', 0) / 60:.1f} min ({t.get('data', '?')}); "

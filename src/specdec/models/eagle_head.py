@@ -381,6 +381,28 @@ def write_head_folder(folder: str | Path, state: dict[str, torch.Tensor], config
     return folder
 
 
+def write_new_folder(
+    folder: str | Path, tensors: dict[str, torch.Tensor], config: str, weights: str
+) -> Path:
+    """An export: ``tensors`` as ``weights`` and ``config`` as config.json in ``folder``,
+    which must be new or empty (an export never replaces one), written whole or not at
+    all."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise HeadError(f"{folder} exists and is not empty: choose a new folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
+    try:
+        save_file(tensors, str(tmp / weights), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(config)
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def read_head_folder(folder: str | Path, kind: str) -> tuple[dict, dict[str, torch.Tensor], Path]:
     """(config.json's data, head.safetensors' tensors, the weights' path) of a head of
     ``kind`` (for messages); never unpickles; a missing or damaged file: HeadError."""

@@ -119,6 +119,20 @@ class HydraHeads(nn.Module):
         x = torch.cat([prefix, embeds.flatten(1).to(prefix.dtype)], dim=-1)
         return self.heads[k](x)
 
+    # ------------------------------------------------------------ drafting, depth by depth
+    def root_memo(self, state: torch.Tensor) -> torch.Tensor:
+        """What the root's carry holds before the pending token's embedding: nothing (a
+        carry is the path's embeddings, pending token first)."""
+        return state[:0]
+
+    def depth(
+        self, k: int, state: torch.Tensor, carries: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head k over the tree's nodes at depth k (``carries``: (rows, k + 1, d), their
+        paths' embeddings; ``state``: (1, d), the prefix state): its outputs (rows, d),
+        and what each node's children carry before their own token's embedding."""
+        return self.head(k, state.expand(carries.shape[0], -1), carries), carries
+
     @classmethod
     def for_target(
         cls,

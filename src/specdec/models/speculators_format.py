@@ -17,19 +17,16 @@ the variants our head does not compute (biases, extra norms, several layers).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from specdec.models.config import ModelConfig
-from specdec.models.eagle_head import EagleHead, HeadConfig, HeadError
+from specdec.models.eagle_head import EagleHead, HeadConfig, HeadError, write_new_folder
 
 SPECULATORS_VERSION = "0.3.0"  # the format's version our files follow
 WEIGHTS = "model.safetensors"
@@ -143,19 +140,7 @@ def export_head(
         },
         "specdec": {"target": c.target, "training": c.training},
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if folder.exists():
-            if not folder.is_dir() or any(folder.iterdir()):
-                raise HeadError(f"{folder} exists and is not empty: choose a new folder")
-            folder.rmdir()
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return write_new_folder(folder, tensors, json.dumps(config, indent=2), WEIGHTS)
 
 
 def import_head(folder: str | Path, target_name: str = "") -> EagleHead:

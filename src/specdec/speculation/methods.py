@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from specdec.errors import InvalidRequestError
 from specdec.speculation.drafters.auto import AutoDrafter
 from specdec.speculation.drafters.base import BuildContext, Drafter, NoDrafter
+from specdec.speculation.drafters.clover import CloverDrafter
 from specdec.speculation.drafters.cross_vocab import CrossVocabDrafter
 from specdec.speculation.drafters.draft_model import DraftModelDrafter
 from specdec.speculation.drafters.eagle import EagleDrafter
@@ -41,6 +42,7 @@ DRAFTERS: tuple[type[Drafter], ...] = (
     EagleDrafter,
     MedusaDrafter,
     HydraDrafter,
+    CloverDrafter,
     PromptLookupDrafter,
     NgramCacheDrafter,
     StandDrafter,

@@ -91,16 +91,12 @@ class HydraDrafter(MedusaDrafter):
                 ),
             )
             attach_native_layers(prefix)
-            for head in self.heads.heads:
-                for block in head:
-                    for name in ("res", "linear"):
-                        lin = getattr(block, name, None)
-                        if lin is not None:
-                            setattr(
-                                block,
-                                name,
-                                QuantLinear(float_parts(lin.weight.float(), "int8"), lin.bias),
-                            )
+            # every other linear of the heads (the prefix layer's are quantised above)
+            for name, lin in list(self.heads.named_modules()):
+                if isinstance(lin, torch.nn.Linear) and not name.startswith("prefix."):
+                    parent, _, attr = name.rpartition(".")
+                    quant_lin = QuantLinear(float_parts(lin.weight.float(), "int8"), lin.bias)
+                    setattr(self.heads.get_submodule(parent), attr, quant_lin)
         self.prefix = prefix
         self.cache = prefix.new_cache(capacity=256)
         self.plan(heads, target, top_k, max_nodes, pass_cost, typical)
@@ -129,6 +125,10 @@ class HydraDrafter(MedusaDrafter):
         )
         self.state = self.prefix.norm(h[-1:])
 
+    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        """(len(ids), d): what the heads read for drafted tokens (the target's embeddings)."""
+        return self.target.embed(torch.tensor(ids))
+
     @torch.inference_mode()
     def propose(self, state: DraftState) -> DraftTree:
         n = min(self.size, len(self.paths))
@@ -142,24 +142,26 @@ class HydraDrafter(MedusaDrafter):
             if len(path) <= depth and len(chosen) < state.budget - 1 and path[:-1] in kept:
                 chosen.append(p)
                 kept.add(path)
-        embed = self.target.embed
+        # per path its carry: what the next depth's head reads besides the prefix state
         token = {(): state.tokens[-1]}
-        chain = {(): embed(torch.tensor([state.tokens[-1]]))}  # path -> (len + 1, d)
+        e0 = self.embed_tokens([state.tokens[-1]])
+        carry = {(): torch.cat([self.heads.root_memo(self.state), e0])}
         for k in range(max((len(self.paths[p]) for p in chosen), default=0)):
             parents = sorted({self.paths[p][:-1] for p in chosen if len(self.paths[p]) == k + 1})
-            rows = torch.stack([chain[q] for q in parents])
-            h = self.heads.head(k, self.state.expand(len(parents), -1), rows)
+            h, memo = self.heads.depth(k, self.state, torch.stack([carry[q] for q in parents]))
             logits = head_logits(self.target.lm_head, h.to(self.target.dtype), self.rows)
             width = 1 + max(self.paths[p][-1] for p in chosen if len(self.paths[p]) == k + 1)
             top = self.rows[logits.float().topk(width, dim=-1).indices]
             at = {q: i for i, q in enumerate(parents)}
-            for p in chosen:
+            grown = [p for p in chosen if len(self.paths[p]) == k + 1]
+            for p in grown:
                 path = self.paths[p]
-                if len(path) == k + 1:
-                    token[path] = int(top[at[path[:-1]], path[-1]])
-                    if len(path) < depth:
-                        child = embed(torch.tensor([token[path]]))
-                        chain[path] = torch.cat([chain[path[:-1]], child])
+                token[path] = int(top[at[path[:-1]], path[-1]])
+            deeper = [self.paths[p] for p in grown if len(self.paths[p]) < depth]
+            if deeper:
+                embeds = self.embed_tokens([token[path] for path in deeper])
+                for path, e in zip(deeper, embeds, strict=True):
+                    carry[path] = torch.cat([memo[at[path[:-1]]], e[None]])
         tree, index = DraftTree(), {(): -1}
         for p in chosen:
             path = self.paths[p]
