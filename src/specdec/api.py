@@ -176,7 +176,8 @@ class Generator:
         llama.cpp's own kernels (`specdec.models.llamacpp_target`). ``quant``: auto, none, gguf (the
         GGUF file's own blocks), int8 or int4 (`specdec.models.quant_linear`; auto picks
         gguf for a quantised GGUF on a CPU with AVX-512 VNNI); ``dtype`` auto is float32
-        beside quantised linears and bfloat16 otherwise. Draft models follow the same
+        beside quantised linears, and beside float ones bfloat16 where the device computes
+        it (`specdec.models.loading.resolve_dtype`), float32 elsewhere. Draft models follow the same
         settings, resolved for each file."""
         if backend == "native":
             loaded = load_model(model, dtype=dtype, device=device, progress=progress, quant=quant)
@@ -193,7 +194,7 @@ class Generator:
             return gen
         if quant not in ("auto", "none"):
             raise InvalidRequestError(f"--quant {quant} needs the native backend")
-        dtype = resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype, device=device)
         if backend == "llamacpp":
             from specdec.models.catalog import resolve_model_file
             from specdec.models.llamacpp_target import LlamaCppTarget

@@ -545,7 +545,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str) -> None:
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="compute dtype (default auto: bfloat16, or float32 around quantised linears)",
+        help="compute dtype (default auto: float32 around quantised linears; beside float "
+        "ones bfloat16 where the CPU computes it (AVX-512), float32 elsewhere)",
     )
     p.add_argument(
         "--quant",

@@ -350,7 +350,8 @@ def build_runners(args, methods, options, skipped) -> tuple[Any, dict[str, Any]]
             gen,
             args.model,
             draft if "hf-assisted" in hf else None,
-            resolve_dtype(args.dtype),  # the transformers peers stay in float (bf16 by default)
+            # the transformers peers stay in float: the dtype auto gives float linears here
+            resolve_dtype(args.dtype, device=args.device),
             args.device,
         )
     for m in methods:
