@@ -151,12 +151,13 @@ def heads_options(kind: str, model, tok, rng: random.Random):
     """Random heads of ``kind`` (medusa: 1-4 heads, hydra: 1-3, of 1-2 blocks; a draft
     vocabulary maybe a subset; recorded accuracies or none), a tree of random width and
     size, sized by a cost curve or not."""
+    from specdec.models.chimera_heads import ChimeraHeads
     from specdec.models.clover_heads import CloverHeads
     from specdec.models.hydra_heads import HydraHeads
     from specdec.models.medusa_heads import MedusaHeads
 
     heads_class, most = {"medusa": (MedusaHeads, 4), "hydra": (HydraHeads, 3),
-                         "clover": (CloverHeads, 3)}[kind]  # fmt: skip
+                         "clover": (CloverHeads, 3), "chimera": (ChimeraHeads, 3)}[kind]  # fmt: skip
     g = torch.Generator().manual_seed(rng.randrange(1000))
     vocab = model.config.vocab_size
     subset = rng.choice([None, rng.randint(1, vocab)])
@@ -273,7 +274,7 @@ def rest_options(model, tok, rng: random.Random):
     return opts, context(model, tok, rng.choice(COSTS))
 
 
-HEAD_KINDS = {"medusa", "hydra", "clover"}
+HEAD_KINDS = {"medusa", "hydra", "clover", "chimera"}
 
 
 def merged_options(model, tok, rng: random.Random, names: list[str] | None = None):
@@ -282,7 +283,7 @@ def merged_options(model, tok, rng: random.Random, names: list[str] | None = Non
     the first part's win."""
     # a draft model's and a head's options share names (tree, ...): not merged at random
     parts = sorted(set(FACTORIES) - {"ar", "cross-vocab", "A+B", "auto", "eagle"})
-    # medusa, hydra and clover read `heads` (a folder of their own kind): one at a time
+    # the head sets read `heads` (a folder of their own kind): one at a time
     chosen = names
     while chosen is None or names is None and len(HEAD_KINDS & set(chosen)) > 1:
         chosen = rng.sample(parts, rng.choice([2, 3]))
@@ -355,6 +356,7 @@ FACTORIES = {
     "medusa": partial(heads_options, "medusa"),
     "hydra": partial(heads_options, "hydra"),
     "clover": partial(heads_options, "clover"),
+    "chimera": partial(heads_options, "chimera"),
 }
 
 

@@ -111,14 +111,16 @@ def test_medusa_without_heads_says_how_to_train_them(tmp_path, monkeypatch):
 
 
 def train_config(kind: str, corpus, **kw):
-    """A tiny run's settings for ``kind`` (medusa, hydra: the two share their training)."""
+    """A tiny run's settings for ``kind`` (the head sets that share Medusa's training)."""
+    from specdec.train.chimera import ChimeraTrainConfig
     from specdec.train.clover import CloverTrainConfig
     from specdec.train.hydra import HydraTrainConfig
     from specdec.train.medusa import MedusaTrainConfig
 
     base = dict(data=str(corpus), minutes=None, tokens=4000, feature_tokens=1200, seq_len=48,
                 respond=0, draft_vocab=200, num_heads=2, lr=3e-3, checkpoint_s=1e9, top_k=4)  # fmt: skip
-    configs = {"medusa": MedusaTrainConfig, "hydra": HydraTrainConfig, "clover": CloverTrainConfig}
+    configs = {"medusa": MedusaTrainConfig, "hydra": HydraTrainConfig,
+               "clover": CloverTrainConfig, "chimera": ChimeraTrainConfig}  # fmt: skip
     return configs[kind](**{**base, **kw})
 
 
@@ -127,12 +129,13 @@ def medusa_config(corpus, **kw):
 
 
 def trainer(kind: str):
+    from specdec.models.chimera_heads import ChimeraHeads
     from specdec.models.clover_heads import CloverHeads
     from specdec.models.hydra_heads import HydraHeads
-    from specdec.train import clover, hydra, medusa
+    from specdec.train import chimera, clover, hydra, medusa
 
     return {"medusa": (medusa.train, MedusaHeads), "hydra": (hydra.train, HydraHeads),
-            "clover": (clover.train, CloverHeads)}[kind]  # fmt: skip
+            "clover": (clover.train, CloverHeads), "chimera": (chimera.train, ChimeraHeads)}[kind]  # fmt: skip
 
 
 def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
@@ -192,7 +195,7 @@ def test_a_medusa_run_reads_the_features_an_eagle_run_made(tiny, tmp_path, monke
     assert MedusaHeads.load(heads / "medusa").config.training["feature_tokens"] >= 600
 
 
-@pytest.mark.parametrize("kind", ["medusa", "hydra", "clover"])
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "clover", "chimera"])
 def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path, kind):  # noqa: F811
     train, heads_class = trainer(kind)
     gen, corpus, _ = tiny
@@ -217,6 +220,7 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path, kind):  # 
         ("hydra", ["--tokens", "10", "--layers", "0"], "--heads, --layers and --top-k must be"),
         ("hydra", ["--tokens", "10", "--dropout", "1"], "--dropout must be in [0, 1)"),
         ("clover", ["--tokens", "10", "--heads", "0"], "--heads, --layers and --top-k must be"),
+        ("chimera", ["--minutes", "0"], "--minutes must be > 0"),
     ],
 )
 def test_train_cli_refuses_bad_input(tiny, tmp_path, monkeypatch, capsys, kind, args, message):  # noqa: F811

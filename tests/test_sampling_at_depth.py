@@ -134,14 +134,16 @@ def random_head(version: str = "1") -> str:
 
 @functools.cache
 def random_heads(kind: str) -> str:
-    """Medusa, Hydra or Clover heads for the target: random, with recorded accuracies (a
+    """Medusa, Hydra, Clover or Chimera heads for the target: random, with recorded accuracies (a
     tree of 3 levels); the sequential kinds' weights large, so that paths reach depth 2."""
+    from specdec.models.chimera_heads import ChimeraHeads
     from specdec.models.clover_heads import CloverHeads
     from specdec.models.hydra_heads import HydraHeads
     from specdec.models.medusa_heads import MedusaHeads
 
     heads_class, seed, scale = {"medusa": (MedusaHeads, 6, 0.3), "hydra": (HydraHeads, 7, 1.0),
-                                "clover": (CloverHeads, 10, 1.0)}[kind]  # fmt: skip
+                                "clover": (CloverHeads, 10, 1.0),
+                                "chimera": (ChimeraHeads, 11, 1.0)}[kind]  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     heads = heads_class.for_target(target_model(), "random", num_heads=3)
     with torch.no_grad():
@@ -170,7 +172,7 @@ def build(method: str, options: dict, tok) -> Drafter:
         opts["datastore"] = rest_datastore(tok)
     if "eagle" in method.split("+"):
         opts["head"] = random_head(opts.get("version", "1"))
-    for kind in ("medusa", "hydra", "clover"):
+    for kind in ("medusa", "hydra", "clover", "chimera"):
         if kind in method.split("+"):
             opts["heads"] = random_heads(kind)
     drafter = get_method(method).build(ctx, opts)
@@ -235,6 +237,7 @@ CASES: dict[str, tuple[str, dict, SamplingParams]] = {
     "medusa-tree": ("medusa", {"top_k": 3, "max_nodes": 12}, SHAPED),
     "hydra-tree": ("hydra", {"top_k": 3, "max_nodes": 12}, SHAPED),
     "clover-tree": ("clover", {"top_k": 3, "max_nodes": 12}, SHAPED),
+    "chimera-tree": ("chimera", {"top_k": 3, "max_nodes": 12}, SHAPED),
     # auto switching at random steps among a draft model's sampled chain, prompt lookup and
     # Token Recycling (`test_contract.switching`)
     "auto-switching": (
@@ -321,6 +324,7 @@ CAPPED = [
     "medusa-tree",
     "hydra-tree",
     "clover-tree",
+    "chimera-tree",
     "auto-switching",
 ]
 

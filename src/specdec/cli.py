@@ -1,5 +1,5 @@
 """Command line: `specdec generate | methods | bench | models | pull | datastore build | auto |
-train eagle | medusa | hydra | clover | heads | export eagle | export medusa`.
+train eagle | medusa | hydra | clover | chimera | heads | export eagle | export medusa`.
 
 Errors a user can cause print one line (no traceback) and exit non-zero.
 """
@@ -321,6 +321,7 @@ def _add_train(sub: Any) -> None:
                    help=f"drafting depths trained per sequence (default {d.unroll})")  # fmt: skip
     e.set_defaults(func=cmd_train_eagle)
 
+    from specdec.train.chimera import ChimeraTrainConfig
     from specdec.train.clover import CloverTrainConfig
     from specdec.train.hydra import HydraTrainConfig
     from specdec.train.medusa import MedusaTrainConfig
@@ -381,6 +382,26 @@ def _add_train(sub: Any) -> None:
     _add_train_args(c, c_d, "the heads", "sequence tokens x heads", "--method clover")
     _add_heads_args(c, c_d)
     c.set_defaults(func=cmd_train_clover)
+
+    x_d = ChimeraTrainConfig()
+    x = tsub.add_parser(
+        "chimera",
+        help="Chimera heads: a trigram encoder and a full-context decoder over the model's "
+        "hidden states, with residual heads",
+        description="Chimera heads: the last three tokens' embeddings through an MLP (the "
+        "trigram encoder) query one decoder layer over the model's hidden states at every "
+        "committed position (the full-context decoder); head r adds its output to the "
+        "model's last state (residual heads) and guesses through the model's LM head "
+        "(shared, frozen). The features are the EAGLE-1 head's (read, not computed again); "
+        "the heads train towards the model's own distribution; the held-out accuracy of "
+        "each head's i-th guess, given the right tokens before it, is what --method "
+        "chimera builds its tree from.",
+    )
+    _add_model_args(x, DEFAULT_MODEL)
+    _add_train_args(x, x_d, "the heads", "sequence tokens x heads", "--method chimera")
+    x.add_argument("--heads", type=int, default=x_d.num_heads, metavar="K",
+                   help=f"heads: tokens guessed beyond the next (default {x_d.num_heads})")  # fmt: skip
+    x.set_defaults(func=cmd_train_chimera, layers=1)
 
     h = sub.add_parser(
         "heads",
@@ -880,7 +901,7 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
 
 
 def _train_heads(args: argparse.Namespace, kind: str) -> int:
-    """`specdec train medusa`, `hydra` and `clover`."""
+    """`specdec train medusa`, `hydra`, `clover` and `chimera`."""
     if kind == "hydra":
         from specdec.train.hydra import HydraTrainConfig as Config
         from specdec.train.hydra import train
@@ -889,6 +910,11 @@ def _train_heads(args: argparse.Namespace, kind: str) -> int:
     elif kind == "clover":
         from specdec.train.clover import CloverTrainConfig as Config
         from specdec.train.clover import train
+
+        extra = {}
+    elif kind == "chimera":
+        from specdec.train.chimera import ChimeraTrainConfig as Config
+        from specdec.train.chimera import train
 
         extra = {}
     else:
@@ -921,6 +947,10 @@ def cmd_train_hydra(args: argparse.Namespace) -> int:
 
 def cmd_train_clover(args: argparse.Namespace) -> int:
     return _train_heads(args, "clover")
+
+
+def cmd_train_chimera(args: argparse.Namespace) -> int:
+    return _train_heads(args, "chimera")
 
 
 def cmd_export_eagle(args: argparse.Namespace) -> int:
@@ -979,6 +1009,10 @@ def cmd_export_medusa(args: argparse.Namespace) -> int:
     return 0
 
 
+# the head kinds whose accuracy is recorded per head (EAGLE's: per drafting depth)
+HEAD_SETS = {"medusa": "Medusa-1", "hydra": "Hydra++", "clover": "Clover-1", "chimera": "Chimera"}
+
+
 def cmd_heads(args: argparse.Namespace) -> int:
     from specdec.models.eagle_head import CONFIG_FILE, heads_dir
 
@@ -1005,11 +1039,9 @@ def cmd_heads(args: argparse.Namespace) -> int:
     for r in rows:
         t = r["training"]
         ev = t.get("evaluation", {})
-        by = "head" if r["kind"] in ("medusa", "hydra", "clover") else "depth"
+        by = "head" if r["kind"] in HEAD_SETS else "depth"
         acc = ", ".join(f"{a:.2f}" for a in ev.get(f"top1_by_{by}", []))
-        what = {"medusa": "Medusa-1", "hydra": "Hydra++", "clover": "Clover-1"}.get(
-            r["kind"], f"EAGLE-{r['version']}"
-        )
+        what = HEAD_SETS.get(r["kind"], f"EAGLE-{r['version']}")
         print(f"{r['model']}  {r['kind']} ({what})  {r['folder']}")
         print(f"  trained on {t.get('trained_tokens', 0):,} tokens in "
               f"{t.get('train_seconds', 0) / 60:.1f} min ({t.get('data', '?')}); "

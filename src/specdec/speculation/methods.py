@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from specdec.errors import InvalidRequestError
 from specdec.speculation.drafters.auto import AutoDrafter
 from specdec.speculation.drafters.base import BuildContext, Drafter, NoDrafter
+from specdec.speculation.drafters.chimera import ChimeraDrafter
 from specdec.speculation.drafters.clover import CloverDrafter
 from specdec.speculation.drafters.cross_vocab import CrossVocabDrafter
 from specdec.speculation.drafters.draft_model import DraftModelDrafter
@@ -43,6 +44,7 @@ DRAFTERS: tuple[type[Drafter], ...] = (
     MedusaDrafter,
     HydraDrafter,
     CloverDrafter,
+    ChimeraDrafter,
     PromptLookupDrafter,
     NgramCacheDrafter,
     StandDrafter,

@@ -27,7 +27,7 @@ import torch
 from specdec.models.hydra_heads import HydraHeads
 from specdec.models.transformer import Transformer, head_logits
 from specdec.speculation.drafters.base import DraftState
-from specdec.speculation.drafters.medusa import MedusaDrafter, MedusaOptions
+from specdec.speculation.drafters.medusa import MedusaDrafter, MedusaOptions, int8_linears
 from specdec.speculation.options import option, optional_str
 from specdec.speculation.tree import DraftTree
 from specdec.speculation.verifiers.typical import TypicalVerifier
@@ -76,7 +76,6 @@ class HydraDrafter(MedusaDrafter):
         prefix.norm = self.heads.prefix_norm
         if quant == "int8":
             from specdec.models.quant_linear import (
-                QuantLinear,
                 attach_native_layers,
                 float_parts,
                 quantise_linears,
@@ -91,12 +90,7 @@ class HydraDrafter(MedusaDrafter):
                 ),
             )
             attach_native_layers(prefix)
-            # every other linear of the heads (the prefix layer's are quantised above)
-            for name, lin in list(self.heads.named_modules()):
-                if isinstance(lin, torch.nn.Linear) and not name.startswith("prefix."):
-                    parent, _, attr = name.rpartition(".")
-                    quant_lin = QuantLinear(float_parts(lin.weight.float(), "int8"), lin.bias)
-                    setattr(self.heads.get_submodule(parent), attr, quant_lin)
+            int8_linears(self.heads, skip="prefix")  # the prefix layer's are quantised above
         self.prefix = prefix
         self.cache = prefix.new_cache(capacity=256)
         self.plan(heads, target, top_k, max_nodes, pass_cost, typical)

@@ -101,6 +101,18 @@ def medusa_tree(accuracy: list[list[float]], max_nodes: int) -> tuple[list[tuple
     return paths, scores
 
 
+def int8_linears(module: torch.nn.Module, skip: str | None = None) -> None:
+    """Every ``nn.Linear`` of ``module`` (but those under ``skip``) as an int8 `QuantLinear`
+    (the native kernel): a head's linears beside a quantised target."""
+    from specdec.models.quant_linear import QuantLinear, float_parts
+
+    for name, lin in list(module.named_modules()):
+        if isinstance(lin, torch.nn.Linear) and not (skip and name.startswith(skip + ".")):
+            parent, _, attr = name.rpartition(".")
+            quantised = QuantLinear(float_parts(lin.weight.float(), "int8"), lin.bias)
+            setattr(module.get_submodule(parent), attr, quantised)
+
+
 def prior_accuracy(heads: int, top_k: int) -> list[list[float]]:
     """Accuracies assumed for heads that record none (untrained, made in tests): falling
     with the depth and the rank, as measured ones do."""
@@ -134,12 +146,7 @@ class MedusaDrafter(Drafter):
         heads.check_target(target)
         self.heads = heads.to(target.dtype).requires_grad_(False)
         if quant == "int8":
-            from specdec.models.quant_linear import QuantLinear, float_parts
-
-            for block in self.heads.blocks:
-                for res in block:
-                    w, b = res.linear.weight.float(), res.linear.bias
-                    res.linear = QuantLinear(float_parts(w, "int8"), b)
+            int8_linears(self.heads)
         self.plan(heads, target, top_k, max_nodes, pass_cost, typical)
         self.last: torch.Tensor | None = None  # the target's state at the last committed row
 
