@@ -5,11 +5,13 @@ model (the contract suite and the sampling cases cover exactness)."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
 from random_models import CharTokenizer, random_transformer
 from test_eagle import TEXT, tiny  # noqa: F401 - the tiny model fixture, shared
+from test_medusa import random_heads as medusa_random_heads
 from test_medusa import train_config
 
 from specdec.models.clover_heads import CloverHeads
@@ -20,17 +22,7 @@ from specdec.speculation.drafters.medusa import medusa_tree
 from specdec.speculation.methods import get_method
 from specdec.speculation.sampling import SamplingParams
 
-
-def random_heads(model, seed=0, subset=None, heads=3, layers=1, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    tokens = torch.randperm(vocab, generator=g)[:subset] if subset else None
-    h = CloverHeads.for_target(model, "random", heads, layers, tokens)
-    with torch.no_grad():
-        for name, p in h.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return h
+random_heads = partial(medusa_random_heads, kind=CloverHeads)
 
 
 def test_head_files(tmp_path):

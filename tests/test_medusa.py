@@ -19,14 +19,17 @@ from specdec.speculation.methods import get_method
 from specdec.speculation.sampling import SamplingParams
 
 
-def random_heads(model, seed=0, subset=None, heads=3, layers=1, scale=0.3):
+def random_heads(model, seed=0, subset=None, heads=3, layers=1, scale=0.3, kind=MedusaHeads):
+    """A head set of ``kind`` for ``model``: random weights (norms left at one), drafting
+    among a random ``subset`` of the vocabulary (None: all of it)."""
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     tokens = torch.randperm(vocab, generator=g)[:subset] if subset else None
-    m = MedusaHeads.for_target(model, "random", heads, layers, tokens)
+    m = kind.for_target(model, "random", heads, layers, tokens)
     with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
+        for name, p in m.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     return m
 
 

@@ -33,42 +33,26 @@ kind "chimera") and ``head.safetensors``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from specdec.models.config import ModelConfig
 from specdec.models.eagle_head import (
-    CONFIG_FILE,
-    check_target_facts,
     draft_vocab_ids,
-    load_checked,
-    read_head_folder,
     target_facts,
-    write_head_folder,
 )
-from specdec.models.medusa_heads import MedusaConfig
+from specdec.models.medusa_heads import HeadSet, LayerHeadsConfig, init_random
 from specdec.models.transformer import Block, RotaryTable, Transformer, _rotate_half
 
 
-@dataclass(kw_only=True)
-class ChimeraConfig(MedusaConfig):
+class ChimeraConfig(LayerHeadsConfig):
     """Medusa's fields (num_heads: drafting depths; num_layers: unused, 1) and the
     decoder's shape."""
 
     kind: ClassVar[str] = "chimera"
     label: ClassVar[str] = "Chimera"
-    layer: ModelConfig  # the full-context decoder's shape (the target's, one layer)
-
-    def extra_json(self) -> dict[str, Any]:
-        return {"layer": self.layer.to_dict()}
-
-    @classmethod
-    def extra_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
-        return {"layer": ModelConfig.from_dict(data["layer"])}
 
 
 def trigrams(tokens: torch.Tensor) -> torch.Tensor:
@@ -79,7 +63,7 @@ def trigrams(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[idx.clamp(min=0)]
 
 
-class ChimeraHeads(nn.Module):
+class ChimeraHeads(HeadSet):
     config_class = ChimeraConfig
 
     def __init__(self, config: ChimeraConfig) -> None:
@@ -97,8 +81,9 @@ class ChimeraHeads(nn.Module):
         self.register_buffer("d2t", torch.arange(config.draft_vocab, dtype=torch.long))
 
     @property
-    def num_heads(self) -> int:
-        return self.config.num_heads
+    def dtype(self) -> torch.dtype:
+        """The heads' compute dtype (a norm's: linears may be int8 `QuantLinear`s)."""
+        return self.decoder.attn_norm.weight.dtype
 
     # ------------------------------------------------------------ the heads' arithmetic
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -112,7 +97,7 @@ class ChimeraHeads(nn.Module):
         """The decoder's keys and values (kv_heads, rows, head_dim) of the target's normed
         states ``h`` (rows, d) at ``positions``."""
         attn = self.decoder.attn
-        qkv = attn.wqkv(self.decoder.attn_norm(h.to(self.a[0].weight.dtype)))
+        qkv = attn.wqkv(self.decoder.attn_norm(h.to(self.dtype)))
         n = h.shape[0]
         heads = qkv.view(n, attn.n_heads + 2 * attn.n_kv, attn.head_dim).transpose(0, 1)
         _, k, v = heads.split([attn.n_heads, attn.n_kv, attn.n_kv])
@@ -120,7 +105,7 @@ class ChimeraHeads(nn.Module):
 
     def encode(self, embeds: torch.Tensor) -> torch.Tensor:
         """The trigram encoder on (rows, 3, d) embeddings: (rows, d)."""
-        return self.trigram(embeds.flatten(1).to(self.a[0].weight.dtype))
+        return self.trigram(embeds.flatten(1).to(self.dtype))
 
     def decode(
         self,
@@ -182,31 +167,12 @@ class ChimeraHeads(nn.Module):
         )
         heads = cls(config)
         g = torch.Generator().manual_seed(seed)
+        init_random([*heads.trigram.named_parameters(), *heads.decoder.named_parameters()], g)
         with torch.no_grad():
-            for pname, p in [*heads.trigram.named_parameters(), *heads.decoder.named_parameters()]:
-                if pname.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif pname.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             for a, b in zip(heads.a, heads.b, strict=True):
                 a.weight.copy_(torch.eye(c.hidden_size))
                 b.weight.zero_()
             heads.d2t.copy_(vocab)
-        return heads.to(torch.float32)
-
-    def check_target(self, target: Transformer, where: str = "the Chimera heads") -> None:
-        check_target_facts(self.config.target, target, where)
-
-    def save(self, folder: str | Path) -> Path:
-        return write_head_folder(folder, self.state_dict(), self.config.to_json())
-
-    @classmethod
-    def load(cls, folder: str | Path) -> ChimeraHeads:
-        data, tensors, weights = read_head_folder(folder, "Chimera")
-        heads = cls(ChimeraConfig.from_json(data, str(Path(folder) / CONFIG_FILE)))
-        load_checked(heads, tensors, weights)
         return heads.to(torch.float32)
 
 
@@ -219,7 +185,7 @@ def sequence_outputs(
     being the trigram ending at token t + r + 1 at that position, reading the target's
     states at 0 .. t; its logits guess token t + r + 2."""
     n = last.shape[0]
-    h = target.norm(last.to(heads.a[0].weight.dtype))
+    h = target.norm(last.to(heads.dtype))
     keys, values = heads.keys(h, torch.arange(n))
     with torch.no_grad():
         embeds = target.embed(trigrams(tokens))  # (n, 3, d): the trigram ending at each

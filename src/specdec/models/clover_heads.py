@@ -38,44 +38,28 @@ kind "clover") and ``head.safetensors``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdec.models.config import ModelConfig
 from specdec.models.eagle_head import (
-    CONFIG_FILE,
-    check_target_facts,
     draft_vocab_ids,
-    load_checked,
-    read_head_folder,
     target_facts,
-    write_head_folder,
 )
 from specdec.models.hydra_heads import causal_block
-from specdec.models.medusa_heads import MedusaConfig, ResBlock
+from specdec.models.medusa_heads import HeadSet, LayerHeadsConfig, ResBlock, init_random
 from specdec.models.transformer import Block, RMSNorm, Transformer
 
 
-@dataclass(kw_only=True)
-class CloverConfig(MedusaConfig):
+class CloverConfig(LayerHeadsConfig):
     """Medusa's fields (num_layers: residual blocks per head's MLP) and the augmenting
     block's shape."""
 
     kind: ClassVar[str] = "clover"
     label: ClassVar[str] = "Clover"
-    layer: ModelConfig  # the augmenting block's shape (the target's, one layer)
-
-    def extra_json(self) -> dict[str, Any]:
-        return {"layer": self.layer.to_dict()}
-
-    @classmethod
-    def extra_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
-        return {"layer": ModelConfig.from_dict(data["layer"])}
 
 
 class AttentionDecoder(nn.Module):
@@ -100,7 +84,7 @@ class AttentionDecoder(nn.Module):
         return s + (gate * v).reshape(rows, d)
 
 
-class CloverHeads(nn.Module):
+class CloverHeads(HeadSet):
     config_class = CloverConfig
 
     def __init__(self, config: CloverConfig) -> None:
@@ -121,10 +105,6 @@ class CloverHeads(nn.Module):
         for p in self.parameters():
             p.requires_grad_(True)
         self.register_buffer("d2t", torch.arange(config.draft_vocab, dtype=torch.long))
-
-    @property
-    def num_heads(self) -> int:
-        return self.config.num_heads
 
     # ------------------------------------------------------------ the heads' arithmetic
     def prefix_states(self, target: Transformer, last: torch.Tensor) -> torch.Tensor:
@@ -190,14 +170,8 @@ class CloverHeads(nn.Module):
         heads = cls(config)
         d = c.hidden_size
         g = torch.Generator().manual_seed(seed)
+        init_random(heads.prefix.named_parameters(), g)
         with torch.no_grad():
-            for pname, p in heads.prefix.named_parameters():
-                if pname.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif pname.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             for dec in heads.decoders:
                 dec.norm.weight.fill_(1.0)
                 for lin in (dec.wq, dec.wk):
@@ -208,17 +182,4 @@ class CloverHeads(nn.Module):
                 for p in mlp.parameters():
                     p.zero_()
             heads.d2t.copy_(vocab)
-        return heads.to(torch.float32)
-
-    def check_target(self, target: Transformer, where: str = "the Clover heads") -> None:
-        check_target_facts(self.config.target, target, where)
-
-    def save(self, folder: str | Path) -> Path:
-        return write_head_folder(folder, self.state_dict(), self.config.to_json())
-
-    @classmethod
-    def load(cls, folder: str | Path) -> CloverHeads:
-        data, tensors, weights = read_head_folder(folder, "Clover")
-        heads = cls(CloverConfig.from_json(data, str(Path(folder) / CONFIG_FILE)))
-        load_checked(heads, tensors, weights)
         return heads.to(torch.float32)

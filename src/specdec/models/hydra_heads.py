@@ -32,9 +32,8 @@ static tree is chosen) and ``head.safetensors``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,32 +41,18 @@ from torch import nn
 
 from specdec.models.config import ModelConfig
 from specdec.models.eagle_head import (
-    CONFIG_FILE,
-    check_target_facts,
     draft_vocab_ids,
-    load_checked,
-    read_head_folder,
     target_facts,
-    write_head_folder,
 )
-from specdec.models.medusa_heads import MedusaConfig, ResBlock
+from specdec.models.medusa_heads import HeadSet, LayerHeadsConfig, ResBlock, init_random
 from specdec.models.transformer import Block, RMSNorm, RotaryTable, Transformer, _rotate_half
 
 
-@dataclass(kw_only=True)
-class HydraConfig(MedusaConfig):
+class HydraConfig(LayerHeadsConfig):
     """Medusa's fields (num_layers: blocks per head) and the prefix layer's shape."""
 
     kind: ClassVar[str] = "hydra"
     label: ClassVar[str] = "Hydra"
-    layer: ModelConfig  # the prefix layer's shape (the target's, one layer)
-
-    def extra_json(self) -> dict[str, Any]:
-        return {"layer": self.layer.to_dict()}
-
-    @classmethod
-    def extra_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
-        return {"layer": ModelConfig.from_dict(data["layer"])}
 
 
 class WideBlock(nn.Module):
@@ -82,7 +67,7 @@ class WideBlock(nn.Module):
         return self.res(x) + F.silu(self.linear(x))
 
 
-class HydraHeads(nn.Module):
+class HydraHeads(HeadSet):
     config_class = HydraConfig
 
     def __init__(self, config: HydraConfig) -> None:
@@ -100,10 +85,6 @@ class HydraHeads(nn.Module):
         for p in self.parameters():
             p.requires_grad_(True)
         self.register_buffer("d2t", torch.arange(config.draft_vocab, dtype=torch.long))
-
-    @property
-    def num_heads(self) -> int:
-        return self.config.num_heads
 
     # ------------------------------------------------------------ the heads' arithmetic
     def prefix_states(self, target: Transformer, last: torch.Tensor) -> torch.Tensor:
@@ -159,34 +140,14 @@ class HydraHeads(nn.Module):
         )
         heads = cls(config)
         d = c.hidden_size
-        g = torch.Generator().manual_seed(seed)
+        init_random(heads.prefix.named_parameters(), torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            for pname, p in heads.prefix.named_parameters():
-                if pname.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif pname.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             heads.prefix_norm.weight.copy_(target.norm.weight.float())
             for head in heads.heads:
                 for p in head.parameters():
                     p.zero_()
                 head[0].res.weight[:, :d].copy_(torch.eye(d))
             heads.d2t.copy_(vocab)
-        return heads.to(torch.float32)
-
-    def check_target(self, target: Transformer, where: str = "the Hydra heads") -> None:
-        check_target_facts(self.config.target, target, where)
-
-    def save(self, folder: str | Path) -> Path:
-        return write_head_folder(folder, self.state_dict(), self.config.to_json())
-
-    @classmethod
-    def load(cls, folder: str | Path) -> HydraHeads:
-        data, tensors, weights = read_head_folder(folder, "Hydra")
-        heads = cls(HydraConfig.from_json(data, str(Path(folder) / CONFIG_FILE)))
-        load_checked(heads, tensors, weights)
         return heads.to(torch.float32)
 
 

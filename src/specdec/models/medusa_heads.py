@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec.models.config import ModelConfig
 from specdec.models.eagle_head import (
     CONFIG_FILE,
     HEAD_FORMAT,
@@ -110,6 +111,63 @@ class MedusaConfig:
             raise HeadError(f"{where}: not a {cls.label} head config ({e})") from None
 
 
+@dataclass(kw_only=True)
+class LayerHeadsConfig(MedusaConfig):
+    """Medusa's fields and the shape of a decoder layer the heads run (the target's, one
+    layer): the base of the sequential head sets' configs, which name only their kind."""
+
+    layer: ModelConfig
+
+    def extra_json(self) -> dict[str, Any]:
+        return {"layer": self.layer.to_dict()}
+
+    @classmethod
+    def extra_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {"layer": ModelConfig.from_dict(data["layer"])}
+
+
+def init_random(params, generator: torch.Generator, std: float = 0.02) -> None:
+    """A new layer's start: norm weights one, biases zero, every other weight random with
+    ``std`` (``params``: (name, parameter) pairs)."""
+    with torch.no_grad():
+        for name, p in params:
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+class HeadSet(nn.Module):
+    """What every head set shares: its config, its folder, the target it was made for.
+    A subclass is built from its config alone (`config_class`)."""
+
+    config_class: ClassVar[type[MedusaConfig]] = MedusaConfig
+    config: MedusaConfig
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    def check_target(self, target: Transformer, where: str | None = None) -> None:
+        where = where or f"the {self.config.label} heads"
+        check_target_facts(self.config.target, target, where)
+
+    def save(self, folder: str | Path) -> Path:
+        return write_head_folder(folder, self.state_dict(), self.config.to_json())
+
+    @classmethod
+    def load(cls, folder: str | Path):
+        data, tensors, weights = read_head_folder(folder, cls.config_class.label)
+        config = cls.config_class.from_json(data, str(Path(folder) / CONFIG_FILE))
+        if int(config.target.get("hidden_size", 0)) < 1:
+            raise HeadError(f"{weights}: its config names no hidden size")
+        heads = cls(config)
+        load_checked(heads, tensors, weights)
+        return heads.to(torch.float32)
+
+
 class ResBlock(nn.Module):
     """``x + SiLU(linear(x))``."""
 
@@ -121,21 +179,18 @@ class ResBlock(nn.Module):
         return x + F.silu(self.linear(x))
 
 
-class MedusaHeads(nn.Module):
+class MedusaHeads(HeadSet):
     config_class = MedusaConfig
 
-    def __init__(self, config: MedusaConfig, hidden_size: int) -> None:
+    def __init__(self, config: MedusaConfig) -> None:
         super().__init__()
         self.config = config
+        d = int(config.target["hidden_size"])
         self.blocks = nn.ModuleList(
-            nn.Sequential(*(ResBlock(hidden_size) for _ in range(config.num_layers)))
+            nn.Sequential(*(ResBlock(d) for _ in range(config.num_layers)))
             for _ in range(config.num_heads)
         )
         self.register_buffer("d2t", torch.arange(config.draft_vocab, dtype=torch.long))
-
-    @property
-    def num_heads(self) -> int:
-        return self.config.num_heads
 
     def forward(self, target: Transformer, last: torch.Tensor) -> torch.Tensor:
         """Each head's output from the target's last-layer states ``last`` (rows, d)
@@ -151,34 +206,19 @@ class MedusaHeads(nn.Module):
         num_heads: int = 4,
         num_layers: int = 1,
         draft_tokens: torch.Tensor | None = None,
+        seed: int = 0,
     ) -> MedusaHeads:
         """New heads for ``target`` (called ``name``): each block the identity (zero weight
-        and bias), drafting among ``draft_tokens`` (target ids; None: all)."""
+        and bias), drafting among ``draft_tokens`` (target ids; None: all); ``seed`` is
+        the other kinds' (nothing here is random)."""
         c = target.config
         vocab = draft_vocab_ids(c.vocab_size, draft_tokens)
         config = MedusaConfig(
             {"name": name, **target_facts(target)}, num_heads, num_layers, int(vocab.numel())
         )
-        heads = cls(config, c.hidden_size)
+        heads = cls(config)
         with torch.no_grad():
             for p in heads.parameters():
                 p.zero_()
             heads.d2t.copy_(vocab)
-        return heads.to(torch.float32)
-
-    def check_target(self, target: Transformer, where: str = "the Medusa heads") -> None:
-        check_target_facts(self.config.target, target, where)
-
-    def save(self, folder: str | Path) -> Path:
-        return write_head_folder(folder, self.state_dict(), self.config.to_json())
-
-    @classmethod
-    def load(cls, folder: str | Path) -> MedusaHeads:
-        data, tensors, weights = read_head_folder(folder, "Medusa")
-        config = MedusaConfig.from_json(data, str(Path(folder) / CONFIG_FILE))
-        d = int(config.target.get("hidden_size", 0))
-        if d < 1:
-            raise HeadError(f"{weights}: its config names no hidden size")
-        heads = cls(config, d)
-        load_checked(heads, tensors, weights)
         return heads.to(torch.float32)

@@ -19,7 +19,6 @@ warm-up); trained on a CPU's worth of data (`specdec.models.chimera_heads`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,32 +61,10 @@ def sequence_loss(
     return loss, ranks
 
 
-def train(
-    gen,
-    cfg: ChimeraTrainConfig,
-    *,
-    out: Path | None = None,
-    work: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train Chimera heads for ``gen``'s target (a loaded `specdec.api.Generator`, native
-    backend) and write them to ``out`` (default: the model's 'chimera' head folder).
-    Returns how they were trained and their held-out accuracies."""
+def train(gen, cfg: ChimeraTrainConfig, **kw) -> dict[str, Any]:
+    """Train Chimera heads (`train_heads`: ``out``, ``work``, ``resume``, ``progress``)."""
 
     def loss(heads, model, weight, tokens, last, generator):
         return sequence_loss(heads, model, weight, tokens, last, cfg.decay)
 
-    return train_heads(
-        gen,
-        cfg,
-        "chimera",
-        lambda model, d2t: ChimeraHeads.for_target(
-            model, gen.name, cfg.num_heads, cfg.num_layers, d2t, seed=cfg.seed
-        ),
-        loss,
-        out=out,
-        work=work,
-        resume=resume,
-        progress=progress,
-    )
+    return train_heads(gen, cfg, ChimeraHeads, loss, **kw)

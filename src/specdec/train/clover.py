@@ -20,7 +20,6 @@ data (`specdec.models.clover_heads`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,18 +71,8 @@ def sequence_loss(
     return loss, ranks
 
 
-def train(
-    gen,
-    cfg: CloverTrainConfig,
-    *,
-    out: Path | None = None,
-    work: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train Clover heads for ``gen``'s target (a loaded `specdec.api.Generator`, native
-    backend) and write them to ``out`` (default: the model's 'clover' head folder).
-    Returns how they were trained and their held-out accuracies."""
+def train(gen, cfg: CloverTrainConfig, **kw) -> dict[str, Any]:
+    """Train Clover heads (`train_heads`: ``out``, ``work``, ``resume``, ``progress``)."""
     maps: dict[str, torch.Tensor] = {}
 
     def loss(heads, model, weight, tokens, last, generator):
@@ -96,16 +85,4 @@ def train(
             heads, model, weight, maps["vectors"], maps["t2d"], tokens, last, cfg.decay
         )
 
-    return train_heads(
-        gen,
-        cfg,
-        "clover",
-        lambda model, d2t: CloverHeads.for_target(
-            model, gen.name, cfg.num_heads, cfg.num_layers, d2t, seed=cfg.seed
-        ),
-        loss,
-        out=out,
-        work=work,
-        resume=resume,
-        progress=progress,
-    )
+    return train_heads(gen, cfg, CloverHeads, loss, **kw)

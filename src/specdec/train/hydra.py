@@ -21,7 +21,6 @@ default (theirs: 4); trained on a CPU's worth of data (`specdec.models.hydra_hea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,32 +87,10 @@ def sequence_loss(
     return loss, ranks
 
 
-def train(
-    gen,
-    cfg: HydraTrainConfig,
-    *,
-    out: Path | None = None,
-    work: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train Hydra++ heads for ``gen``'s target (a loaded `specdec.api.Generator`, native
-    backend) and write them to ``out`` (default: the model's 'hydra' head folder).
-    Returns how they were trained and their held-out accuracies."""
+def train(gen, cfg: HydraTrainConfig, **kw) -> dict[str, Any]:
+    """Train Hydra++ heads (`train_heads`: ``out``, ``work``, ``resume``, ``progress``)."""
 
     def loss(heads, model, weight, tokens, last, generator):
         return sequence_loss(heads, model, weight, tokens, last, cfg, generator)
 
-    return train_heads(
-        gen,
-        cfg,
-        "hydra",
-        lambda model, d2t: HydraHeads.for_target(
-            model, gen.name, cfg.num_heads, cfg.num_layers, d2t, seed=cfg.seed
-        ),
-        loss,
-        out=out,
-        work=work,
-        resume=resume,
-        progress=progress,
-    )
+    return train_heads(gen, cfg, HydraHeads, loss, **kw)

@@ -105,54 +105,35 @@ def sequence_loss(
     return loss, ranks
 
 
-def train(
+def train(gen, cfg: MedusaTrainConfig, **kw) -> dict[str, Any]:
+    """Train Medusa heads (`train_heads`: ``out``, ``work``, ``resume``, ``progress``)."""
+
+    def loss(heads, model, weight, tokens, last, generator):
+        return sequence_loss(heads, model, weight, last, cfg.decay)
+
+    return train_heads(gen, cfg, MedusaHeads, loss, **kw)
+
+
+def train_heads(
     gen,
     cfg: MedusaTrainConfig,
+    heads_class,
+    loss: Callable[..., tuple[torch.Tensor, list[torch.Tensor]]],
     *,
     out: Path | None = None,
     work: Path | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train Medusa heads for ``gen``'s target (a loaded `specdec.api.Generator`, native
-    backend) and write them to ``out`` (default: the model's 'medusa' head folder).
-    Returns how they were trained and their held-out accuracies."""
-
-    def loss(heads, model, weight, tokens, last, generator):
-        return sequence_loss(heads, model, weight, last, cfg.decay)
-
-    return train_heads(
-        gen,
-        cfg,
-        "medusa",
-        lambda model, d2t: MedusaHeads.for_target(
-            model, gen.name, cfg.num_heads, cfg.num_layers, d2t
-        ),
-        loss,
-        out=out,
-        work=work,
-        resume=resume,
-        progress=progress,
-    )
-
-
-def train_heads(
-    gen,
-    cfg: MedusaTrainConfig,
-    kind: str,
-    new_heads: Callable[[Any, torch.Tensor], Any],
-    loss: Callable[..., tuple[torch.Tensor, list[torch.Tensor]]],
-    *,
-    out: Path | None,
-    work: Path | None,
-    resume: bool,
-    progress: bool,
-) -> dict[str, Any]:
-    """The training Medusa-style head sets share: the data stages (`prepare`), heads
-    ``new_heads(target, d2t)``, AdamW over ``loss(heads, target, weight, tokens, last,
-    generator)`` per stored sequence (``last``: the target's last-layer states; the
-    generator seeded per sequence and epoch, None when held out), the held-out rank
-    accuracies, the heads written to ``out`` (default: the model's ``kind`` folder)."""
+    """Train a head set of ``heads_class`` (a `HeadSet`: Medusa's or a sequential kind's)
+    for ``gen``'s target (a loaded `specdec.api.Generator`, native backend) and write it
+    to ``out`` (default: the model's folder of its kind); returns how it was trained and
+    its held-out accuracies. The steps every such kind shares: the data stages
+    (`prepare`), new heads (``heads_class.for_target``), AdamW over ``loss(heads, target,
+    weight, tokens, last, generator)`` per stored sequence (``last``: the target's
+    last-layer states; the generator seeded per sequence and epoch, None when held
+    out), the held-out rank accuracies."""
+    kind = heads_class.config_class.kind
     cfg.check()
     out = Path(out) if out else head_folder(gen.name, kind)
     run = prepare(
@@ -167,7 +148,9 @@ def train_heads(
         held_out=cfg.held_out,
     )
     model = gen.target.model
-    heads = new_heads(model, run.d2t)
+    heads = heads_class.for_target(
+        model, gen.name, cfg.num_heads, cfg.num_layers, run.d2t, seed=cfg.seed
+    )
     weight = head_rows(model, heads.d2t).float()
     opt = torch.optim.AdamW(
         heads.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
