@@ -4,6 +4,7 @@ and training on a tiny model (the contract suite and the sampling cases cover ex
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -355,3 +356,30 @@ def test_export_cli_says_what_is_missing(tmp_path, capsys):
                  str(tmp_path / "v"), "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
     assert code != 0 and "no Medusa heads at" in err and "Traceback" not in err
+
+
+def test_the_tree_pays_for_its_guessing_or_is_not_drafted(tmp_path):
+    """Sized on the pass-cost curve with the measured guessing time: guessing that costs
+    more than the best tree gains drafts nothing (not guessing is charged no guessing
+    time); cheap guessing drafts; the first timing (warm-up) sizes nothing."""
+    from specdec.models.pass_cost import PassCost
+
+    model = random_transformer("llama", seed=3, vocab=24).double()
+    heads = random_heads(model, seed=4, subset=15)
+    heads.config.accuracy = [[0.3, 0.1, 0.05], [0.2, 0.1, 0.05], [0.1, 0.05, 0.02]]
+    heads.save(tmp_path / "m")
+    cost = PassCost({1: 10.0, 64: 30.0})  # ms
+    ctx = BuildContext(tokenizer=CharTokenizer(vocab=24), vocab_size=24,
+                       target=NativeTarget(model), pass_cost=lambda: cost)  # fmt: skip
+    drafter = get_method("medusa").build(ctx, {"heads": str(tmp_path / "m")})
+    untimed = drafter.size
+    assert untimed > 0
+    now = time.perf_counter()
+    drafter.timed(now - 1.0)  # warm-up: 1 s
+    assert drafter.size == untimed
+    drafter.timed(now - 0.050)  # 50 ms of guessing against 10 ms steps: nothing pays
+    assert drafter.size == 0 and drafter.draft_ms == pytest.approx(50, rel=0.1)
+    cheap = get_method("medusa").build(ctx, {"heads": str(tmp_path / "m")})
+    cheap.timed(time.perf_counter())
+    cheap.timed(time.perf_counter() - 0.0005)  # half a millisecond: a tree pays
+    assert 0 < cheap.size

@@ -69,6 +69,10 @@ DETECTS_TV = {RUNS: 0.16, SLOW_RUNS: 0.056}
 T1 = SamplingParams(temperature=1.0, seed=0)
 SHAPED = SamplingParams(temperature=1.2, top_k=3, top_p=0.95, seed=0)
 FLAT = PassCost({1: 1.0, 64: 2.0})  # a pass costs little more with more tokens: big trees
+# the same shape in seconds: the head sets weigh their measured guessing time (ms) against
+# the pass cost, and a millisecond of Python would outweigh FLAT's pass
+FLAT_SLOW = PassCost({1: 1000.0, 64: 2000.0})
+HEAD_SETS = ("medusa", "hydra", "clover", "chimera")
 
 
 @functools.cache
@@ -167,12 +171,14 @@ def build(method: str, options: dict, tok) -> Drafter:
         xdraft, dtok = cross_vocab_draft(tok)
         ctx = context(model, tok, draft=xdraft, draft_tokenizer=dtok)
     else:
-        ctx = context(model, tok, FLAT, draft=draft, draft_cost=PassCost({1: 0.05}))
+        heads = any(kind in method.split("+") for kind in HEAD_SETS)
+        cost = FLAT_SLOW if heads else FLAT
+        ctx = context(model, tok, cost, draft=draft, draft_cost=PassCost({1: 0.05}))
     if "rest" in method.split("+"):
         opts["datastore"] = rest_datastore(tok)
     if "eagle" in method.split("+"):
         opts["head"] = random_head(opts.get("version", "1"))
-    for kind in ("medusa", "hydra", "clover", "chimera"):
+    for kind in HEAD_SETS:
         if kind in method.split("+"):
             opts["heads"] = random_heads(kind)
     drafter = get_method(method).build(ctx, opts)

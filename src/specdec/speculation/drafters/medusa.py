@@ -165,6 +165,7 @@ class MedusaDrafter(Drafter):
         self.paths, self.scores = medusa_tree(accuracy, max_nodes)
         self.pass_cost = pass_cost
         self.draft_ms = 0.0  # what a step's guessing costs, smoothed
+        self.timings = 0
         self.size = self._size()
         self._tree: DraftTree | None = None
         self._nodes: list[int] = []  # the drafted tree's nodes, as indices of self.paths
@@ -201,11 +202,15 @@ class MedusaDrafter(Drafter):
         )
 
     def _size(self) -> int:
-        """How many of the tree's paths pay: all up to DEFAULT_NODES without pass costs."""
+        """How many of the tree's paths pay: all up to DEFAULT_NODES without pass costs.
+        Guessing costs its time only when it guesses: the best tree, charged it, must beat
+        not guessing at all, or none is drafted."""
         if self.pass_cost is None:
             return min(len(self.paths), DEFAULT_NODES)
         ms = self.draft_ms
-        return best_size(self.scores, lambda n: self.pass_cost(n) + ms)
+        n = best_size(self.scores, lambda k: self.pass_cost(k) + ms)
+        gain = (1 + sum(self.scores[:n])) / (self.pass_cost(n + 1) + ms)
+        return n if n and gain > 1 / self.pass_cost(1) else 0
 
     # ------------------------------------------------------------------ a request
     @property
@@ -242,12 +247,14 @@ class MedusaDrafter(Drafter):
         return tree
 
     def timed(self, start: float) -> None:
-        """A step's guessing began at ``start`` (perf_counter) and is over."""
+        """A step's guessing began at ``start`` (perf_counter) and is over: from the second
+        on (the first pays for warm-up), the tree is sized again on the smoothed time."""
         ms = (time.perf_counter() - start) * 1e3
-        first = self.draft_ms == 0
-        self.draft_ms = ms if first else 0.9 * self.draft_ms + 0.1 * ms
-        if first:
-            self.size = self._size()  # sized again now that guessing is timed
+        self.timings += 1
+        if self.timings == 1:
+            return
+        self.draft_ms = ms if self.timings == 2 else 0.9 * self.draft_ms + 0.1 * ms
+        self.size = self._size()
 
     def verifier(self, sampling: SamplingParams) -> Verifier | None:
         return None if sampling.greedy else self.typical
