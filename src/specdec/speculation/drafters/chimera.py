@@ -83,11 +83,7 @@ class ChimeraDrafter(MedusaDrafter):
             self._tree, self._nodes = DraftTree(), []
             return self._tree
         t = time.perf_counter()
-        chosen, kept = [], {()}
-        for p, path in enumerate(self.paths[:n]):
-            if len(path) <= depth and len(chosen) < state.budget - 1 and path[:-1] in kept:
-                chosen.append(p)
-                kept.add(path)
+        chosen = self.chosen_paths(n, depth, state.budget)
         committed = self.keys.shape[1]  # the pending token's position
         tail = list(state.tokens[-3:])
         tail = [tail[0]] * (3 - len(tail)) + tail
@@ -110,10 +106,4 @@ class ChimeraDrafter(MedusaDrafter):
                 path = self.paths[p]
                 token[path] = int(top[at[path[:-1]], path[-1]])
                 ids[path] = [*ids[path[:-1]][1:], token[path]]
-        tree, index = DraftTree(), {(): -1}
-        for p in chosen:
-            path = self.paths[p]
-            index[path] = tree.add(token[path], index[path[:-1]])
-        self.timed(t)
-        self._tree, self._nodes = tree, chosen
-        return tree
+        return self.drafted(chosen, token, t)

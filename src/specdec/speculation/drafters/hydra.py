@@ -131,11 +131,7 @@ class HydraDrafter(MedusaDrafter):
             self._tree, self._nodes = DraftTree(), []
             return self._tree
         t = time.perf_counter()
-        chosen, kept = [], {()}
-        for p, path in enumerate(self.paths[:n]):
-            if len(path) <= depth and len(chosen) < state.budget - 1 and path[:-1] in kept:
-                chosen.append(p)
-                kept.add(path)
+        chosen = self.chosen_paths(n, depth, state.budget)
         # per path its carry: what the next depth's head reads besides the prefix state
         token = {(): state.tokens[-1]}
         e0 = self.embed_tokens([state.tokens[-1]])
@@ -156,10 +152,4 @@ class HydraDrafter(MedusaDrafter):
                 embeds = self.embed_tokens([token[path] for path in deeper])
                 for path, e in zip(deeper, embeds, strict=True):
                     carry[path] = torch.cat([memo[at[path[:-1]]], e[None]])
-        tree, index = DraftTree(), {(): -1}
-        for p in chosen:
-            path = self.paths[p]
-            index[path] = tree.add(token[path], index[path[:-1]])
-        self.timed(t)
-        self._tree, self._nodes = tree, chosen
-        return tree
+        return self.drafted(chosen, token, t)

@@ -246,6 +246,27 @@ class MedusaDrafter(Drafter):
         self._tree, self._nodes = tree, nodes
         return tree
 
+    def chosen_paths(self, n: int, depth: int, budget: int) -> list[int]:
+        """Of the tree's first ``n`` paths, those within ``depth`` and the budget whose
+        parents are kept (indices into ``self.paths``): what a depth-by-depth drafter drafts."""
+        chosen, kept = [], {()}
+        for p, path in enumerate(self.paths[:n]):
+            if len(path) <= depth and len(chosen) < budget - 1 and path[:-1] in kept:
+                chosen.append(p)
+                kept.add(path)
+        return chosen
+
+    def drafted(self, chosen: list[int], token: dict, start: float) -> DraftTree:
+        """The tree of the ``chosen`` paths with each path's last ``token``, guessing begun
+        at ``start``: timed, and kept for the step's verification."""
+        tree, index = DraftTree(), {(): -1}
+        for p in chosen:
+            path = self.paths[p]
+            index[path] = tree.add(token[path], index[path[:-1]])
+        self.timed(start)
+        self._tree, self._nodes = tree, chosen
+        return tree
+
     def timed(self, start: float) -> None:
         """A step's guessing began at ``start`` (perf_counter) and is over: from the second
         on (the first pays for warm-up), the tree is sized again on the smoothed time."""
