@@ -153,17 +153,20 @@ def heads_options(kind: str, model, tok, rng: random.Random):
     size, sized by a cost curve or not."""
     from specdec.models.chimera_heads import ChimeraHeads
     from specdec.models.clover_heads import CloverHeads
+    from specdec.models.falcon_heads import FalconHeads
     from specdec.models.hydra_heads import HydraHeads
     from specdec.models.medusa_heads import MedusaHeads
 
     heads_class, most = {"medusa": (MedusaHeads, 4), "hydra": (HydraHeads, 3),
-                         "clover": (CloverHeads, 3), "chimera": (ChimeraHeads, 3)}[kind]  # fmt: skip
+                         "clover": (CloverHeads, 3), "chimera": (ChimeraHeads, 3),
+                         "falcon": (FalconHeads, 5)}[kind]  # fmt: skip
     g = torch.Generator().manual_seed(rng.randrange(1000))
     vocab = model.config.vocab_size
     subset = rng.choice([None, rng.randint(1, vocab)])
     tokens = torch.randperm(vocab, generator=g)[:subset] if subset else None
+    extra = {"block": rng.randint(1, 3)} if kind == "falcon" else {}
     heads = heads_class.for_target(model, "random", rng.randint(1, most), rng.randint(1, 2),
-                                   tokens)  # fmt: skip
+                                   tokens, **extra)  # fmt: skip
     with torch.no_grad():
         for name, p in heads.named_parameters():
             if not name.endswith("norm.weight"):
@@ -274,7 +277,7 @@ def rest_options(model, tok, rng: random.Random):
     return opts, context(model, tok, rng.choice(COSTS))
 
 
-HEAD_KINDS = {"medusa", "hydra", "clover", "chimera"}
+HEAD_KINDS = {"medusa", "hydra", "clover", "chimera", "falcon"}
 
 
 def merged_options(model, tok, rng: random.Random, names: list[str] | None = None):
@@ -357,6 +360,7 @@ FACTORIES = {
     "hydra": partial(heads_options, "hydra"),
     "clover": partial(heads_options, "clover"),
     "chimera": partial(heads_options, "chimera"),
+    "falcon": partial(heads_options, "falcon"),
 }
 
 

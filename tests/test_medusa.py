@@ -118,13 +118,15 @@ def train_config(kind: str, corpus, **kw):
     """A tiny run's settings for ``kind`` (the head sets that share Medusa's training)."""
     from specdec.train.chimera import ChimeraTrainConfig
     from specdec.train.clover import CloverTrainConfig
+    from specdec.train.falcon import FalconTrainConfig
     from specdec.train.hydra import HydraTrainConfig
     from specdec.train.medusa import MedusaTrainConfig
 
     base = dict(data=str(corpus), minutes=None, tokens=4000, feature_tokens=1200, seq_len=48,
                 respond=0, draft_vocab=200, num_heads=2, lr=3e-3, checkpoint_s=1e9, top_k=4)  # fmt: skip
     configs = {"medusa": MedusaTrainConfig, "hydra": HydraTrainConfig,
-               "clover": CloverTrainConfig, "chimera": ChimeraTrainConfig}  # fmt: skip
+               "clover": CloverTrainConfig, "chimera": ChimeraTrainConfig,
+               "falcon": FalconTrainConfig}  # fmt: skip
     return configs[kind](**{**base, **kw})
 
 
@@ -135,11 +137,13 @@ def medusa_config(corpus, **kw):
 def trainer(kind: str):
     from specdec.models.chimera_heads import ChimeraHeads
     from specdec.models.clover_heads import CloverHeads
+    from specdec.models.falcon_heads import FalconHeads
     from specdec.models.hydra_heads import HydraHeads
-    from specdec.train import chimera, clover, hydra, medusa
+    from specdec.train import chimera, clover, falcon, hydra, medusa
 
     return {"medusa": (medusa.train, MedusaHeads), "hydra": (hydra.train, HydraHeads),
-            "clover": (clover.train, CloverHeads), "chimera": (chimera.train, ChimeraHeads)}[kind]  # fmt: skip
+            "clover": (clover.train, CloverHeads), "chimera": (chimera.train, ChimeraHeads),
+            "falcon": (falcon.train, FalconHeads)}[kind]  # fmt: skip
 
 
 def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
@@ -199,16 +203,19 @@ def test_a_medusa_run_reads_the_features_an_eagle_run_made(tiny, tmp_path, monke
     assert MedusaHeads.load(heads / "medusa").config.training["feature_tokens"] >= 600
 
 
-@pytest.mark.parametrize("kind", ["medusa", "hydra", "clover", "chimera"])
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "clover", "chimera", "falcon"])
 def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path, kind):  # noqa: F811
     train, heads_class = trainer(kind)
     gen, corpus, _ = tiny
-    train(gen, train_config(kind, corpus, tokens=2000), out=tmp_path / "a", work=tmp_path / "wa",
-          progress=False)  # fmt: skip
-    train(gen, train_config(kind, corpus, tokens=1000), out=tmp_path / "b", work=tmp_path / "wb",
-          progress=False)  # fmt: skip
-    train(gen, train_config(kind, corpus, tokens=2000), out=tmp_path / "b", work=tmp_path / "wb",
-          resume=True, progress=False)  # fmt: skip
+    # the interruption is a shorter budget: Falcon's glancing, which falls over the budget,
+    # held constant so that both halves follow one schedule
+    kw = {"glance_start": 0.3, "glance_end": 0.3} if kind == "falcon" else {}
+    train(gen, train_config(kind, corpus, tokens=2000, **kw), out=tmp_path / "a",
+          work=tmp_path / "wa", progress=False)  # fmt: skip
+    train(gen, train_config(kind, corpus, tokens=1000, **kw), out=tmp_path / "b",
+          work=tmp_path / "wb", progress=False)  # fmt: skip
+    train(gen, train_config(kind, corpus, tokens=2000, **kw), out=tmp_path / "b",
+          work=tmp_path / "wb", resume=True, progress=False)  # fmt: skip
     a, b = heads_class.load(tmp_path / "a"), heads_class.load(tmp_path / "b")
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
@@ -225,6 +232,8 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path, kind):  # 
         ("hydra", ["--tokens", "10", "--dropout", "1"], "--dropout must be in [0, 1)"),
         ("clover", ["--tokens", "10", "--heads", "0"], "--heads, --layers and --top-k must be"),
         ("chimera", ["--minutes", "0"], "--minutes must be > 0"),
+        ("falcon", ["--tokens", "10", "--block", "0"], "--block must be >= 1"),
+        ("falcon", ["--tokens", "10", "--glance", "0.1", "0.5"], "--glance must be two shares"),
     ],
 )
 def test_train_cli_refuses_bad_input(tiny, tmp_path, monkeypatch, capsys, kind, args, message):  # noqa: F811

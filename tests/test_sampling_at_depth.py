@@ -72,7 +72,7 @@ FLAT = PassCost({1: 1.0, 64: 2.0})  # a pass costs little more with more tokens:
 # the same shape in seconds: the head sets weigh their measured guessing time (ms) against
 # the pass cost, and a millisecond of Python would outweigh FLAT's pass
 FLAT_SLOW = PassCost({1: 1000.0, 64: 2000.0})
-HEAD_SETS = ("medusa", "hydra", "clover", "chimera")
+HEAD_SETS = ("medusa", "hydra", "clover", "chimera", "falcon")
 
 
 @functools.cache
@@ -138,16 +138,18 @@ def random_head(version: str = "1") -> str:
 
 @functools.cache
 def random_heads(kind: str) -> str:
-    """Medusa, Hydra, Clover or Chimera heads for the target: random, with recorded accuracies (a
+    """Medusa, Hydra, Clover, Chimera or Falcon heads for the target: random, with recorded accuracies (a
     tree of 3 levels); the sequential kinds' weights large, so that paths reach depth 2."""
     from specdec.models.chimera_heads import ChimeraHeads
     from specdec.models.clover_heads import CloverHeads
+    from specdec.models.falcon_heads import FalconHeads
     from specdec.models.hydra_heads import HydraHeads
     from specdec.models.medusa_heads import MedusaHeads
 
     heads_class, seed, scale = {"medusa": (MedusaHeads, 6, 0.3), "hydra": (HydraHeads, 7, 1.0),
                                 "clover": (CloverHeads, 10, 1.0),
-                                "chimera": (ChimeraHeads, 11, 1.0)}[kind]  # fmt: skip
+                                "chimera": (ChimeraHeads, 11, 1.0),
+                                "falcon": (FalconHeads, 12, 1.0)}[kind]  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     heads = heads_class.for_target(target_model(), "random", num_heads=3)
     with torch.no_grad():
@@ -244,6 +246,7 @@ CASES: dict[str, tuple[str, dict, SamplingParams]] = {
     "hydra-tree": ("hydra", {"top_k": 3, "max_nodes": 12}, SHAPED),
     "clover-tree": ("clover", {"top_k": 3, "max_nodes": 12}, SHAPED),
     "chimera-tree": ("chimera", {"top_k": 3, "max_nodes": 12}, SHAPED),
+    "falcon-tree": ("falcon", {"top_k": 3, "max_nodes": 12}, SHAPED),
     # auto switching at random steps among a draft model's sampled chain, prompt lookup and
     # Token Recycling (`test_contract.switching`)
     "auto-switching": (
@@ -331,6 +334,7 @@ CAPPED = [
     "hydra-tree",
     "clover-tree",
     "chimera-tree",
+    "falcon-tree",
     "auto-switching",
 ]
 

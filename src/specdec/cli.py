@@ -1,5 +1,5 @@
 """Command line: `specdec generate | methods | bench | models | pull | datastore build | auto |
-train eagle | medusa | hydra | clover | chimera | heads | export eagle | export medusa`.
+train eagle | medusa | hydra | clover | chimera | falcon | heads | export eagle | export medusa`.
 
 Errors a user can cause print one line (no traceback) and exit non-zero.
 """
@@ -323,6 +323,7 @@ def _add_train(sub: Any) -> None:
 
     from specdec.train.chimera import ChimeraTrainConfig
     from specdec.train.clover import CloverTrainConfig
+    from specdec.train.falcon import FalconTrainConfig
     from specdec.train.hydra import HydraTrainConfig
     from specdec.train.medusa import MedusaTrainConfig
 
@@ -402,6 +403,34 @@ def _add_train(sub: Any) -> None:
     x.add_argument("--heads", type=int, default=x_d.num_heads, metavar="K",
                    help=f"heads: tokens guessed beyond the next (default {x_d.num_heads})")  # fmt: skip
     x.set_defaults(func=cmd_train_chimera, layers=1)
+
+    f_d = FalconTrainConfig()
+    f = tsub.add_parser(
+        "falcon",
+        help="a Falcon drafter: one decoder layer on the model's hidden states that guesses "
+        "k tokens per pass",
+        description="Falcon: one decoder layer reads each token beside the model's hidden "
+        "state before it, in blocks of k tokens that see each other (the relaxed causal "
+        "mask), and predicts the state k - 1 places on: one pass guesses k tokens, each "
+        "from its own top guesses. Trained by coupled sequential glancing distillation: a "
+        "first pass counts the tokens it gets wrong, a share of the blocks' first inputs "
+        "are replaced by the ground truth they should predict, and a second pass learns "
+        "the model's hidden states and distribution. The features are the EAGLE-1 head's "
+        "(read, not computed again); the held-out accuracy of each depth's i-th guess, "
+        "drafted as --method falcon drafts, is what it builds its tree from.",
+    )
+    _add_model_args(f, DEFAULT_MODEL)
+    _add_train_args(f, f_d, "the drafter", "sequence tokens x depths", "--method falcon")
+    f.add_argument("--heads", type=int, default=f_d.num_heads, metavar="K",
+                   help=f"drafting depths: tokens guessed beyond the next (default {f_d.num_heads})")  # fmt: skip
+    f.add_argument("--block", type=int, default=f_d.block, metavar="K",
+                   help=f"tokens guessed per pass (default {f_d.block})")  # fmt: skip
+    f.add_argument("--glance", type=float, nargs=2, default=(f_d.glance_start, f_d.glance_end),
+                   metavar=("START", "END"),
+                   help="the share of wrong guesses whose blocks glance at the truth, falling "
+                   f"from START to END over the run (default {f_d.glance_start:g} "
+                   f"{f_d.glance_end:g})")  # fmt: skip
+    f.set_defaults(func=cmd_train_falcon, layers=1)
 
     h = sub.add_parser(
         "heads",
@@ -901,7 +930,7 @@ def cmd_train_eagle(args: argparse.Namespace) -> int:
 
 
 def _train_heads(args: argparse.Namespace, kind: str) -> int:
-    """`specdec train medusa`, `hydra`, `clover` and `chimera`."""
+    """`specdec train medusa`, `hydra`, `clover`, `chimera` and `falcon`."""
     if kind == "hydra":
         from specdec.train.hydra import HydraTrainConfig as Config
         from specdec.train.hydra import train
@@ -917,6 +946,11 @@ def _train_heads(args: argparse.Namespace, kind: str) -> int:
         from specdec.train.chimera import train
 
         extra = {}
+    elif kind == "falcon":
+        from specdec.train.falcon import FalconTrainConfig as Config
+        from specdec.train.falcon import train
+
+        extra = {"block": args.block, "glance_start": args.glance[0], "glance_end": args.glance[1]}
     else:
         from specdec.train.medusa import MedusaTrainConfig as Config
         from specdec.train.medusa import train
@@ -929,9 +963,10 @@ def _train_heads(args: argparse.Namespace, kind: str) -> int:
     gen = _load_generator(args)
     report = train(gen, cfg, out=args.out, resume=args.resume, progress=not args.quiet)
     ev = report["evaluation"]
+    what, by = ("drafter", "depth") if kind == "falcon" else ("heads", "head")
     print(
-        f"{kind.capitalize()} heads for {gen.name}: {report['trained_tokens']:,} training "
-        f"tokens in {report['train_seconds'] / 60:.1f} min; held-out top-1 by head "
+        f"{HEAD_SETS[kind]} {what} for {gen.name}: {report['trained_tokens']:,} training "
+        f"tokens in {report['train_seconds'] / 60:.1f} min; held-out top-1 by {by} "
         f"{', '.join(f'{a:.2f}' for a in ev['top1_by_head'])}"
     )
     return 0
@@ -951,6 +986,10 @@ def cmd_train_clover(args: argparse.Namespace) -> int:
 
 def cmd_train_chimera(args: argparse.Namespace) -> int:
     return _train_heads(args, "chimera")
+
+
+def cmd_train_falcon(args: argparse.Namespace) -> int:
+    return _train_heads(args, "falcon")
 
 
 def cmd_export_eagle(args: argparse.Namespace) -> int:
@@ -1010,7 +1049,8 @@ def cmd_export_medusa(args: argparse.Namespace) -> int:
 
 
 # the head kinds whose accuracy is recorded per head (EAGLE's: per drafting depth)
-HEAD_SETS = {"medusa": "Medusa-1", "hydra": "Hydra++", "clover": "Clover-1", "chimera": "Chimera"}
+HEAD_SETS = {"medusa": "Medusa-1", "hydra": "Hydra++", "clover": "Clover-1", "chimera": "Chimera",
+             "falcon": "Falcon"}
 
 
 def cmd_heads(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from specdec.speculation.drafters.clover import CloverDrafter
 from specdec.speculation.drafters.cross_vocab import CrossVocabDrafter
 from specdec.speculation.drafters.draft_model import DraftModelDrafter
 from specdec.speculation.drafters.eagle import EagleDrafter
+from specdec.speculation.drafters.falcon import FalconDrafter
 from specdec.speculation.drafters.hydra import HydraDrafter
 from specdec.speculation.drafters.lookahead import LookaheadDrafter
 from specdec.speculation.drafters.medusa import MedusaDrafter
@@ -45,6 +46,7 @@ DRAFTERS: tuple[type[Drafter], ...] = (
     HydraDrafter,
     CloverDrafter,
     ChimeraDrafter,
+    FalconDrafter,
     PromptLookupDrafter,
     NgramCacheDrafter,
     StandDrafter,

@@ -64,7 +64,7 @@ def sequence_loss(
 def train(gen, cfg: ChimeraTrainConfig, **kw) -> dict[str, Any]:
     """Train Chimera heads (`train_heads`: ``out``, ``work``, ``resume``, ``progress``)."""
 
-    def loss(heads, model, weight, tokens, last, generator):
+    def loss(heads, model, weight, tokens, last, generator, done):
         return sequence_loss(heads, model, weight, tokens, last, cfg.decay)
 
     return train_heads(gen, cfg, ChimeraHeads, loss, **kw)

@@ -75,7 +75,7 @@ def train(gen, cfg: CloverTrainConfig, **kw) -> dict[str, Any]:
     """Train Clover heads (`train_heads`: ``out``, ``work``, ``resume``, ``progress``)."""
     maps: dict[str, torch.Tensor] = {}
 
-    def loss(heads, model, weight, tokens, last, generator):
+    def loss(heads, model, weight, tokens, last, generator, done):
         if not maps:  # the draft vocabulary's vectors, once
             maps["vectors"] = CloverHeads.token_vectors(weight)
             t2d = torch.full((model.config.vocab_size,), -1, dtype=torch.long)

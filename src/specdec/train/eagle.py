@@ -264,7 +264,7 @@ def train(
     weight = head_rows(model, head.d2t).float()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
-    def step(i: int, epoch: int) -> tuple[torch.Tensor, int]:
+    def step(i: int, epoch: int, done: float) -> tuple[torch.Tensor, int]:
         tokens, hidden = run.store.sequence(i)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 1_000_003 + i)
         loss, _ = sequence_loss(head, model, weight, tokens, hidden, cfg, g)

@@ -90,7 +90,7 @@ def sequence_loss(
 def train(gen, cfg: HydraTrainConfig, **kw) -> dict[str, Any]:
     """Train Hydra++ heads (`train_heads`: ``out``, ``work``, ``resume``, ``progress``)."""
 
-    def loss(heads, model, weight, tokens, last, generator):
+    def loss(heads, model, weight, tokens, last, generator, done):
         return sequence_loss(heads, model, weight, tokens, last, cfg, generator)
 
     return train_heads(gen, cfg, HydraHeads, loss, **kw)

@@ -207,8 +207,8 @@ def run_epochs(
     clip: float = 1.0,
 ) -> Position:
     """Train ``head`` until ``cfg.tokens`` training tokens or ``cfg.minutes`` (resumed
-    runs included). ``step(sequence, epoch)`` returns one stored sequence's loss and the
-    training tokens it counts; sequences come in a seeded order per epoch. A resumed run
+    runs included). ``step(sequence, epoch, done)`` returns one stored sequence's loss and
+    the training tokens it counts (``done``: the share of the budget spent, 0 .. 1); sequences come in a seeded order per epoch. A resumed run
     starts from the checkpoint in ``prepared.work``."""
     folder = prepared.work / "checkpoint"
     pos = (load_checkpoint(folder, head, opt) if resume else None) or Position()
@@ -233,7 +233,8 @@ def run_epochs(
             if pos.index >= len(order):
                 pos.epoch, pos.index = pos.epoch + 1, 0
                 continue
-            loss, tokens = step(train_ids[order[pos.index]], pos.epoch)
+            done = max(pos.trained_tokens / budget_tokens, pos.seconds / budget_s)
+            loss, tokens = step(train_ids[order[pos.index]], pos.epoch, min(1.0, done))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), clip)

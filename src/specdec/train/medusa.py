@@ -108,7 +108,7 @@ def sequence_loss(
 def train(gen, cfg: MedusaTrainConfig, **kw) -> dict[str, Any]:
     """Train Medusa heads (`train_heads`: ``out``, ``work``, ``resume``, ``progress``)."""
 
-    def loss(heads, model, weight, tokens, last, generator):
+    def loss(heads, model, weight, tokens, last, generator, done):
         return sequence_loss(heads, model, weight, last, cfg.decay)
 
     return train_heads(gen, cfg, MedusaHeads, loss, **kw)
@@ -124,15 +124,16 @@ def train_heads(
     work: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    head_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a head set of ``heads_class`` (a `HeadSet`: Medusa's or a sequential kind's)
     for ``gen``'s target (a loaded `specdec.api.Generator`, native backend) and write it
     to ``out`` (default: the model's folder of its kind); returns how it was trained and
     its held-out accuracies. The steps every such kind shares: the data stages
-    (`prepare`), new heads (``heads_class.for_target``), AdamW over ``loss(heads, target,
-    weight, tokens, last, generator)`` per stored sequence (``last``: the target's
+    (`prepare`), new heads (``heads_class.for_target``, with ``head_options``), AdamW over ``loss(heads, target,
+    weight, tokens, last, generator, done)`` per stored sequence (``last``: the target's
     last-layer states; the generator seeded per sequence and epoch, None when held
-    out), the held-out rank accuracies."""
+    out; ``done``: the share of the budget spent), the held-out rank accuracies."""
     kind = heads_class.config_class.kind
     cfg.check()
     out = Path(out) if out else head_folder(gen.name, kind)
@@ -149,7 +150,8 @@ def train_heads(
     )
     model = gen.target.model
     heads = heads_class.for_target(
-        model, gen.name, cfg.num_heads, cfg.num_layers, run.d2t, seed=cfg.seed
+        model, gen.name, cfg.num_heads, cfg.num_layers, run.d2t, seed=cfg.seed,
+        **(head_options or {}),
     )
     weight = head_rows(model, heads.d2t).float()
     opt = torch.optim.AdamW(
@@ -162,15 +164,15 @@ def train_heads(
         tokens, hidden = run.store.sequence(i)
         return tokens, layer_features(hidden, have, (n_layers,))
 
-    def step(i: int, epoch: int) -> tuple[torch.Tensor, int]:
+    def step(i: int, epoch: int, done: float) -> tuple[torch.Tensor, int]:
         tokens, last = sequence(i)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 1_000_003 + i)
-        value, _ = loss(heads, model, weight, tokens, last, g)
+        value, _ = loss(heads, model, weight, tokens, last, g, done)
         return value, last.shape[0] * cfg.num_heads
 
     pos = run_epochs(heads, opt, step, run, cfg, resume=resume, progress=progress, kind=kind)
     with torch.no_grad():
-        results = [loss(heads, model, weight, *sequence(i), None) for i in run.eval_ids]
+        results = [loss(heads, model, weight, *sequence(i), None, 1.0) for i in run.eval_ids]
     evaluation = rank_accuracy(results, cfg.num_heads, cfg.top_k)
     heads.config.accuracy = evaluation.pop("accuracy")
     heads.config.training = record(cfg, run, pos, evaluation)
