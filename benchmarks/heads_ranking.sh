@@ -16,7 +16,7 @@ MINUTES=${MINUTES:-25}
 FEATURES=${FEATURES:-90000}
 LIMIT=${LIMIT:-2}
 TOKENS=${TOKENS:-128}
-KINDS=${KINDS:-medusa hydra clover chimera}
+KINDS=${KINDS:-medusa hydra clover chimera falcon}
 SPECDEC=${SPECDEC:-specdec}
 
 for kind in $KINDS; do

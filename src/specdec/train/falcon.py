@@ -11,8 +11,8 @@ distillation (CSGD), per stored sequence (`glanced_loss`):
    places on reads (its token and the feature before it: the ground truth the slot is
    to predict), so that the rest of their block glances at it; lambda falls linearly
    from ``glance_start`` to ``glance_end`` over the run;
-3. a pass with gradients on those inputs; the loss is Falcon's: SmoothL1 between each
-   slot's predicted feature and the target's ``f_{s+k-1}``, plus 0.1 × (0.9 × the
+3. a pass with gradients on those inputs; the loss, on the slots not glanced, is
+   Falcon's: SmoothL1 between each slot's predicted feature and the target's ``f_{s+k-1}``, plus 0.1 × (0.9 × the
    target's distribution against the drafter's at temperature 0.95 (the authors' KL
    form) + 0.1 × cross-entropy to a token drawn from the target's distribution).
 
@@ -22,8 +22,9 @@ on held-out sequences, drafting as it runs (`drafting_outputs`: every pass, the 
 teacher-forced) gives each depth's accuracy per rank: the tree's numbers.
 
 Deviations from Falcon: glanced slots are the blocks' first slots (the authors' code
-strides the reply's tokens from its start, not from the blocks'), and N is capped at
-their count (the code skips such a sequence); a learning rate of 3e-4 without warm-up
+strides the reply's tokens from its start, not from the blocks'), N is capped at their
+count (the code skips such a sequence), and glanced slots are left out of the loss, as
+GLAT leaves them (the code keeps them, where their target is their own input feature); a learning rate of 3e-4 without warm-up
 (theirs: 3e-5 over 20 epochs of ShareGPT on a GPU); gradients clipped by norm 1 (theirs:
 by value 0.5); trained on a CPU's worth of data (`specdec.models.falcon_heads`).
 """
@@ -109,6 +110,7 @@ def glanced_loss(
         want_logits = F.linear(want, weight)
         p = want_logits.softmax(-1)
     embeds, before = slot_rows(heads, target, tokens, normed)
+    scored = torch.ones(rows, dtype=torch.bool)  # a glanced slot's target is its own input
     phase = 0
     if generator is not None:
         phase = int(torch.randint(0, k, (1,), generator=generator))
@@ -125,6 +127,7 @@ def glanced_loss(
             if len(slots):
                 embeds, before = embeds.clone(), before.clone()
                 embeds[slots], before[slots] = embeds[slots + k], before[slots + k]
+                scored[slots] = False
     out = sequence_outputs(heads, embeds, before, phase)[:rows]
     logits = F.linear(out, weight)
     logp = logits.log_softmax(-1)
@@ -135,8 +138,9 @@ def glanced_loss(
         hard = -logp.gather(-1, drawn)[:, 0]
     else:
         hard = -(p * logp).sum(-1)
-    tokens_loss = cfg.soft * soft.mean() + (1 - cfg.soft) * hard.mean()
-    loss = F.smooth_l1_loss(out, want) + cfg.token_weight * tokens_loss
+    tokens_loss = cfg.soft * soft[scored].mean() + (1 - cfg.soft) * hard[scored].mean()
+    feature_loss = F.smooth_l1_loss(out[scored], want[scored])
+    loss = feature_loss + cfg.token_weight * tokens_loss
     ranks = []
     if generator is None:
         with torch.no_grad():
