@@ -1,5 +1,5 @@
 """Command line: `specdec generate | methods | bench | models | pull | datastore build | auto |
-train eagle | medusa | hydra | clover | chimera | falcon | heads | export eagle | export medusa`.
+train eagle | medusa | hydra | clover | chimera | falcon | draft | heads | export eagle | export medusa`.
 
 Errors a user can cause print one line (no traceback) and exit non-zero.
 """
@@ -432,6 +432,44 @@ def _add_train(sub: Any) -> None:
                    f"{f_d.glance_end:g})")  # fmt: skip
     f.set_defaults(func=cmd_train_falcon, layers=1)
 
+    from specdec.train.divergences import DIVERGENCES
+    from specdec.train.draft import DraftTrainConfig
+
+    r_d = DraftTrainConfig()
+    r = tsub.add_parser(
+        "draft",
+        help="a draft model distilled towards the model (DistillSpec's divergences), maybe "
+        "cut to its first layers",
+        description="Distils a small model of the same vocabulary (--draft) towards the "
+        "target (--model): the target's answers to the training prompts and code, with its "
+        "hidden states at every position (the EAGLE-1 store of the same data, read if the "
+        "heads made one), give its next-token distribution; the draft, maybe cut to its first "
+        "--layers layers, learns it under the --loss divergence. Held-out acceptance and "
+        "greedy agreement are measured before and after; the draft is written to the cache "
+        "under --name, where --draft NAME finds it.",
+    )
+    _add_model_args(r, DEFAULT_MODEL)
+    r.add_argument("--draft", default=r_d.draft, metavar="D",
+                   help=f"the model to train: a known name, GGUF file or folder of the target's "
+                   f"vocabulary (default {r_d.draft})")  # fmt: skip
+    r.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="keep the draft's first N decoder layers (default: all)")  # fmt: skip
+    r.add_argument("--loss", choices=DIVERGENCES, default=r_d.loss,
+                   help="fkl: KL(target || draft); rkl: KL(draft || target); jsd: their "
+                   "generalised Jensen-Shannon mix (--beta); tvd: total variation, one minus "
+                   f"the acceptance rate (default {r_d.loss})")  # fmt: skip
+    r.add_argument("--beta", type=float, default=r_d.beta,
+                   help=f"the JSD's weight of the target's side (default {r_d.beta:g})")  # fmt: skip
+    r.add_argument("--temperature", type=float, default=r_d.temperature,
+                   help="the temperature both distributions are taken at: the decoding one "
+                   f"whose acceptance to raise (default {r_d.temperature:g})")  # fmt: skip
+    r.add_argument("--rows", type=int, default=r_d.rows, metavar="N",
+                   help=f"positions scored per training sequence (default {r_d.rows})")  # fmt: skip
+    r.add_argument("--name", default=None,
+                   help="the trained draft's name in the cache (default DRAFT[-Nl]-for-MODEL)")  # fmt: skip
+    _add_train_args(r, r_d, "the draft", "sequence tokens", "--draft NAME")
+    r.set_defaults(func=cmd_train_draft)
+
     h = sub.add_parser(
         "heads",
         help="list the trained heads in the cache, with their evaluation",
@@ -463,8 +501,9 @@ def _add_train_args(p: Any, d: Any, what: str, token_unit: str, method: str) -> 
                    help=f"tokens the model answers each prompt with (default {d.respond})")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=d.seq_len, metavar="N",
                    help=f"longest training sequence (default {d.seq_len})")  # fmt: skip
-    p.add_argument("--draft-vocab", type=int, default=d.draft_vocab, metavar="N",
-                   help=f"tokens {what} may draft (default {d.draft_vocab})")  # fmt: skip
+    if hasattr(d, "draft_vocab"):
+        p.add_argument("--draft-vocab", type=int, default=d.draft_vocab, metavar="N",
+                       help=f"tokens {what} may draft (default {d.draft_vocab})")  # fmt: skip
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed (default 0)")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -491,9 +530,9 @@ def _train_args(args: argparse.Namespace, config: Any) -> dict[str, Any]:
         "feature_tokens": args.feature_tokens,
         "seq_len": args.seq_len,
         "respond": args.respond,
-        "draft_vocab": args.draft_vocab,
         "lr": args.lr,
         "seed": args.seed,
+        **({"draft_vocab": args.draft_vocab} if hasattr(config, "draft_vocab") else {}),
     }
 
 
@@ -990,6 +1029,27 @@ def cmd_train_chimera(args: argparse.Namespace) -> int:
 
 def cmd_train_falcon(args: argparse.Namespace) -> int:
     return _train_heads(args, "falcon")
+
+
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    from specdec.train.draft import DraftTrainConfig, describe, train
+
+    cfg = DraftTrainConfig(
+        **_train_args(args, DraftTrainConfig),
+        draft=args.draft,
+        layers=args.layers,
+        loss=args.loss,
+        beta=args.beta,
+        temperature=args.temperature,
+        rows=args.rows,
+    )
+    cfg.check()  # before the models load
+    gen = _load_generator(args)
+    report = train(gen, cfg, name=args.name, out=args.out, resume=args.resume,
+                   progress=not args.quiet)  # fmt: skip
+    print(f"draft {report['name']} for {gen.name}: {report['trained_tokens']:,} training tokens "
+          f"in {report['train_seconds'] / 60:.1f} min; {describe(report)}")  # fmt: skip
+    return 0
 
 
 def cmd_export_eagle(args: argparse.Namespace) -> int:

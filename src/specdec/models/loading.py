@@ -114,11 +114,14 @@ def load_model(
     progress: bool = True,
     auto_pull: bool = True,
     quant: str = "none",
+    pack: bool = True,
 ) -> LoadedModel:
-    """Load what a user named: a known model name, a GGUF file, a safetensors folder or a hub id.
+    """Load what a user named: a known model name, a trained draft's name, a GGUF file, a
+    safetensors folder or a hub id.
 
     ``quant`` (`specdec.models.quant_linear.QUANTS`) swaps the linears for the
-    quantised kernel's; ``dtype`` is then the dtype of everything else."""
+    quantised kernel's; ``dtype`` is then the dtype of everything else. ``pack`` False
+    keeps float linears as plain ``nn.Linear``s (to train them), not oneDNN-packed."""
     check_quant(quant)
     dev = check_device(device)
     where = resolve_model_file(str(spec), auto_pull=auto_pull, progress=progress)
@@ -138,8 +141,8 @@ def load_model(
         raise UnsupportedModelError(f"--quant {quant} runs on the CPU only; use --quant none")
     torch_dtype = parse_dtype(resolve_dtype(dtype, quant, device))
     if folder is None:
-        return _load_hf_folder(where, str(spec), torch_dtype, dev, quant)
-    return _load_converted(folder, str(spec), torch_dtype, dev, progress, quant, gguf)
+        return _load_hf_folder(where, str(spec), torch_dtype, dev, quant, pack)
+    return _load_converted(folder, str(spec), torch_dtype, dev, progress, quant, gguf, pack)
 
 
 def load_tokenizer(spec: str | Path, *, progress: bool = True) -> Tokenizer:
@@ -202,6 +205,7 @@ def _build(
     state: dict[str, torch.Tensor],
     device: torch.device,
     packed: dict[str, list] | None = None,
+    pack: bool = True,
 ) -> Transformer:
     """The model from its state dict; ``packed`` (module name → packed parts) replaces
     those linears by quantised ones, whose float weights ``state`` may then lack."""
@@ -227,7 +231,7 @@ def _build(
     if packed is not None:
         attach_native_layers(model)
     model.requires_grad_(False)
-    if packing_available(model.dtype, device):
+    if pack and packing_available(model.dtype, device):
         pack_linears(model)
     return model
 
@@ -310,6 +314,7 @@ def _load_converted(
     progress: bool,
     quant: str = "none",
     gguf: Path | None = None,
+    pack: bool = True,
 ) -> LoadedModel:
     """A converted folder's model; ``gguf`` is the file it was converted from as this load
     names it (else the path recorded at conversion, perhaps relative to another directory):
@@ -330,7 +335,7 @@ def _load_converted(
         # One tensor at a time, so the float32 file never sits in memory beside its cast.
         state = {k: weights.get(k).to(dtype) for k in weights.keys() if k not in skip}
     return LoadedModel(
-        name, source, cfg, _build(cfg, state, device, packed), Tokenizer(folder), quant
+        name, source, cfg, _build(cfg, state, device, packed, pack), Tokenizer(folder), quant
     )
 
 
@@ -442,7 +447,12 @@ def _iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _load_hf_folder(
-    folder: Path, name: str, dtype: torch.dtype, device: torch.device, quant: str = "none"
+    folder: Path,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    quant: str = "none",
+    pack: bool = True,
 ) -> LoadedModel:
     cfg = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
     w = {k.removeprefix("model."): v for k, v in _iter_safetensors(folder)}
@@ -478,7 +488,7 @@ def _load_hf_folder(
         packed = pack_float_model(_fuse(cfg, raw, torch.float32), cfg, quant)
     state = _fuse(cfg, raw, dtype)
     return LoadedModel(
-        name, folder, cfg, _build(cfg, state, device, packed), Tokenizer(folder), quant
+        name, folder, cfg, _build(cfg, state, device, packed, pack), Tokenizer(folder), quant
     )
 
 
