@@ -149,3 +149,30 @@ def test_train_draft_refuses_bad_input(tiny, tmp_path, monkeypatch, capsys, args
     err = capsys.readouterr().err
     assert code != 0 and message in err and "Traceback" not in err
     assert not (tmp_path / "cache" / "drafts").exists()
+
+
+def test_on_policy_distillation_scores_the_drafts_own_answers(tiny, tmp_path):  # noqa: F811
+    """DistillSpec's on-policy data: the draft answers each prompt, the target scores the
+    answer; acceptance of the draft's own tokens rises; a resumed run equals an
+    uninterrupted one (the answers are drawn with seeds, from the same weights)."""
+    from safetensors.torch import load_file
+
+    from specdec.train.draft import train
+
+    gen, _, prompts = tiny
+    kw = dict(data=str(prompts), respond=8, draft=gen.name, layers=1, data_from="draft",
+              held_out=0.25, feature_tokens=2000)  # fmt: skip
+    report = train(gen, draft_config(prompts, tokens=3000, **kw), out=tmp_path / "a",
+                   work=tmp_path / "wa", progress=False)  # fmt: skip
+    before, after = report["evaluation"]["before"], report["evaluation"]["after"]
+    assert before["positions"] > 0 and after["acceptance"] > before["acceptance"] + 0.05
+    assert json.loads((tmp_path / "a" / DRAFT_INFO).read_text())["data_from"] == "draft"
+    train(gen, draft_config(prompts, tokens=1500, **kw), out=tmp_path / "b", work=tmp_path / "wb",
+          progress=False)  # fmt: skip
+    train(gen, draft_config(prompts, tokens=3000, **kw), out=tmp_path / "b", work=tmp_path / "wb",
+          resume=True, progress=False)  # fmt: skip
+    a, b = (
+        load_file(str(tmp_path / "a" / "model.safetensors")),
+        load_file(str(tmp_path / "b" / "model.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -458,6 +458,11 @@ def _add_train(sub: Any) -> None:
                    help="fkl: KL(target || draft); rkl: KL(draft || target); jsd: their "
                    "generalised Jensen-Shannon mix (--beta); tvd: total variation, one minus "
                    f"the acceptance rate (default {r_d.loss})")  # fmt: skip
+    r.add_argument("--data-from", choices=("target", "draft"), default=r_d.data_from,
+                   help="target: the model's own answers and the code, with its hidden states "
+                   "(the heads' feature store); draft: on-policy, the draft answers each prompt "
+                   "as it is at that step and the model scores the answer (DistillSpec), code "
+                   f"teacher-forced (default {r_d.data_from})")  # fmt: skip
     r.add_argument("--beta", type=float, default=r_d.beta,
                    help=f"the JSD's weight of the target's side (default {r_d.beta:g})")  # fmt: skip
     r.add_argument("--temperature", type=float, default=r_d.temperature,
@@ -1039,6 +1044,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         draft=args.draft,
         layers=args.layers,
         loss=args.loss,
+        data_from=args.data_from,
         beta=args.beta,
         temperature=args.temperature,
         rows=args.rows,

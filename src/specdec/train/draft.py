@@ -6,30 +6,33 @@ White-box distillation of a small model towards its target (DistillSpec, Zhou et
 - the draft (a model of the target's vocabulary, maybe cut to its first ``layers``
   decoder layers: a drafted token must cost little on a CPU) is loaded with float
   weights and trained whole;
-- the data are the target's: the EAGLE-1 feature store of the same corpus (the model's
-  own answers to the training prompts, and code), whose last hidden states give the
-  target's distribution at every position through its final norm and LM head, so no
-  target pass runs while training (a store made for the heads is read as it is);
-- per stored sequence, the draft runs over every token with autograd; at ``rows``
-  positions drawn at random, one of DistillSpec's divergences (`specdec.train.
-  divergences`: fkl, rkl, jsd, tvd) between the target's and the draft's next-token
-  distributions at ``temperature`` is the loss; AdamW;
+- the data (``data_from``) are the target's (`TargetAnswers`: the EAGLE-1 feature store
+  of the same corpus, the model's own answers to the training prompts and code, whose
+  last hidden states give the target's distribution at every position through its final
+  norm and LM head, so no target pass runs while training; a store made for the heads
+  is read as it is), or the draft's own (`OnPolicy`: DistillSpec's on-policy data, the
+  draft answering each prompt as it is at that step, the target scoring the answer in
+  one pass; code teacher-forced);
+- per sequence, the draft runs over every token with autograd; at the scored positions
+  (the answer's, or ``rows`` drawn at random), one of DistillSpec's divergences
+  (`specdec.train.divergences`: fkl, rkl, jsd, tvd) between the target's and the draft's
+  next-token distributions at ``temperature`` is the loss; AdamW;
 - a checkpoint (the draft's folder, the optimiser, the position) each ``checkpoint_s``
   and at the end, a resumed run equal to an uninterrupted one;
 - held out, before and after: the mean acceptance Σ min(p, q) at temperature 1 (what
   speculative sampling keeps of a drafted token) and the greedy agreement (the argmaxes
   equal), with the τ each gives a chain of 4 if acceptance were independent per token.
 
-Deviations from DistillSpec: the data are the target's answers (its fixed-data variant
-with model-generated data; the paper finds target- and draft-generated data alike, and
-prefers the draft's for cost on an accelerator); every position is scored, prompts too
-(the paper scores the output only); ``rows`` random positions per sequence bound the
-cost of the LM head over the whole vocabulary.
+Deviations from DistillSpec: with the target's data every position is scored, prompts
+too (the paper scores the output only), ``rows`` random positions per sequence bounding
+the cost of the LM head over the whole vocabulary; on-policy data are the draft's alone
+(the paper also mixes sources by a share λ).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,7 @@ class DraftTrainConfig:
     draft: str = "qwen2.5-coder-0.5b"
     layers: int | None = None  # decoder layers kept (None: all)
     loss: str = "fkl"
+    data_from: str = "target"  # target: its answers (the heads' store); draft: on-policy
     beta: float = 0.5  # the JSD's
     temperature: float = 1.0
     data: str = "prompts,python"
@@ -73,6 +77,10 @@ class DraftTrainConfig:
             raise InvalidRequestError(f"--minutes must be > 0, got {self.minutes:g}")
         if self.tokens is not None and self.tokens <= 0:
             raise InvalidRequestError(f"--tokens must be > 0, got {self.tokens}")
+        if self.data_from not in ("target", "draft"):
+            raise InvalidRequestError(
+                f"--data-from must be target or draft, got {self.data_from!r}"
+            )
         if self.loss not in DIVERGENCES:
             raise InvalidRequestError(
                 f"unknown --loss {self.loss!r}: one of {', '.join(DIVERGENCES)}"
@@ -123,20 +131,20 @@ def default_name(cfg: DraftTrainConfig, target: str) -> str:
     return f"{cfg.draft.replace('/', '--')}{cut}-for-{target.replace('/', '--')}"
 
 
-def held_out(draft, target, sequences, cfg: DraftTrainConfig) -> dict[str, Any]:
-    """Mean acceptance at temperature 1 and greedy agreement over every position of the
-    held-out ``sequences`` ((tokens, the target's last-layer states) pairs), and the τ of
-    a chain of `CHAIN` each gives."""
+def held_out(draft, examples, cfg: DraftTrainConfig) -> dict[str, Any]:
+    """Mean acceptance at temperature 1 and greedy agreement over the scored positions of
+    the held-out ``examples`` (each a callable of the draft giving (tokens, rows, the
+    target's logits there)), and the τ of a chain of `CHAIN` each gives."""
     accepted = agreed = seen = 0.0
     loss = 0.0
     with torch.no_grad():
-        for tokens, last in sequences:
-            want = _target_logits(target, last)
-            got = sequence_logits(draft, tokens)
+        for example in examples:
+            tokens, rows, want = example(draft)
+            got = sequence_logits(draft, tokens, rows)
             accepted += float(acceptance(want, got).sum())
             agreed += float(acceptance(want, got, temperature=0).sum())
             loss += float(divergence(want, got, cfg.loss, cfg.beta, cfg.temperature).sum())
-            seen += tokens.shape[0]
+            seen += want.shape[0]
     a, g = accepted / max(seen, 1), agreed / max(seen, 1)
     return {
         "positions": int(seen),
@@ -160,6 +168,123 @@ def _target_logits(target, last: torch.Tensor) -> torch.Tensor:
     return head_logits(target.lm_head, x, None).float()
 
 
+class TargetAnswers:
+    """Training sequences from the target's EAGLE-1 store of ``cfg``'s data (its answers
+    and the code, with its last hidden states): an example is a stored sequence, scored
+    at ``rows`` random positions (held out: every position), the target's distribution
+    from its states."""
+
+    def __init__(self, gen, cfg: DraftTrainConfig, heads: Path, work, resume, progress) -> None:
+        self.target, self.cfg = gen.target.model, cfg
+        self.run = prepare(
+            gen,
+            cfg.features(),
+            kind="draft",
+            out=heads,
+            work=work,
+            resume=resume,
+            progress=progress,
+            draft_vocab=1,
+            held_out=cfg.held_out,
+        )
+        n = self.target.config.num_layers
+        self.layers, self.have = n, shared.stored_layers(1, n)
+
+    def example(self, i: int, g: torch.Generator | None, draft=None):
+        tokens, hidden = self.run.store.sequence(i)
+        last = layer_features(hidden, self.have, (self.layers,))
+        n = tokens.shape[0]
+        rows = torch.arange(n)
+        if g is not None:
+            rows = torch.randperm(n, generator=g)[: min(self.cfg.rows, n)].sort().values
+        x = self.target.norm(last[rows].to(self.target.dtype))
+        return tokens, rows, head_logits(self.target.lm_head, x, None).float()
+
+
+class OnPolicy:
+    """DistillSpec's on-policy data: each prompt of ``cfg``'s data is answered by the draft
+    as it is now (``respond`` tokens sampled at the temperature, up to an end token), and
+    the target scores the answer: an example is scored at the answer's positions. Text
+    (code) is teacher-forced, scored at ``rows`` random positions. Held out, the answer is
+    drawn with a seed of its own, the same before and after training."""
+
+    def __init__(self, gen, cfg: DraftTrainConfig, heads: Path, work, resume) -> None:
+        import shutil
+
+        from specdec.train.corpus import items
+        from specdec.train.loop import Prepared
+
+        self.target, self.cfg = gen.target.model, cfg
+        self.ends = gen.tokenizer.eos_token_ids
+        tok = gen.tokenizer
+
+        def chat(text: str) -> list[int]:
+            return tok.encode_chat([{"role": "user", "content": text}])
+
+        self.items, total = [], 0
+        for item in items(cfg.data, tok.encode, chat, cfg.seq_len, cfg.respond):
+            if total >= cfg.feature_tokens:
+                break
+            self.items.append(item)
+            total += len(item.tokens) + (cfg.respond if item.respond else 0)
+        if len(self.items) < 2:
+            raise InvalidRequestError("--data gives fewer than two training sequences")
+        work = Path(work) if work else heads.with_name(heads.name + "-work")
+        if not resume and work.exists():
+            shutil.rmtree(work / "checkpoint", ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        n_eval = max(1, int(round(len(self.items) * cfg.held_out)))
+        ids = list(range(len(self.items)))
+        store = _Tokens(total)
+        self.run = Prepared(store, work, ids[:-n_eval], ids[-n_eval:], torch.zeros(1), 0.0)
+
+    @torch.inference_mode()
+    def answer(self, draft, prompt: list[int], g: torch.Generator) -> list[int]:
+        """The draft's sampled answer to ``prompt``."""
+        cache = draft.new_cache(capacity=len(prompt) + self.cfg.respond)
+        logits = draft(torch.tensor(prompt), torch.arange(len(prompt)), cache,
+                       logits_rows=slice(-1, None))  # fmt: skip
+        out: list[int] = []
+        for _ in range(self.cfg.respond):
+            p = (logits[-1].float() / self.cfg.temperature).softmax(-1)
+            t = int(torch.multinomial(p, 1, generator=g))
+            out.append(t)
+            if t in self.ends:
+                break
+            pos = torch.tensor([len(prompt) + len(out) - 1])
+            logits = draft(torch.tensor([t]), pos, cache)
+        return out
+
+    def example(self, i: int, g: torch.Generator | None, draft):
+        item = self.items[i]
+        if g is None:  # held out: a seed per sequence, the same before and after
+            g = torch.Generator().manual_seed(self.cfg.seed * 104_729 + i)
+            whole = True
+        else:
+            whole = False
+        seq = list(item.tokens)
+        if item.respond:
+            seq += self.answer(draft, seq, g)
+            rows = torch.arange(len(item.tokens) - 1, len(seq) - 1)
+        elif whole:
+            rows = torch.arange(len(seq))
+        else:
+            rows = (
+                torch.randperm(len(seq), generator=g)[: min(self.cfg.rows, len(seq))].sort().values
+            )
+        with torch.inference_mode():
+            cache = self.target.new_cache(capacity=len(seq))
+            want = self.target(torch.tensor(seq), torch.arange(len(seq)), cache, logits_rows=rows)
+        return torch.tensor(seq), rows, want.float().clone()
+
+
+@dataclass
+class _Tokens:
+    """What a run's record reads of its data: how many tokens."""
+
+    tokens: int
+
+
 def train(
     gen,
     cfg: DraftTrainConfig,
@@ -178,7 +303,6 @@ def train(
     cfg.check()
     name = name or default_name(cfg, gen.name)
     out = Path(out) if out else drafts_dir() / name
-    target = gen.target.model
     loaded = load_model(cfg.draft, dtype="float32", quant="none", progress=progress, pack=False)
     if loaded.tokenizer.vocab() != gen.tokenizer.vocab():
         raise InvalidRequestError(
@@ -189,48 +313,34 @@ def train(
     draft = trainable_copy(loaded.model, cfg.layers)
     del loaded
     # the run's store and checkpoints live beside the target's heads (the store is theirs)
-    run = prepare(
-        gen,
-        cfg.features(),
-        kind="draft",
-        out=head_folder(gen.name, f"draft-{name}"),
-        work=work,
-        resume=resume,
-        progress=progress,
-        draft_vocab=1,
-        held_out=cfg.held_out,
-    )
-    n_layers = target.config.num_layers
-    have = shared.stored_layers(1, n_layers)
-
-    def sequence(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, hidden = run.store.sequence(i)
-        return tokens, layer_features(hidden, have, (n_layers,))
-
-    eval_sequences = [sequence(i) for i in run.eval_ids]
-    before = held_out(draft, target, eval_sequences, cfg)
+    if cfg.data_from == "draft":
+        data = OnPolicy(gen, cfg, head_folder(gen.name, f"draft-{name}"), work, resume)
+    else:
+        data = TargetAnswers(gen, cfg, head_folder(gen.name, f"draft-{name}"), work, resume,
+                             progress)  # fmt: skip
+    run = data.run
+    examples = [partial(data.example, i, None) for i in run.eval_ids]
+    before = held_out(draft, examples, cfg)
     info = {
         "target": gen.name,
         "draft": cfg.draft,
         "layers": draft.config.num_layers,
         "loss": cfg.loss,
+        "data_from": cfg.data_from,
     }
     module = DraftUnderTraining(draft, tokenizer_folder, info)
     opt = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def step(i: int, epoch: int, done: float) -> tuple[torch.Tensor, int]:
-        tokens, last = sequence(i)
-        n = tokens.shape[0]
         g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 1_000_003 + i)
-        rows = torch.randperm(n, generator=g)[: min(cfg.rows, n)].sort().values
         with torch.no_grad():
-            want = _target_logits(target, last[rows])
+            tokens, rows, want = data.example(i, g, module.model)
         got = sequence_logits(module.model, tokens, rows)
         loss = divergence(want, got, cfg.loss, cfg.beta, cfg.temperature).mean()
-        return loss, n
+        return loss, tokens.shape[0]
 
     pos = run_epochs(module, opt, step, run, cfg, resume=resume, progress=progress, kind="draft")
-    after = held_out(module.model, target, eval_sequences, cfg)
+    after = held_out(module.model, examples, cfg)
     info["training"] = record(cfg, run, pos, {"before": before, "after": after})
     module.info = info
     module.save(out)
