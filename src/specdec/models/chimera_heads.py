@@ -33,7 +33,6 @@ kind "chimera") and ``head.safetensors``.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -41,7 +40,6 @@ from torch import nn
 
 from specdec.models.eagle_head import (
     draft_vocab_ids,
-    target_facts,
 )
 from specdec.models.medusa_heads import HeadSet, LayerHeadsConfig, init_random
 from specdec.models.transformer import Block, RotaryTable, Transformer, _rotate_half
@@ -158,14 +156,7 @@ class ChimeraHeads(HeadSet):
         next-token distribution)."""
         c = target.config
         vocab = draft_vocab_ids(c.vocab_size, draft_tokens)
-        config = ChimeraConfig(
-            layer=replace(c, num_layers=1, tie_word_embeddings=False),
-            target={"name": name, **target_facts(target)},
-            num_heads=num_heads,
-            num_layers=num_layers,
-            draft_vocab=int(vocab.numel()),
-        )
-        heads = cls(config)
+        heads = cls(ChimeraConfig.for_target(target, name, num_heads, num_layers, vocab))
         g = torch.Generator().manual_seed(seed)
         init_random([*heads.trigram.named_parameters(), *heads.decoder.named_parameters()], g)
         with torch.no_grad():

@@ -38,7 +38,6 @@ kind "clover") and ``head.safetensors``.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -47,7 +46,6 @@ from torch import nn
 
 from specdec.models.eagle_head import (
     draft_vocab_ids,
-    target_facts,
 )
 from specdec.models.hydra_heads import causal_block
 from specdec.models.medusa_heads import HeadSet, LayerHeadsConfig, ResBlock, init_random
@@ -159,15 +157,7 @@ class CloverHeads(HeadSet):
         the output norm the target's final norm; the MLPs the identity."""
         c = target.config
         vocab = draft_vocab_ids(c.vocab_size, draft_tokens)
-        layer = replace(c, num_layers=1, tie_word_embeddings=False)
-        config = CloverConfig(
-            layer=layer,
-            target={"name": name, **target_facts(target)},
-            num_heads=num_heads,
-            num_layers=num_layers,
-            draft_vocab=int(vocab.numel()),
-        )
-        heads = cls(config)
+        heads = cls(CloverConfig.for_target(target, name, num_heads, num_layers, vocab))
         d = c.hidden_size
         g = torch.Generator().manual_seed(seed)
         init_random(heads.prefix.named_parameters(), g)

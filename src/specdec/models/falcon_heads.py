@@ -33,14 +33,14 @@ A drafter lives in a folder as the other heads do: ``config.json`` (`FalconConfi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdec.models.eagle_head import HeadError, draft_vocab_ids, target_facts
+from specdec.models.eagle_head import HeadError, draft_vocab_ids
 from specdec.models.medusa_heads import HeadSet, LayerHeadsConfig, init_random
 from specdec.models.transformer import Block, RotaryTable, Transformer, _rotate_half
 
@@ -154,14 +154,7 @@ class FalconHeads(HeadSet):
         0.02, biases zero, norms one, as EAGLE's and Falcon's layers start)."""
         c = target.config
         vocab = draft_vocab_ids(c.vocab_size, draft_tokens)
-        config = FalconConfig(
-            layer=replace(c, num_layers=1, tie_word_embeddings=False),
-            target={"name": name, **target_facts(target)},
-            num_heads=num_heads,
-            num_layers=num_layers,
-            draft_vocab=int(vocab.numel()),
-            block=block,
-        )
+        config = FalconConfig.for_target(target, name, num_heads, num_layers, vocab, block=block)
         heads = cls(config)
         init_random(heads.named_parameters(), torch.Generator().manual_seed(seed))
         with torch.no_grad():

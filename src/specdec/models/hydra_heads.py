@@ -32,7 +32,6 @@ static tree is chosen) and ``head.safetensors``.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -42,7 +41,6 @@ from torch import nn
 from specdec.models.config import ModelConfig
 from specdec.models.eagle_head import (
     draft_vocab_ids,
-    target_facts,
 )
 from specdec.models.medusa_heads import HeadSet, LayerHeadsConfig, ResBlock, init_random
 from specdec.models.transformer import Block, RMSNorm, RotaryTable, Transformer, _rotate_half
@@ -130,15 +128,7 @@ class HydraHeads(HeadSet):
         state alone (R the identity there, W zero), later blocks the identity."""
         c = target.config
         vocab = draft_vocab_ids(c.vocab_size, draft_tokens)
-        layer = replace(c, num_layers=1, tie_word_embeddings=False)
-        config = HydraConfig(
-            layer=layer,
-            target={"name": name, **target_facts(target)},
-            num_heads=num_heads,
-            num_layers=num_layers,
-            draft_vocab=int(vocab.numel()),
-        )
-        heads = cls(config)
+        heads = cls(HydraConfig.for_target(target, name, num_heads, num_layers, vocab))
         d = c.hidden_size
         init_random(heads.prefix.named_parameters(), torch.Generator().manual_seed(seed))
         with torch.no_grad():

@@ -24,7 +24,7 @@ each head that the static tree is chosen from) and ``head.safetensors``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,6 +67,19 @@ class MedusaConfig:
             raise HeadError(
                 f"a {self.label} head set needs num_heads, num_layers, draft_vocab >= 1"
             )
+
+    @classmethod
+    def for_target(cls, target: Transformer, name: str, num_heads: int, num_layers: int,
+                   vocab: torch.Tensor, **extra: Any):  # fmt: skip
+        """The config of new heads for ``target`` (called ``name``) drafting among
+        ``vocab`` (target ids, `draft_vocab_ids`); ``extra``: a subclass's fields."""
+        return cls(
+            target={"name": name, **target_facts(target)},
+            num_heads=num_heads,
+            num_layers=num_layers,
+            draft_vocab=int(vocab.numel()),
+            **extra,
+        )
 
     def extra_json(self) -> dict[str, Any]:
         """A subclass's own fields, as written."""
@@ -117,6 +130,13 @@ class LayerHeadsConfig(MedusaConfig):
     layer): the base of the sequential head sets' configs, which name only their kind."""
 
     layer: ModelConfig
+
+    @classmethod
+    def for_target(cls, target: Transformer, name: str, num_heads: int, num_layers: int,
+                   vocab: torch.Tensor, **extra: Any):  # fmt: skip
+        """Medusa's, with the layer of the target's shape (one layer, untied)."""
+        layer = replace(target.config, num_layers=1, tie_word_embeddings=False)
+        return super().for_target(target, name, num_heads, num_layers, vocab, layer=layer, **extra)
 
     def extra_json(self) -> dict[str, Any]:
         return {"layer": self.layer.to_dict()}
@@ -213,10 +233,7 @@ class MedusaHeads(HeadSet):
         the other kinds' (nothing here is random)."""
         c = target.config
         vocab = draft_vocab_ids(c.vocab_size, draft_tokens)
-        config = MedusaConfig(
-            {"name": name, **target_facts(target)}, num_heads, num_layers, int(vocab.numel())
-        )
-        heads = cls(config)
+        heads = cls(MedusaConfig.for_target(target, name, num_heads, num_layers, vocab))
         with torch.no_grad():
             for p in heads.parameters():
                 p.zero_()

@@ -47,13 +47,13 @@ from specdec.speculation.drafters.base import layer_features
 from specdec.train import eagle as shared
 from specdec.train.divergences import DIVERGENCES, acceptance, divergence
 from specdec.train.draft_model import save_draft, sequence_logits, trainable_copy
-from specdec.train.loop import prepare, record, run_epochs
+from specdec.train.loop import check_budget, prepare, record, run_epochs
 
 CHAIN = 4  # the chain whose τ the held-out acceptance is turned into
 
 
 @dataclass(frozen=True)
-class DraftTrainConfig:
+class DraftTrainConfig(shared.ReadsAStore):
     draft: str = "qwen2.5-coder-0.5b"
     layers: int | None = None  # decoder layers kept (None: all)
     loss: str = "fkl"
@@ -73,10 +73,7 @@ class DraftTrainConfig:
     seed: int = 0
 
     def check(self) -> None:
-        if self.minutes is not None and self.minutes <= 0:
-            raise InvalidRequestError(f"--minutes must be > 0, got {self.minutes:g}")
-        if self.tokens is not None and self.tokens <= 0:
-            raise InvalidRequestError(f"--tokens must be > 0, got {self.tokens}")
+        check_budget(self)
         if self.data_from not in ("target", "draft"):
             raise InvalidRequestError(
                 f"--data-from must be target or draft, got {self.data_from!r}"
@@ -92,16 +89,6 @@ class DraftTrainConfig:
         if self.rows < 1 or self.lr <= 0:
             raise InvalidRequestError("--rows and --lr must be positive")
         self.features().check()
-
-    def features(self) -> shared.TrainConfig:
-        """The feature stage's settings, as an EAGLE-1 run of the same data has them."""
-        return shared.TrainConfig(
-            data=self.data,
-            version=1,
-            feature_tokens=self.feature_tokens,
-            seq_len=self.seq_len,
-            respond=self.respond,
-        )
 
 
 class DraftUnderTraining(nn.Module):

@@ -11,7 +11,6 @@ does transformers, the parity reference.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import replace
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from specdec.errors import InvalidRequestError
+from specdec.models.eagle_head import replace_folder
 from specdec.models.hydra_heads import causal_block
 from specdec.models.transformer import Transformer
 
@@ -159,14 +159,7 @@ def save_draft(
         if not copied:
             raise InvalidRequestError(f"{tokenizer_folder}: no tokenizer.json to copy")
         (tmp / DRAFT_INFO).write_text(json.dumps(info, indent=1))
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -43,7 +43,22 @@ from specdec.models.eagle_head import EagleHead, default_feature_layers, head_fo
 from specdec.speculation.drafters.base import layer_features
 from specdec.train.corpus import items
 from specdec.train.features import FeatureStore
-from specdec.train.loop import Meter, prepare, record, run_epochs
+from specdec.train.loop import Meter, check_budget, prepare, record, run_epochs
+
+
+class ReadsAStore:
+    """A config trained on the EAGLE-1 store of its ``data`` (``feature_tokens``,
+    ``seq_len``, ``respond``): the heads' and draft models' trainers read one store."""
+
+    def features(self) -> TrainConfig:
+        """The feature stage's settings, as an EAGLE-1 run of the same data has them."""
+        return TrainConfig(
+            data=self.data,
+            version=1,
+            feature_tokens=self.feature_tokens,
+            seq_len=self.seq_len,
+            respond=self.respond,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,10 +83,7 @@ class TrainConfig:
     seed: int = 0
 
     def check(self) -> None:
-        if self.minutes is not None and self.minutes <= 0:
-            raise InvalidRequestError(f"--minutes must be > 0, got {self.minutes:g}")
-        if self.tokens is not None and self.tokens <= 0:
-            raise InvalidRequestError(f"--tokens must be > 0, got {self.tokens}")
+        check_budget(self)
         if self.feature_tokens < 1 or self.seq_len < 16:
             raise InvalidRequestError("--feature-tokens must be >= 1 and --seq-len >= 16")
         if not 0 <= self.respond < self.seq_len // 2:

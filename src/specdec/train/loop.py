@@ -81,6 +81,14 @@ class Position:
     seconds: float = 0.0
 
 
+def check_budget(cfg) -> None:
+    """Refuse a run's budget (``cfg.minutes`` or ``cfg.tokens``) unless it is positive."""
+    if cfg.minutes is not None and cfg.minutes <= 0:
+        raise InvalidRequestError(f"--minutes must be > 0, got {cfg.minutes:g}")
+    if cfg.tokens is not None and cfg.tokens <= 0:
+        raise InvalidRequestError(f"--tokens must be > 0, got {cfg.tokens}")
+
+
 def epoch_order(n_train: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n_train, generator=g).tolist()

@@ -31,11 +31,11 @@ from specdec.models.eagle_head import head_folder, head_rows
 from specdec.models.medusa_heads import MedusaHeads
 from specdec.speculation.drafters.base import layer_features
 from specdec.train import eagle as shared
-from specdec.train.loop import prepare, record, run_epochs
+from specdec.train.loop import check_budget, prepare, record, run_epochs
 
 
 @dataclass(frozen=True)
-class MedusaTrainConfig:
+class MedusaTrainConfig(shared.ReadsAStore):
     data: str = "prompts,python"
     num_heads: int = 4
     num_layers: int = 1  # residual blocks per head
@@ -54,25 +54,13 @@ class MedusaTrainConfig:
     seed: int = 0
 
     def check(self) -> None:
-        if self.minutes is not None and self.minutes <= 0:
-            raise InvalidRequestError(f"--minutes must be > 0, got {self.minutes:g}")
-        if self.tokens is not None and self.tokens <= 0:
-            raise InvalidRequestError(f"--tokens must be > 0, got {self.tokens}")
+        check_budget(self)
         if self.num_heads < 1 or self.num_layers < 1 or self.top_k < 1:
             raise InvalidRequestError("--heads, --layers and --top-k must be >= 1")
         if not 0 < self.decay <= 1 or self.lr <= 0 or self.draft_vocab < 1:
             raise InvalidRequestError("--decay must be in (0, 1], --lr and --draft-vocab > 0")
         self.features().check()
 
-    def features(self) -> shared.TrainConfig:
-        """The feature stage's settings, as an EAGLE-1 run of the same data has them."""
-        return shared.TrainConfig(
-            data=self.data,
-            version=1,
-            feature_tokens=self.feature_tokens,
-            seq_len=self.seq_len,
-            respond=self.respond,
-        )
 
 
 def sequence_loss(
