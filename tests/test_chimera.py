@@ -12,8 +12,8 @@ import pytest
 import torch
 from random_models import CharTokenizer, random_transformer
 from test_eagle import TEXT, tiny  # noqa: F401 - the tiny model fixture, shared
+from test_medusa import beats_untrained_and_drafts, held_out_store, train_config
 from test_medusa import random_heads as medusa_random_heads
-from test_medusa import train_config
 
 from specdec.models.chimera_heads import ChimeraHeads, sequence_outputs, trigrams
 from specdec.models.eagle_head import HeadError
@@ -121,7 +121,6 @@ def test_chimera_without_heads_says_how_to_train_them(tmp_path, monkeypatch):
 def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
     from specdec.models.eagle_head import head_rows
     from specdec.train.chimera import sequence_loss, train
-    from specdec.train.eagle import FeatureStore
     from specdec.train.medusa import rank_accuracy
 
     gen, corpus, _ = tiny
@@ -130,21 +129,10 @@ def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
     heads = ChimeraHeads.load(tmp_path / "x")
     assert len(heads.config.accuracy) == 2
     model = gen.target.model
-    store = next((tmp_path / "work").glob("features-*"))
-    identity = json.loads((store / "index.json").read_text())["identity"]
-    store = FeatureStore(store, model.config.hidden_size, identity)
-    held = [store.sequence(i) for i in range(report["sequences"], len(store))]
+    held = held_out_store(gen, tmp_path / "work", report)
     fresh = ChimeraHeads.for_target(model, "fresh", 2, 1, heads.d2t)
     weight = head_rows(model, heads.d2t)
     with torch.no_grad():
         results = [sequence_loss(fresh, model, weight, t, h.float(), cfg.decay) for t, h in held]
     untrained = rank_accuracy(results, 2, 4)
-    trained = report["evaluation"]
-    assert trained["loss"] < untrained["loss"]
-    for k in range(2):
-        assert trained["top1_by_head"][k] > untrained["top1_by_head"][k] + 0.08
-    res = gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="chimera",
-                       heads=str(tmp_path / "x"), ignore_eos=True)  # fmt: skip
-    assert res.token_ids == gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="ar",
-                                         ignore_eos=True).token_ids  # fmt: skip
-    assert res.stats.accepted > 0
+    beats_untrained_and_drafts(gen, "chimera", tmp_path / "x", report, untrained)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from random_models import CharTokenizer, random_transformer
 from test_eagle import TEXT, tiny  # noqa: F401 - the tiny model fixture, shared
+from test_medusa import beats_untrained_and_drafts, held_out_store, train_config
 from test_medusa import random_heads as medusa_random_heads
-from test_medusa import train_config
 
 from specdec.models.clover_heads import CloverHeads
 from specdec.models.eagle_head import HeadError
@@ -126,7 +126,6 @@ def test_clover_without_heads_says_how_to_train_them(tmp_path, monkeypatch):
 def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
     from specdec.models.eagle_head import head_rows
     from specdec.train.clover import sequence_loss, train
-    from specdec.train.eagle import FeatureStore
     from specdec.train.medusa import rank_accuracy
 
     gen, corpus, _ = tiny
@@ -135,10 +134,7 @@ def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
     heads = CloverHeads.load(tmp_path / "c")
     assert len(heads.config.accuracy) == 2
     model = gen.target.model
-    store = next((tmp_path / "work").glob("features-*"))
-    identity = json.loads((store / "index.json").read_text())["identity"]
-    store = FeatureStore(store, model.config.hidden_size, identity)
-    held = [store.sequence(i) for i in range(report["sequences"], len(store))]
+    held = held_out_store(gen, tmp_path / "work", report)
     fresh = CloverHeads.for_target(model, "fresh", 2, 2, heads.d2t)
     weight = head_rows(model, heads.d2t)
     vectors = CloverHeads.token_vectors(weight)
@@ -148,12 +144,4 @@ def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
         results = [sequence_loss(fresh, model, weight, vectors, t2d, t, h.float(), cfg.decay)
                    for t, h in held]  # fmt: skip
     untrained = rank_accuracy(results, 2, 4)
-    trained = report["evaluation"]
-    assert trained["loss"] < untrained["loss"]
-    for k in range(2):
-        assert trained["top1_by_head"][k] > untrained["top1_by_head"][k] + 0.08
-    res = gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="clover",
-                       heads=str(tmp_path / "c"), ignore_eos=True)  # fmt: skip
-    assert res.token_ids == gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="ar",
-                                         ignore_eos=True).token_ids  # fmt: skip
-    assert res.stats.accepted > 0
+    beats_untrained_and_drafts(gen, "clover", tmp_path / "c", report, untrained)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from random_models import CharTokenizer, random_transformer
 from test_eagle import TEXT, tiny  # noqa: F401 - the tiny model fixture, shared
+from test_medusa import beats_untrained_and_drafts, held_out_store, train_config
 from test_medusa import random_heads as medusa_random_heads
-from test_medusa import train_config
 
 from specdec.models.eagle_head import HeadError
 from specdec.models.hydra_heads import HydraHeads, causal_block
@@ -142,7 +142,6 @@ def hydra_config(corpus, **kw):
 
 def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
     from specdec.models.eagle_head import head_rows
-    from specdec.train.eagle import FeatureStore
     from specdec.train.hydra import sequence_loss, train
     from specdec.train.medusa import rank_accuracy
 
@@ -155,23 +154,12 @@ def test_training_learns_the_target(tiny, tmp_path):  # noqa: F811 - the fixture
     # the same held-out sequences through untrained heads (the target's own next-token
     # guess, one place early)
     model = gen.target.model
-    store = next((tmp_path / "work").glob("features-*"))
-    identity = json.loads((store / "index.json").read_text())["identity"]
-    store = FeatureStore(store, model.config.hidden_size, identity)
-    held = [store.sequence(i) for i in range(report["sequences"], len(store))]
+    held = held_out_store(gen, tmp_path / "work", report)
     fresh = HydraHeads.for_target(model, "fresh", 2, 2, heads.d2t)
     weight = head_rows(model, heads.d2t)
     with torch.no_grad():
         results = [sequence_loss(fresh, model, weight, t, h.float(), cfg) for t, h in held]
     untrained = rank_accuracy(results, 2, 4)
+    beats_untrained_and_drafts(gen, "hydra", tmp_path / "h", report, untrained)
     trained = report["evaluation"]
-    assert trained["loss"] < untrained["loss"]
-    for k in range(2):
-        assert trained["top1_by_head"][k] > untrained["top1_by_head"][k] + 0.08
     assert sum(acc[0]) == pytest.approx(trained["top4_by_head"][0], abs=1e-3)
-    # it drafts what the target keeps, through the engine
-    res = gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="hydra",
-                       heads=str(tmp_path / "h"), ignore_eos=True)  # fmt: skip
-    assert res.token_ids == gen.generate(TEXT[:40], raw=True, max_new_tokens=40, method="ar",
-                                         ignore_eos=True).token_ids  # fmt: skip
-    assert res.stats.accepted > 0
