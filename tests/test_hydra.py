@@ -123,6 +123,17 @@ def test_each_depth_guesses_from_the_path_before_it(tmp_path):
     drafter.observe_features(hidden)
     again = drafter.propose(DraftState(tokens, 3, SamplingParams(), None, budget=100))
     assert again.tokens == tree.tokens
+    # sized to nothing, it guesses nothing and leaves the prefix layer idle; sized again,
+    # it catches up on every row it skipped and guesses as before
+    drafter.reset(tokens)
+    drafter.size = 0
+    drafter.observe_features(hidden[:4])
+    drafter.observe_features(hidden[4:])
+    assert len(drafter.propose(DraftState(tokens, 3, SamplingParams(), None, budget=100))) == 0
+    assert drafter.cache.length == 0
+    drafter.size = 16
+    late = drafter.propose(DraftState(tokens, 3, SamplingParams(), None, budget=100))
+    assert drafter.cache.length == len(hidden) and late.tokens == tree.tokens
 
 
 def test_hydra_without_heads_says_how_to_train_them(tmp_path, monkeypatch):

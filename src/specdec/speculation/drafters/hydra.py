@@ -95,18 +95,28 @@ class HydraDrafter(MedusaDrafter):
         self.cache = prefix.new_cache(capacity=256)
         self.plan(heads, target, top_k, max_nodes, pass_cost, typical)
         self.state: torch.Tensor | None = None  # the prefix state at the last committed row
+        self.pending: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ a request
     def reset(self, prompt_ids: list[int]) -> None:
         self.cache.reset()
         self.state = None
+        self.pending: list[torch.Tensor] = []  # committed rows not yet through the prefix
+
+    def observe_features(self, hidden: torch.Tensor) -> None:
+        if hidden.shape[0]:  # a copy: the caller's buffer may be reused
+            self.pending.append(hidden.to(self.target.dtype, copy=True))
+        if self.size > 0:  # a tree sized to nothing guesses nothing: the layer waits
+            self._catch_up()
 
     @torch.inference_mode()
-    def observe_features(self, hidden: torch.Tensor) -> None:
-        n = hidden.shape[0]
-        if not n:
+    def _catch_up(self) -> None:
+        """The committed rows not yet run through the prefix layer, run (once each)."""
+        if not self.pending:
             return
-        x = hidden.to(self.target.dtype)
+        x = torch.cat(self.pending)
+        self.pending = []
+        n = x.shape[0]
         start = self.cache.length
         positions = torch.arange(start, start + n)
         _, h = self.prefix(
@@ -127,6 +137,8 @@ class HydraDrafter(MedusaDrafter):
     def propose(self, state: DraftState) -> DraftTree:
         n = min(self.size, len(self.paths))
         depth = min(self.heads.num_heads, state.budget - 1)
+        if n:
+            self._catch_up()
         if self.state is None or n == 0 or depth < 1:
             self._tree, self._nodes = DraftTree(), []
             return self._tree
