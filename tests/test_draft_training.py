@@ -133,6 +133,8 @@ def test_resumed_distillation_equals_an_uninterrupted_run(tiny, tmp_path):  # no
         (["--tokens", "10", "--beta", "1"], "--beta must be in (0, 1)"),
         (["--tokens", "10", "--data", "nowhere.txt"], "neither a source"),
         (["--tokens", "10", "--draft", "smollm2-135m"], "another vocabulary"),
+        (["--tokens", "10", "--name", "../x"], "a draft's name is one folder name"),
+        (["--tokens", "10", "--draft", "no-such-model"], "unknown model 'no-such-model'"),
     ],
 )
 def test_train_draft_refuses_bad_input(tiny, tmp_path, monkeypatch, capsys, args, message):  # noqa: F811

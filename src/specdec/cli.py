@@ -1037,7 +1037,7 @@ def cmd_train_falcon(args: argparse.Namespace) -> int:
 
 
 def cmd_train_draft(args: argparse.Namespace) -> int:
-    from specdec.train.draft import DraftTrainConfig, describe, train
+    from specdec.train.draft import DraftTrainConfig, check_name, describe, train
 
     cfg = DraftTrainConfig(
         **_train_args(args, DraftTrainConfig),
@@ -1050,6 +1050,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         rows=args.rows,
     )
     cfg.check()  # before the models load
+    check_name(args.name)
     gen = _load_generator(args)
     report = train(gen, cfg, name=args.name, out=args.out, resume=args.resume,
                    progress=not args.quiet)  # fmt: skip

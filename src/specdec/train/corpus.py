@@ -120,3 +120,12 @@ def _file_items(path: Path, encode, encode_chat, seq_len: int, respond: int) -> 
             )
         else:
             raise InvalidRequestError(f'{path}:{n}: expected {{"text": ...}} or {{"prompt": ...}}')
+
+
+def tokenizer_items(data: str, tok, seq_len: int, respond: int) -> Iterator[Item]:
+    """`items` of ``data`` with ``tok`` (a `Tokenizer`): prompts in its chat template."""
+
+    def chat(text: str) -> list[int]:
+        return tok.encode_chat([{"role": "user", "content": text}])
+
+    return items(data, tok.encode, chat, seq_len, respond)

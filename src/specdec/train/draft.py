@@ -112,6 +112,14 @@ class DraftUnderTraining(nn.Module):
         return cls(trainable_copy(loaded.model), Path(folder), {})
 
 
+def check_name(name: str | None) -> None:
+    """Refuse a draft name that is not one folder name (``--draft NAME`` must find it)."""
+    if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
+        raise InvalidRequestError(
+            f"--name {name!r}: a draft's name is one folder name (no '/', not starting with '.')"
+        )
+
+
 def default_name(cfg: DraftTrainConfig, target: str) -> str:
     """A trained draft's name: the draft, its layers, its target."""
     cut = f"-{cfg.layers}l" if cfg.layers else ""
@@ -196,34 +204,22 @@ class OnPolicy:
     drawn with a seed of its own, the same before and after training."""
 
     def __init__(self, gen, cfg: DraftTrainConfig, heads: Path, work, resume) -> None:
-        import shutil
-
-        from specdec.train.corpus import items
-        from specdec.train.loop import Prepared
+        from specdec.train.corpus import tokenizer_items
+        from specdec.train.loop import Prepared, held_out_split, run_folder
 
         self.target, self.cfg = gen.target.model, cfg
         self.ends = gen.tokenizer.eos_token_ids
-        tok = gen.tokenizer
-
-        def chat(text: str) -> list[int]:
-            return tok.encode_chat([{"role": "user", "content": text}])
-
         self.items, total = [], 0
-        for item in items(cfg.data, tok.encode, chat, cfg.seq_len, cfg.respond):
+        for item in tokenizer_items(cfg.data, gen.tokenizer, cfg.seq_len, cfg.respond):
             if total >= cfg.feature_tokens:
                 break
             self.items.append(item)
             total += len(item.tokens) + (cfg.respond if item.respond else 0)
         if len(self.items) < 2:
             raise InvalidRequestError("--data gives fewer than two training sequences")
-        work = Path(work) if work else heads.with_name(heads.name + "-work")
-        if not resume and work.exists():
-            shutil.rmtree(work / "checkpoint", ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-        n_eval = max(1, int(round(len(self.items) * cfg.held_out)))
-        ids = list(range(len(self.items)))
-        store = _Tokens(total)
-        self.run = Prepared(store, work, ids[:-n_eval], ids[-n_eval:], torch.zeros(1), 0.0)
+        work = run_folder(heads, work, resume)
+        train_ids, eval_ids = held_out_split(len(self.items), cfg.held_out)
+        self.run = Prepared(_Tokens(total), work, train_ids, eval_ids, torch.zeros(1), 0.0)
 
     @torch.inference_mode()
     def answer(self, draft, prompt: list[int], g: torch.Generator) -> list[int]:
@@ -288,6 +284,7 @@ def train(
     from specdec.models.loading import converted_folder, load_model
 
     cfg.check()
+    check_name(name)
     name = name or default_name(cfg, gen.name)
     out = Path(out) if out else drafts_dir() / name
     loaded = load_model(cfg.draft, dtype="float32", quant="none", progress=progress, pack=False)

@@ -41,7 +41,7 @@ from specdec.engine import Generation
 from specdec.errors import InvalidRequestError
 from specdec.models.eagle_head import EagleHead, default_feature_layers, head_folder, head_rows
 from specdec.speculation.drafters.base import layer_features
-from specdec.train.corpus import items
+from specdec.train.corpus import tokenizer_items
 from specdec.train.features import FeatureStore
 from specdec.train.loop import Meter, check_budget, prepare, record, run_epochs
 
@@ -118,12 +118,9 @@ def compute_features(
     layers = stored_layers(cfg.version, gen.target.model.config.num_layers)
     tok = gen.tokenizer
 
-    def chat(text: str) -> list[int]:
-        return tok.encode_chat([{"role": "user", "content": text}])
-
     meter = Meter("features", cfg.feature_tokens, "tokens", progress, kind=kind)
     done = len(store)
-    for n, item in enumerate(items(cfg.data, tok.encode, chat, cfg.seq_len, cfg.respond)):
+    for n, item in enumerate(tokenizer_items(cfg.data, tok, cfg.seq_len, cfg.respond)):
         if store.tokens >= cfg.feature_tokens:
             break
         if n < done:

@@ -157,6 +157,22 @@ class Prepared:
     feature_s: float  # seconds spent computing features in this run
 
 
+def run_folder(out: Path, work: Path | None, resume: bool) -> Path:
+    """A run's checkpoints folder (``work``, default beside ``out``), its checkpoint gone
+    unless the run resumes."""
+    work = Path(work) if work else out.with_name(out.name + "-work")
+    if not resume and work.exists():
+        shutil.rmtree(work / "checkpoint", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def held_out_split(n: int, share: float) -> tuple[list[int], list[int]]:
+    """The ids of ``n`` sequences to train on and the last ``share`` (at least one) held out."""
+    n_eval = max(1, int(round(n * share)))
+    return list(range(n - n_eval)), list(range(n - n_eval, n))
+
+
 def prepare(
     gen,
     features,
@@ -180,19 +196,14 @@ def prepare(
     if not isinstance(gen.target, NativeTarget):
         raise InvalidRequestError("training a head needs the native backend (--backend native)")
     model = gen.target.model
-    work = Path(work) if work else out.with_name(out.name + "-work")
-    if not resume and work.exists():
-        shutil.rmtree(work / "checkpoint", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    work = run_folder(out, work, resume)
     store, key = stages.open_store(gen, features, work, out.parent)
     t0 = time.perf_counter()
     donors = stages.answer_donors(out.parent, store.identity, store)
     stages.compute_features(gen, store, features, progress, donors, kind=kind)
     feature_s = time.perf_counter() - t0
 
-    n_eval = max(1, int(round(len(store) * held_out)))
-    train_ids = list(range(len(store) - n_eval))
-    eval_ids = list(range(len(store) - n_eval, len(store)))
+    train_ids, eval_ids = held_out_split(len(store), held_out)
     vocab_file = work / f"draft-vocab-{key}.json"
     if resume and vocab_file.exists():
         d2t = torch.tensor(json.loads(vocab_file.read_text()), dtype=torch.long)
